@@ -1,0 +1,261 @@
+"""``@plait.step``: a Python function that becomes one node of a pipeline."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import inspect
+import textwrap
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
+
+from plait._environment import Environment
+from plait._types import type_expr
+from plait.errors import PipelineDefinitionError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SINGLE_OUTPUT = "output"
+"""The name of the output of a step whose return annotation names none."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Settings of a step; :meth:`Step.with_options` changes them per invocation."""
+
+    cache: bool = True
+    """Whether a run may serve the step from the cache."""
+    cache_version: str = ""
+    """Part of the cache key: change it to invalidate the step's cache entries."""
+    retries: int = 0
+    """How many more attempts a failed or crashed attempt gets."""
+    timeout: float | None = None
+    """Wall-clock limit of one attempt in seconds; None means none."""
+    environment: Environment | None = None
+    """The environment the step needs."""
+    runner: str = ""
+    """The runner that executes the step; empty means the default."""
+    materializer: str | Mapping[str, str] = ""
+    """A materializer name for every output, or one per output name ("pickle" is an opt-in)."""
+
+    def materializer_for(self, output: str) -> str:
+        if isinstance(self.materializer, str):
+            return self.materializer
+        return self.materializer.get(output, "")
+
+
+@dataclass(frozen=True)
+class OutputDecl:
+    """One declared output of a step."""
+
+    name: str
+    annotation: Any
+
+
+class Step(Generic[P, R]):
+    """A step: call it inside a ``@plait.pipeline`` to add an invocation to the graph.
+
+    Called outside a pipeline, it simply calls the function, which keeps steps unit-testable.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        settings: StepSettings | None = None,
+        invocation_id: str | None = None,
+    ) -> None:
+        if isinstance(fn, Step):
+            raise PipelineDefinitionError(f"{fn.name!r} is already a step")
+        if not callable(fn) or not hasattr(fn, "__code__"):
+            raise PipelineDefinitionError(f"@plait.step decorates functions, not {fn!r}")
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.settings = settings or StepSettings()
+        self.invocation_id = invocation_id
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        try:
+            self.hints = typing.get_type_hints(fn, include_extras=True)
+        except Exception as exc:  # an annotation that does not resolve
+            raise PipelineDefinitionError(
+                f"step {self.name!r}: cannot resolve its annotations: {exc}"
+            ) from exc
+        for param in self.signature.parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise PipelineDefinitionError(
+                    f"step {self.name!r}: *args and **kwargs are not supported; "
+                    f"name every input (or take one list or dict input)"
+                )
+            if param.kind is param.POSITIONAL_ONLY:
+                raise PipelineDefinitionError(
+                    f"step {self.name!r}: positional-only parameter {param.name!r} is not "
+                    f"supported; inputs are bound by name"
+                )
+        self.outputs = _parse_outputs(self.name, self.hints.get("return", inspect.Parameter.empty))
+        self._check_materializers()
+
+    def _check_materializers(self) -> None:
+        if isinstance(self.settings.materializer, Mapping):
+            names = {o.name for o in self.outputs}
+            unknown = set(self.settings.materializer) - names
+            if unknown:
+                raise PipelineDefinitionError(
+                    f"step {self.name!r}: materializer given for unknown output(s) "
+                    f"{', '.join(sorted(unknown))}; outputs are: {', '.join(sorted(names))}"
+                )
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        from plait._pipeline import current_tracer
+
+        tracer = current_tracer()
+        if tracer is None:
+            return self.fn(*args, **kwargs)
+        result: R = tracer.invoke(self, args, dict(kwargs))
+        return result
+
+    def with_options(self, *, id: str | None = None, **settings: Any) -> Step[P, R]:
+        """A copy with other settings (same names as ``@plait.step``) or an invocation id."""
+        unknown = set(settings) - {f.name for f in dataclasses.fields(StepSettings)} - {"name"}
+        if unknown:
+            raise TypeError(f"unknown step option(s): {', '.join(sorted(unknown))}")
+        name = settings.pop("name", self.name)
+        return Step(
+            self.fn,
+            name=name,
+            settings=dataclasses.replace(self.settings, **settings),
+            invocation_id=id if id is not None else self.invocation_id,
+        )
+
+    @functools.cached_property
+    def code_digest(self) -> str:
+        """sha256 of the function's AST without decorators: formatting and comments don't count."""
+        return code_digest(self.fn)
+
+    def __repr__(self) -> str:
+        return f"<plait.step {self.name}>"
+
+
+def code_digest(fn: Callable[..., Any]) -> str:
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        code = fn.__code__
+        material = repr((code.co_code, code.co_consts, code.co_names)).encode()
+        return hashlib.sha256(material).hexdigest()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            node.decorator_list = []
+            break
+    return hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
+
+
+def _output_name(step: str, tp: Any) -> str | None:
+    if get_origin(tp) is not Annotated:
+        return None
+    names = [m for m in tp.__metadata__ if isinstance(m, str)]
+    if len(names) > 1:
+        raise PipelineDefinitionError(f"step {step!r}: an output has more than one name: {names}")
+    if names and not names[0].isidentifier():
+        raise PipelineDefinitionError(
+            f"step {step!r}: output name {names[0]!r} is not a Python identifier"
+        )
+    return names[0] if names else None
+
+
+def _parse_outputs(step: str, ret: Any) -> tuple[OutputDecl, ...]:
+    if ret is None or ret is type(None):
+        return ()
+    if ret is inspect.Parameter.empty:
+        return (OutputDecl(SINGLE_OUTPUT, Any),)
+    single = _output_name(step, ret)
+    if single is not None:
+        return (OutputDecl(single, ret),)
+    if get_origin(ret) is tuple:
+        items = get_args(ret)
+        names = [_output_name(step, t) if t is not Ellipsis else None for t in items]
+        if any(n is not None for n in names):
+            if any(n is None for n in names):
+                raise PipelineDefinitionError(
+                    f"step {step!r}: name every item of the returned tuple with "
+                    f'Annotated[T, "name"] or none of them (got {type_expr(ret)})'
+                )
+            if len(set(names)) != len(names):
+                raise PipelineDefinitionError(f"step {step!r}: duplicate output names {names}")
+            return tuple(OutputDecl(n, t) for n, t in zip(names, items, strict=True) if n)
+    return (OutputDecl(SINGLE_OUTPUT, ret),)
+
+
+@overload
+def step(fn: Callable[P, R], /) -> Step[P, R]: ...
+
+
+@overload
+def step(
+    *,
+    name: str | None = None,
+    cache: bool = True,
+    cache_version: str = "",
+    retries: int = 0,
+    timeout: float | None = None,
+    environment: Environment | None = None,
+    runner: str = "",
+    materializer: str | Mapping[str, str] = "",
+) -> Callable[[Callable[P, R]], Step[P, R]]: ...
+
+
+def step(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    cache: bool = True,
+    cache_version: str = "",
+    retries: int = 0,
+    timeout: float | None = None,
+    environment: Environment | None = None,
+    runner: str = "",
+    materializer: str | Mapping[str, str] = "",
+) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
+    """Declares a step. Use bare (``@plait.step``) or with settings (``@plait.step(cache=False)``).
+
+    Args:
+        name: the step's name; the function's name by default.
+        cache: whether runs may serve this step from the cache.
+        cache_version: part of the cache key; change it to invalidate earlier results.
+        retries: how many more attempts a failed or crashed attempt gets.
+        timeout: wall-clock limit of one attempt, in seconds.
+        environment: what the step's process needs (see :class:`plait.Environment`).
+        runner: the runner that executes it; the default runner when empty.
+        materializer: a materializer name for all outputs, or a dict by output name.
+            ``"pickle"`` stores any picklable object; loading it runs code, so it is opt-in.
+
+    Outputs come from the return annotation: ``-> T`` is one output named ``output``;
+    ``-> tuple[Annotated[int, "total"], Annotated[float, "mean"]]`` names two outputs.
+    """
+    if retries < 0:
+        raise PipelineDefinitionError("retries must be >= 0")
+    if timeout is not None and timeout <= 0:
+        raise PipelineDefinitionError("timeout must be > 0 seconds")
+    settings = StepSettings(
+        cache=cache,
+        cache_version=cache_version,
+        retries=retries,
+        timeout=timeout,
+        environment=environment,
+        runner=runner,
+        materializer=materializer,
+    )
+
+    def wrap(f: Callable[P, R]) -> Step[P, R]:
+        return Step(f, name=name, settings=settings)
+
+    return wrap(fn) if fn is not None else wrap

@@ -1,0 +1,101 @@
+"""Validation of an IR received from any client, in any language."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+
+from plait.errors import PipelineValidationError
+from plait.ir.v1 import ir_pb2
+
+MAX_STEPS = 100_000
+
+
+def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
+    """Checks a PipelineSpec and returns its step graph; errors name the offending field."""
+    if not spec.name:
+        raise PipelineValidationError("name: a pipeline needs a name")
+    if not spec.steps:
+        raise PipelineValidationError("steps: a pipeline needs at least one step")
+    if len(spec.steps) > MAX_STEPS:
+        raise PipelineValidationError(f"steps: more than {MAX_STEPS} steps")
+    params: set[str] = set()
+    for i, p in enumerate(spec.parameters):
+        where = f"parameters[{i}]"
+        if not p.name or p.name in params:
+            raise PipelineValidationError(f"{where}.name: empty or duplicate {p.name!r}")
+        params.add(p.name)
+        if p.HasField("default_value"):
+            _json(f"{where}.default_value", p.default_value.json)
+    outputs: dict[str, set[str]] = {}
+    graph = nx.DiGraph()
+    for i, s in enumerate(spec.steps):
+        where = f"steps[{i}] ({s.id!r})"
+        if not s.id or s.id in outputs:
+            raise PipelineValidationError(f"{where}.id: empty or duplicate step id")
+        if not s.code.module or not s.code.qualname:
+            raise PipelineValidationError(f"{where}.code: module and qualname are required")
+        names = [o.name for o in s.outputs]
+        if len(set(names)) != len(names) or not all(names):
+            raise PipelineValidationError(f"{where}.outputs: empty or duplicate output names")
+        inputs = [x.name for x in s.inputs]
+        if len(set(inputs)) != len(inputs) or not all(inputs):
+            raise PipelineValidationError(f"{where}.inputs: empty or duplicate input names")
+        graph.add_node(s.id)
+        for j, inp in enumerate(s.inputs):
+            for up in _check_binding(
+                f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, outputs, params
+            ):
+                graph.add_edge(up, s.id)
+        outputs[s.id] = set(names)
+    if not nx.is_directed_acyclic_graph(graph):
+        raise PipelineValidationError("steps: the bindings form a cycle")
+    return graph
+
+
+def _json(where: str, text: str) -> None:
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        raise PipelineValidationError(f"{where}.json: not JSON ({exc})") from None
+
+
+def _check_binding(
+    where: str, b: ir_pb2.Binding, outputs: dict[str, set[str]], params: set[str]
+) -> list[str]:
+    kind = b.WhichOneof("kind")
+    if kind == "output":
+        if b.output.step_id not in outputs:
+            raise PipelineValidationError(
+                f"{where}.output: no step {b.output.step_id!r} before this one (steps must be "
+                f"in topological order)"
+            )
+        if b.output.output not in outputs[b.output.step_id]:
+            raise PipelineValidationError(
+                f"{where}.output: step {b.output.step_id!r} has no output {b.output.output!r}"
+            )
+        return [b.output.step_id]
+    if kind == "parameter":
+        if b.parameter not in params:
+            raise PipelineValidationError(f"{where}.parameter: no parameter {b.parameter!r}")
+        return []
+    if kind == "literal":
+        _json(f"{where}.literal", b.literal.json)
+        return []
+    if kind == "list":
+        return [
+            u
+            for k, item in enumerate(b.list.items)
+            for u in _check_binding(f"{where}.list.items[{k}]", item, outputs, params)
+        ]
+    if kind == "map":
+        keys = [e.key for e in b.map.entries]
+        if keys != sorted(set(keys)):
+            raise PipelineValidationError(f"{where}.map: keys must be unique and sorted")
+        return [
+            u
+            for e in b.map.entries
+            for u in _check_binding(f"{where}.map[{e.key!r}]", e.value, outputs, params)
+        ]
+    raise PipelineValidationError(f"{where}: no source set")

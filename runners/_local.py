@@ -1,0 +1,155 @@
+"""The local process runner: a warm pool of worker processes on this machine."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import Process, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from plait.api.v1 import task_service_pb2 as tasks
+from plait.runners._protocol import RunnerContext
+
+
+@dataclass
+class _Worker:
+    id: str
+    process: Process
+    task: tasks.LeaseToken | None = None
+    connected: bool = False
+    killed: bool = field(default=False)
+
+
+class LocalRunner:
+    """Runs steps in worker processes of this machine, kept warm between steps and runs.
+
+    Workers start on demand, up to ``max_workers`` (default: the number of CPUs), and each runs
+    one step at a time in the interpreter that runs the control plane, with the same
+    ``sys.path``: steps defined in a script or in an importable module both work.
+
+    Args:
+        max_workers: the most worker processes at once (the bound on concurrent steps).
+        prestart: workers to start at once, before any step is ready (saves a cold start).
+    """
+
+    name = "local"
+
+    def __init__(self, max_workers: int | None = None, *, prestart: int = 1) -> None:
+        self.max_workers = max(1, max_workers or os.cpu_count() or 1)
+        self.prestart = min(prestart, self.max_workers)
+        self._send: MemoryObjectSendStream[tasks.Task]
+        self._recv: MemoryObjectReceiveStream[tasks.Task]
+        self._send, self._recv = anyio.create_memory_object_stream[tasks.Task](math.inf)
+        self._workers: dict[str, _Worker] = {}
+        self._waiting = 0
+        self._ids = itertools.count(1)
+        self._ctx: RunnerContext | None = None
+        self._tg: TaskGroup | None = None
+
+    async def start(self, ctx: RunnerContext) -> None:
+        self._ctx = ctx
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for _ in range(self.prestart):
+            await self._spawn()
+
+    async def _spawn(self) -> None:
+        assert self._ctx is not None and self._tg is not None
+        worker_id = f"local-{os.getpid()}-{next(self._ids)}"
+        env = dict(os.environ)
+        # the worker imports step modules exactly as this process does
+        path = [p or os.getcwd() for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        env["PLAIT_WORKER_ID"] = worker_id
+        process = await anyio.open_process(
+            [
+                sys.executable,
+                "-m",
+                "plait.runners._worker",
+                "--address",
+                self._ctx.address,
+                "--worker-id",
+                worker_id,
+                "--runner",
+                self.name,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=None,
+            stderr=None,
+            env=env,
+        )
+        worker = _Worker(worker_id, process)
+        self._workers[worker_id] = worker
+        self._tg.start_soon(self._watch, worker)
+
+    async def _watch(self, worker: _Worker) -> None:
+        code = await worker.process.wait()
+        self._workers.pop(worker.id, None)
+        if worker.task is not None and self._ctx is not None:
+            reason = "killed (timeout or cancel)" if worker.killed else f"exited with code {code}"
+            self._ctx.report_lost(worker.task, f"worker process {reason}")
+            worker.task = None
+        await self._scale()
+
+    async def _scale(self) -> None:
+        backlog = self._send.statistics().current_buffer_used
+        starting = sum(1 for w in self._workers.values() if not w.connected)
+        idle = self._waiting + starting
+        while backlog > idle and len(self._workers) < self.max_workers:
+            await self._spawn()
+            idle += 1
+
+    async def submit(self, task: tasks.Task) -> None:
+        self._send.send_nowait(task)
+        await self._scale()
+
+    async def next_task(self, worker_id: str) -> tasks.Task:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.connected = True
+        self._waiting += 1
+        try:
+            task = await self._recv.receive()
+        finally:
+            self._waiting -= 1
+        if worker is not None:
+            worker.task = task.token
+        return task
+
+    def task_done(self, worker_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.task = None
+
+    def worker_gone(self, worker_id: str) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.process.returncode is None:
+            worker.process.kill()
+
+    async def cancel(self, token: tasks.LeaseToken) -> None:
+        for worker in self._workers.values():
+            if worker.task is not None and worker.task == token:
+                worker.killed = True
+                worker.process.kill()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            workers = list(self._workers.values())
+            for worker in workers:
+                worker.task = None  # shutting down: nothing is lost that a restart won't redo
+                if worker.process.returncode is None:
+                    worker.process.kill()
+            # reap them before the event loop that watches them goes away
+            with anyio.move_on_after(5):
+                for worker in workers:
+                    await worker.process.wait()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+                await self._tg.__aexit__(None, None, None)
+                self._tg = None

@@ -1,0 +1,55 @@
+"""The runner protocol: small, async, and free of the engine's types."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from plait.api.v1 import task_service_pb2 as tasks
+
+
+@dataclass(frozen=True)
+class RunnerContext:
+    """What the control plane gives a runner when it starts it."""
+
+    address: str
+    """The control plane's gRPC address, which step processes report to."""
+    home: Path
+    """PLAIT_HOME, for the runner's own files (logs, builds)."""
+    report_lost: Callable[[tasks.LeaseToken, str], None]
+    """Tells the control plane an attempt's infrastructure died (the attempt is CRASHED)."""
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Executes tasks somewhere; step code there reports back over gRPC (TaskService)."""
+
+    name: str
+
+    async def start(self, ctx: RunnerContext) -> None:
+        """Prepares the runner; called once, before any submit."""
+
+    async def submit(self, task: tasks.Task) -> None:
+        """Accepts a task: it must eventually run, or be reported lost. Must not block long."""
+
+    async def cancel(self, token: tasks.LeaseToken) -> None:
+        """Stops the attempt the token names, if it is still running here."""
+
+    async def aclose(self) -> None:
+        """Stops everything this runner started."""
+
+
+@runtime_checkable
+class WorkerPool(Runner, Protocol):
+    """A runner whose worker processes pull tasks over TaskService.Connect."""
+
+    async def next_task(self, worker_id: str) -> tasks.Task:
+        """Waits for the next task for the given (connected, idle) worker."""
+
+    def task_done(self, worker_id: str) -> None:
+        """The worker finished its task (reported completion or failure) and is idle again."""
+
+    def worker_gone(self, worker_id: str) -> None:
+        """The worker's stream ended."""
