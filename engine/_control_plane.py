@@ -44,6 +44,9 @@ log = logging.getLogger("plait.engine")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+SMALL_TICK = 16
+"""Ticks of at most this many inputs run on the event loop's thread (see Store.write)."""
+
 
 @dataclass(frozen=True)
 class ControlPlaneConfig:
@@ -175,7 +178,9 @@ class ControlPlane:
                     self._timeouts.pop(item.token, None)
                     self._deadlines.pop(item.token, None)
             try:
-                result = await self.store.write(self.scheduler.run_tick, batch, now)
+                result = await self.store.write(
+                    self.scheduler.run_tick, batch, now, small=len(batch) <= SMALL_TICK
+                )
             except Exception as exc:
                 log.exception("the scheduler tick failed; its inputs are lost")
                 for item in batch:

@@ -56,12 +56,14 @@ class Token:
 @dataclass(frozen=True)
 class Started:
     token: Token
+    start_time: float | None = None
 
 
 @dataclass(frozen=True)
 class Completed:
     token: Token
     outputs: tuple[OutputInfo, ...]
+    start_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Failed:
     error: dict[str, str]
     crashed: bool = False
     """True when the infrastructure died (worker lost), not the user's code."""
+    start_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,20 +207,37 @@ class _Writes:
         self.attempt_updates.setdefault((run_id, step_id, attempt), {}).update(values)
 
     def flush(self, conn: Connection, dialect: str) -> None:
-        if self.step_inserts:
-            conn.execute(db.step_runs.insert(), self.step_inserts)
-        if self.attempt_inserts:
-            conn.execute(db.attempts.insert(), self.attempt_inserts)
+        db.executemany(conn, _INSERTS["step_runs"], self.step_inserts)
+        db.executemany(conn, _INSERTS["attempts"], self.attempt_inserts)
         _update_many(conn, db.step_runs, ("run_id", "step_id"), self.step_updates)
         _update_many(conn, db.attempts, ("run_id", "step_id", "attempt"), self.attempt_updates)
         _update_many(conn, db.runs, ("id",), {(k,): v for k, v in self.run_updates.items()})
-        if self.artifacts:
-            conn.execute(db.artifacts.insert(), self.artifacts)
-        if self.cache:
-            conn.execute(_insert_ignore(db.cache_entries, dialect), self.cache)
-        if self.logs:
-            conn.execute(db.logs.insert(), self.logs)
-        if self.events:
+        db.executemany(conn, _INSERTS["artifacts"], self.artifacts)
+        db.executemany(conn, _insert_ignore(db.cache_entries, dialect), self.cache)
+        db.executemany(conn, _INSERTS["logs"], self.logs)
+        if self.events and db.is_fast_sqlite(conn):
+            # this transaction holds SQLite's write lock (BEGIN IMMEDIATE): nobody else can
+            # take sequence numbers until it commits
+            last = conn.exec_driver_sql(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+            ).scalar()
+            for i, ev in enumerate(self.events, start=(last or 0) + 1):
+                ev.seq = i
+            rows = [
+                {
+                    "seq": e.seq,
+                    "run_id": e.run_id,
+                    "step_id": e.step_id,
+                    "run_status": e.run_status,
+                    "step_status": e.step_status,
+                    "attempt": e.attempt,
+                    "message": e.message,
+                    "ts": e.ts,
+                }
+                for e in self.events
+            ]
+            db.executemany(conn, _INSERTS["events"], rows)
+        elif self.events:
             rows = [
                 {
                     "run_id": e.run_id,
@@ -237,14 +257,41 @@ class _Writes:
                 ev.seq = seq
 
 
+_INSERTS = {
+    t.name: t.insert() for t in (db.step_runs, db.attempts, db.artifacts, db.logs, db.events)
+}
+_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+
+
 def _insert_ignore(table: sa.Table, dialect: str) -> Any:
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    stmt = _INSERT_IGNORE.get((table.name, dialect))
+    if stmt is None:
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(table).on_conflict_do_nothing()
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
+            stmt = sqlite_insert(table).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    return pg_insert(table).on_conflict_do_nothing()
+            stmt = pg_insert(table).on_conflict_do_nothing()
+        _INSERT_IGNORE[(table.name, dialect)] = stmt
+    return stmt
+
+
+_UPDATES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _update_stmt(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]) -> Any:
+    """UPDATE table SET cols WHERE keys, built once per shape (building costs more than running)."""
+    stmt = _UPDATES.get((table.name, keys, cols))
+    if stmt is None:
+        stmt = (
+            table.update()
+            .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
+            .values({c: sa.bindparam(c) for c in cols})
+        )
+        _UPDATES[(table.name, keys, cols)] = stmt
+    return stmt
 
 
 def _update_many(
@@ -257,12 +304,7 @@ def _update_many(
         row.update(values)
         groups.setdefault(cols, []).append(row)
     for cols, rows in groups.items():
-        stmt = (
-            table.update()
-            .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
-            .values({c: sa.bindparam(c) for c in cols})
-        )
-        conn.execute(stmt, rows)
+        db.executemany(conn, _update_stmt(table, keys, cols), rows)
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -294,11 +336,7 @@ class Scheduler:
             if run is None or st is None or not self._current(st, item.token):
                 continue  # a stale report (lease lost): it changes nothing
             if isinstance(item, Started):
-                if st.status == "QUEUED":
-                    st.status = "RUNNING"
-                    w.step(run.run_id, st.spec.id, status="RUNNING", started_at=now)
-                    w.attempt(run.run_id, st.spec.id, st.attempt, status="RUNNING", started_at=now)
-                    self._event(w, run, st, now)
+                self._mark_running(run, st, w, item.start_time or now)
             elif isinstance(item, Logs):
                 w.logs.append(
                     {
@@ -317,8 +355,12 @@ class Scheduler:
                     st.metadata.update(item.values)
                     w.step(run.run_id, st.spec.id, step_metadata=dict(st.metadata))
             elif isinstance(item, Completed):
+                # a short step's completion implies its start: both transitions commit together
+                self._mark_running(run, st, w, item.start_time or now)
                 self._complete(run, st, item, w, now, ready)
             elif isinstance(item, Failed):
+                if item.start_time is not None:
+                    self._mark_running(run, st, w, item.start_time)
                 self._fail(run, st, item, w, now, ready, result)
         self._schedule(ready, w, now, result)
         w.flush(conn, self.dialect)
@@ -328,6 +370,14 @@ class Scheduler:
         return result
 
     # ---- helpers ----
+
+    def _mark_running(self, run: RunState, st: StepState, w: _Writes, start: float) -> None:
+        if st.status != "QUEUED":
+            return
+        st.status = "RUNNING"
+        w.step(run.run_id, st.spec.id, status="RUNNING", started_at=start)
+        w.attempt(run.run_id, st.spec.id, st.attempt, status="RUNNING", started_at=start)
+        self._event(w, run, st, start)
 
     @staticmethod
     def _current(st: StepState, token: Token) -> bool:

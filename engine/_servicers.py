@@ -241,7 +241,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         """Passes a report to the scheduler; True when it ends the worker's task."""
         kind = req.WhichOneof("kind")
         if kind == "started":
-            self.cp.submit(Started(_token(req.started.token)))
+            self.cp.submit(Started(_token(req.started.token), _time(req.started)))
         elif kind == "logs":
             self.cp.submit(Logs(_token(req.logs.token), req.logs.stream, req.logs.text))
         elif kind == "metadata":
@@ -255,6 +255,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 Completed(
                     _token(req.completed.token),
                     tuple(output_from_proto(a) for a in req.completed.outputs),
+                    _time(req.completed),
                 )
             )
             return True
@@ -264,10 +265,17 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 Failed(
                     _token(req.failed.token),
                     {"type": e.type, "message": e.message, "traceback": e.traceback},
+                    start_time=_time(req.failed),
                 )
             )
             return True
         return False
+
+
+def _time(report: Any) -> float | None:
+    if not report.HasField("start_time"):
+        return None
+    return float(report.start_time.ToNanoseconds() / 1e9)
 
 
 async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:

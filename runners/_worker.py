@@ -34,6 +34,11 @@ from plait.api.v1 import task_service_pb2_grpc as tasks_grpc
 
 _SCRIPT_MODULE = "__plait_main__"
 
+STARTED_DELAY = 0.005
+"""How long a step's TaskStarted report waits for the step to end (and be left out)."""
+
+_DROP_STARTED = object()
+
 
 class _Capture:
     """Captures what the step writes to file descriptors 1 and 2 (print, C code, children)."""
@@ -77,20 +82,39 @@ class Worker:
         self.address = address
         self.worker_id = worker_id
         self.runner = runner
-        self._out: queue.SimpleQueue[tasks.ConnectRequest | None] = queue.SimpleQueue()
+        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._modules: dict[tuple[str, str], ModuleType] = {}
         self._stores: dict[str, LocalArtifactStore] = {}
         self._loop = asyncio.new_event_loop()
         self._capture = _Capture()
 
     def _requests(self) -> Iterator[tasks.ConnectRequest]:
+        """The stream's messages. A step's TaskStarted waits STARTED_DELAY seconds: a step done
+        by then sends only its completion, which carries the start time (one commit, not two)."""
+        held: tasks.ConnectRequest | None = None
+        deadline = 0.0
         while True:
-            item = self._out.get()
+            try:
+                timeout = None if held is None else max(0.0, deadline - time.monotonic())
+                item = self._out.get(timeout=timeout)
+            except queue.Empty:
+                assert held is not None
+                yield held
+                held = None
+                continue
             if item is None:
                 return
-            yield item
+            if item is _DROP_STARTED:
+                held = None
+            elif item.HasField("started"):
+                held, deadline = item, time.monotonic() + STARTED_DELAY
+            else:
+                if held is not None:
+                    yield held
+                    held = None
+                yield item
 
-    def send(self, request: tasks.ConnectRequest) -> None:
+    def send(self, request: tasks.ConnectRequest | object) -> None:
         self._out.put(request)
 
     def serve(self) -> None:
@@ -174,7 +198,9 @@ class Worker:
 
     def run(self, task: tasks.Task) -> None:
         token = task.token
-        self.send(tasks.ConnectRequest(started=tasks.TaskStarted(token=token)))
+        start = tasks.TaskStarted(token=token)
+        start.start_time.GetCurrentTime()
+        self.send(tasks.ConnectRequest(started=start))
         env_before: dict[str, str | None] = {}
         failure: BaseException | None = None
         outputs: list[res.Artifact] = []
@@ -210,13 +236,18 @@ class Worker:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = old
+        self.send(_DROP_STARTED)
         for stream, text in self._capture.read():
             self.send(
                 tasks.ConnectRequest(logs=tasks.TaskLogs(token=token, stream=stream, text=text))
             )
         if failure is None:
             self.send(
-                tasks.ConnectRequest(completed=tasks.TaskCompleted(token=token, outputs=outputs))
+                tasks.ConnectRequest(
+                    completed=tasks.TaskCompleted(
+                        token=token, outputs=outputs, start_time=start.start_time
+                    )
+                )
             )
             return
         tb = "".join(traceback.format_exception(failure))
@@ -229,6 +260,7 @@ class Worker:
                         message=str(failure),
                         traceback=tb,
                     ),
+                    start_time=start.start_time,
                 )
             )
         )

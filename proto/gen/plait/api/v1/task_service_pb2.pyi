@@ -7,6 +7,7 @@ How step code, wherever it runs, gets its work and reports back."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from plait.api.v1 import resources_pb2 as _resources_pb2
 from plait.ir.v1 import ir_pb2 as _ir_pb2
@@ -369,23 +370,31 @@ Global___WorkerHello: _TypeAlias = WorkerHello  # noqa: Y015
 
 @_typing.final
 class TaskStarted(_message.Message):
-    """Report: the attempt started."""
+    """Report: the attempt started. A worker may leave it out for a step that ends within a few
+    milliseconds: the completion or failure then carries the start time and implies it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step's code started."""
 
     def __init__(
         self,
         *,
         token: Global___LeaseToken | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,6 +472,7 @@ class TaskCompleted(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -471,15 +481,20 @@ class TaskCompleted(_message.Message):
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Artifact]:
         """The stored outputs, in the step's output order."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step's code started."""
+
     def __init__(
         self,
         *,
         token: Global___LeaseToken | None = ...,
         outputs: _abc.Iterable[_resources_pb2.Artifact] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,6 +508,7 @@ class TaskFailed(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -501,15 +517,20 @@ class TaskFailed(_message.Message):
     def error(self) -> _resources_pb2.StepError:
         """What was raised."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step's code started."""
+
     def __init__(
         self,
         *,
         token: Global___LeaseToken | None = ...,
         error: _resources_pb2.StepError | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "token", b"token"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "start_time", b"start_time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

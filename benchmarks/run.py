@@ -1,0 +1,233 @@
+"""Per-step overhead of Plait, every state change persisted. One command:
+
+    .venv/bin/python benchmarks/run.py [--repeat 3] [--json FILE]
+
+Workloads (no-op steps, local process runner, embedded engine, SQLite):
+  chain      1,000 steps, each consuming the previous one's output (uncached)
+  fan-out    999 independent steps and a join of all of them (1,000 steps, uncached)
+  cached     the all-cached rerun of the chain
+  cold       a one-step pipeline in a fresh process and a fresh PLAIT_HOME: start to exit
+
+Baselines, measured in the same run on the same machine, so that figures read as ratios:
+  sqlite-commit  one committed single-row INSERT through SQLAlchemy Core (pysqlite, WAL)
+  grpc-unary     one unary gRPC round trip between two processes on loopback
+  python-start   `python -c "pass"`, process start to exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+TARGETS_MS = {"chain": 2.0, "fan-out": 2.0, "cached": 0.3}
+TARGET_COLD_S = 1.0
+
+
+def _best(samples: list[float]) -> float:
+    return min(samples)
+
+
+def baseline_sqlite(n: int = 2000) -> float:
+    import sqlalchemy as sa
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = sa.create_engine(f"sqlite:///{tmp}/b.db")
+        with engine.begin() as c:
+            c.exec_driver_sql("PRAGMA journal_mode=WAL")
+            c.exec_driver_sql("PRAGMA synchronous=NORMAL")
+            c.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        stmt = sa.text("INSERT INTO t (v) VALUES (:v)")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with engine.begin() as c:
+                c.execute(stmt, {"v": "x"})
+        per = (time.perf_counter() - t0) / n
+        engine.dispose()
+    return per * 1e3
+
+
+_GRPC_SERVER = """
+import sys, grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2_grpc
+server = grpc.server(futures.ThreadPoolExecutor(2))
+health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+
+def baseline_grpc(n: int = 2000) -> float:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _GRPC_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest()
+            for _ in range(100):
+                stub.Check(req)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                stub.Check(req)
+            per = (time.perf_counter() - t0) / n
+    finally:
+        proc.kill()
+        proc.wait()
+    return per * 1e3
+
+
+def baseline_python_start(repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        samples.append(time.perf_counter() - t0)
+    return _best(samples)
+
+
+def bench_pipelines(repeat: int) -> dict[str, Any]:
+    import plait
+    import workloads
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as home:
+        client = plait.Client(home=home)
+        try:
+            # warm up: the worker pool, the compiled pipelines, the store
+            for p in (workloads.chain, workloads.fan_out):
+                p.compile()
+            workloads.one_step.run(client=client, no_cache=True)
+
+            def timed(pipe: Any, *, no_cache: bool) -> float:
+                t0 = time.perf_counter()
+                run = pipe.run(client=client, no_cache=no_cache)
+                took = time.perf_counter() - t0
+                assert run.status == "SUCCEEDED", run.status
+                return took
+
+            for name, pipe in (("chain", workloads.chain), ("fan-out", workloads.fan_out)):
+                samples = [timed(pipe, no_cache=True) for _ in range(repeat)]
+                steps = len(pipe.compile().spec.steps)
+                out[name] = {
+                    "steps": steps,
+                    "ms_per_step": _best(samples) / steps * 1e3,
+                    "samples_s": samples,
+                }
+            run = workloads.chain.run(client=client)
+            assert all(s.status == "CACHED" for s in run.steps.values())
+            samples = [timed(workloads.chain, no_cache=False) for _ in range(repeat)]
+            out["cached"] = {
+                "steps": 1000,
+                "ms_per_step": _best(samples) / 1000 * 1e3,
+                "samples_s": samples,
+            }
+        finally:
+            client.shutdown()
+    return out
+
+
+_COLD = """
+import sys
+sys.path.insert(0, {here!r})
+import workloads
+run = workloads.one_step()
+assert run.status == "SUCCEEDED"
+"""
+
+
+def bench_cold(repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as home:
+            env = {**os.environ, "PLAIT_HOME": home}
+            env.pop("PLAIT_SERVER", None)
+            t0 = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-c", _COLD.format(here=str(HERE))], env=env, check=True
+            )
+            samples.append(time.perf_counter() - t0)
+    return _best(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per workload (best counts)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    opts = parser.parse_args()
+
+    print(
+        f"plait benchmarks: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"best of {opts.repeat}",
+        flush=True,
+    )
+    sqlite_ms = baseline_sqlite()
+    grpc_ms = baseline_grpc()
+    py_s = baseline_python_start(opts.repeat)
+    print(
+        f"baselines: sqlite-commit {sqlite_ms:.3f} ms, grpc-unary {grpc_ms:.3f} ms, "
+        f"python-start {py_s * 1e3:.0f} ms",
+        flush=True,
+    )
+    results = bench_pipelines(opts.repeat)
+    cold = bench_cold(opts.repeat)
+    ok = True
+    print(
+        f"\n{'workload':10} {'ms/step':>9} {'target':>8} {'x sqlite-commit':>16} "
+        f"{'x grpc-unary':>13}"
+    )
+    for name, r in results.items():
+        ms = r["ms_per_step"]
+        target = TARGETS_MS[name]
+        ok &= ms <= target
+        print(
+            f"{name:10} {ms:9.3f} {target:8.1f} {ms / sqlite_ms:16.1f} {ms / grpc_ms:13.1f}"
+            f"{'' if ms <= target else '  OVER TARGET'}"
+        )
+    ok &= cold <= TARGET_COLD_S
+    print(
+        f"{'cold':10} {cold * 1e3:8.0f}ms {TARGET_COLD_S * 1e3:6.0f}ms   "
+        f"{cold / py_s:.1f} x python-start{'' if cold <= TARGET_COLD_S else '  OVER TARGET'}"
+    )
+    if opts.json:
+        Path(opts.json).write_text(
+            json.dumps(
+                {
+                    "baselines": {
+                        "sqlite_commit_ms": sqlite_ms,
+                        "grpc_unary_ms": grpc_ms,
+                        "python_start_s": py_s,
+                    },
+                    "workloads": results,
+                    "cold_s": cold,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
