@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,8 +107,9 @@ def baseline_python_start(repeat: int) -> float:
 
 
 def bench_pipelines(repeat: int) -> dict[str, Any]:
-    import plait
     import workloads
+
+    import plait
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as home:

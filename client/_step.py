@@ -72,7 +72,7 @@ class Step(Generic[P, R]):
         invocation_id: str | None = None,
     ) -> None:
         if isinstance(fn, Step):
-            raise PipelineDefinitionError(f"{fn.name!r} is already a step")
+            raise PipelineDefinitionError(f"{getattr(fn, '__name__', fn)!r} is already a step")
         if not callable(fn) or not hasattr(fn, "__code__"):
             raise PipelineDefinitionError(f"@plait.step decorates functions, not {fn!r}")
         functools.update_wrapper(self, fn)

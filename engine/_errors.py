@@ -38,7 +38,7 @@ def status_metadata(code: grpc.StatusCode, message: str, reason: str) -> tuple[t
 
 
 @asynccontextmanager
-async def abort_on_plait_error(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+async def abort_on_plait_error(context: Any) -> AsyncIterator[None]:
     """Turns a PlaitError raised inside into an aborted RPC with its status and reason."""
     try:
         yield

@@ -37,9 +37,7 @@ STEP_STATUS = {
 }
 
 
-def _ts(t: float | None) -> Timestamp | None:
-    if t is None:
-        return None
+def _ts(t: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(t * 1e9))
     return ts
@@ -125,9 +123,8 @@ def _artifact_msg(a: dict[str, Any], metadata: Any = None) -> res.Artifact:
         step_id=a["step_id"],
         metadata_json=canonical_json(metadata) if metadata else "",
     )
-    created = _ts(a.get("created_at"))
-    if created is not None:
-        msg.create_time.CopyFrom(created)
+    if a.get("created_at") is not None:
+        msg.create_time.CopyFrom(_ts(a["created_at"]))
     return msg
 
 
@@ -155,7 +152,7 @@ def get_run(conn: Connection, prefix: str) -> res.Run:
     run = _run_msg(row)
     spec = get_pipeline_version(conn, row.version)
     ups = {s.id: upstream_ids(s) for s in spec.steps}
-    output_ids = []
+    output_ids: list[str] = []
     steps = conn.execute(
         sa.select(db.step_runs)
         .where(db.step_runs.c.run_id == run_id)

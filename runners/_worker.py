@@ -313,7 +313,7 @@ class Worker:
         return out
 
 
-_BUILTIN_TYPES = {
+_BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {
     "int": int,
     "float": (int, float),
     "str": str,
