@@ -331,7 +331,9 @@ class _Embedded:
         if self._closed:
             return
         self._closed = True
-        self._future.cancel()
+        with contextlib.suppress(BaseException):
+            self.portal.call(self.control_plane.stop)
+            self._future.result(timeout=30)
         # shutting down at exit: there is nobody left to report a failure to
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)

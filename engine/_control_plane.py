@@ -125,6 +125,11 @@ class ControlPlane:
         self._deadlines: dict[Token, tuple[float, str]] = {}
         """Started attempts with a timeout: (deadline, runner)."""
         self.address = ""
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """Asks :meth:`serve` to shut down (gracefully); call it on the serving event loop."""
+        self._stop.set()
 
     # ---- inputs from servicers ----
 
@@ -277,13 +282,24 @@ class ControlPlane:
                     address=self.address, home=self.config.home, report_lost=self.report_lost
                 )
                 for runner in self.runners.values():
-                    await runner.start(ctx)
+                    await tg.start(runner.run, ctx)
                 task_status.started(port)
-                await anyio.sleep_forever()
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                for runner in self.runners.values():
-                    await runner.aclose()
+                if self.scheduler.runs:
+                    # nothing resumes an embedded engine's runs: say so rather than leave
+                    # them RUNNING forever
+                    try:
+                        events = await self.store.write(
+                            self.scheduler.cancel_all,
+                            time.time(),
+                            "the control plane stopped before the run ended",
+                        )
+                        self.hub.publish(events)
+                    except Exception:
+                        log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
                 await self.store.aclose()
 

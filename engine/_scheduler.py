@@ -707,6 +707,26 @@ class Scheduler:
     # the connection of the tick in progress, for lookups from helpers
     _conn: Connection
 
+    def cancel_all(self, conn: Connection, now: float, reason: str) -> list[Event]:
+        """Cancels every active run (the control plane stops and will not resume them)."""
+        w = _Writes()
+        for run in self.runs.values():
+            for st in run.steps.values():
+                if st.status not in TERMINAL:
+                    if st.status in ("QUEUED", "RUNNING"):
+                        w.attempt(
+                            run.run_id, st.spec.id, st.attempt, status="CANCELLED", ended_at=now
+                        )
+                    st.status = "CANCELLED"
+                    w.step(run.run_id, st.spec.id, status="CANCELLED", ended_at=now)
+                    self._event(w, run, st, now, reason)
+            run.status = "CANCELLED"
+            w.run_updates[run.run_id] = {"status": "CANCELLED", "ended_at": now}
+            self._event(w, run, None, now, reason)
+        w.flush(conn, self.dialect)
+        self.runs.clear()
+        return w.events
+
     def run_tick(self, conn: Connection, inputs: list[Input], now: float) -> TickResult:
         self._conn = conn
         try:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import Process, TaskGroup
+from anyio.abc import Process, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from plait.api.v1 import task_service_pb2 as tasks
@@ -52,12 +52,22 @@ class LocalRunner:
         self._ctx: RunnerContext | None = None
         self._tg: TaskGroup | None = None
 
-    async def start(self, ctx: RunnerContext) -> None:
+    async def run(
+        self, ctx: RunnerContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs the pool until cancelled, then kills and reaps every worker process."""
         self._ctx = ctx
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        for _ in range(self.prestart):
-            await self._spawn()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(self.prestart):
+                    await self._spawn()
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await self._kill_all()
 
     async def _spawn(self) -> None:
         assert self._ctx is not None and self._tg is not None
@@ -138,18 +148,13 @@ class LocalRunner:
                 worker.killed = True
                 worker.process.kill()
 
-    async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            workers = list(self._workers.values())
+    async def _kill_all(self) -> None:
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.task = None  # shutting down: nothing is lost that a restart won't redo
+            if worker.process.returncode is None:
+                worker.process.kill()
+        # reap them before the event loop that watches them goes away
+        with anyio.move_on_after(5):
             for worker in workers:
-                worker.task = None  # shutting down: nothing is lost that a restart won't redo
-                if worker.process.returncode is None:
-                    worker.process.kill()
-            # reap them before the event loop that watches them goes away
-            with anyio.move_on_after(5):
-                for worker in workers:
-                    await worker.process.wait()
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
-                await self._tg.__aexit__(None, None, None)
-                self._tg = None
+                await worker.process.wait()

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import anyio
+from anyio.abc import TaskStatus
+
 from plait.api.v1 import task_service_pb2 as tasks
 
 
@@ -28,17 +31,18 @@ class Runner(Protocol):
 
     name: str
 
-    async def start(self, ctx: RunnerContext) -> None:
-        """Prepares the runner; called once, before any submit."""
+    async def run(
+        self, ctx: RunnerContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Runs the runner: call ``task_status.started()`` once it accepts tasks, then run until
+        cancelled, and on cancellation stop everything it started (shielded). The control
+        plane starts it with ``await task_group.start(runner.run, ctx)``."""
 
     async def submit(self, task: tasks.Task) -> None:
         """Accepts a task: it must eventually run, or be reported lost. Must not block long."""
 
     async def cancel(self, token: tasks.LeaseToken) -> None:
         """Stops the attempt the token names, if it is still running here."""
-
-    async def aclose(self) -> None:
-        """Stops everything this runner started."""
 
 
 @runtime_checkable
