@@ -136,6 +136,7 @@ class NumpyMaterializer:
     def save(self, value: object) -> bytes:
         import numpy as np
 
+        assert isinstance(value, np.ndarray)
         buf = io.BytesIO()
         np.save(buf, value, allow_pickle=False)
         return buf.getvalue()
