@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -72,21 +73,20 @@ class EventHub:
     """Fans committed events out to the watchers of each run."""
 
     def __init__(self) -> None:
-        self._subs: dict[str, set[MemoryObjectSendStream[list[res.RunEvent]]]] = defaultdict(set)
+        # run id -> id(receive stream) -> its send stream
+        self._subs: dict[str, dict[int, MemoryObjectSendStream[list[res.RunEvent]]]] = {}
 
     def subscribe(self, run_id: str) -> MemoryObjectReceiveStream[list[res.RunEvent]]:
+        """A stream of the run's events, in batches, from now on; pass it to unsubscribe."""
         send, recv = anyio.create_memory_object_stream[list[res.RunEvent]](math.inf)
-        self._subs[run_id].add(send)
+        self._subs.setdefault(run_id, {})[id(recv)] = send
         return recv
 
     def unsubscribe(self, run_id: str, recv: MemoryObjectReceiveStream[Any]) -> None:
-        subs = self._subs.get(run_id)
-        if subs is None:
-            return
-        for s in list(subs):
-            if s.statistics().open_receive_streams == 0 or recv.statistics() == s.statistics():
-                subs.discard(s)
-                s.close()
+        subs = self._subs.get(run_id, {})
+        send = subs.pop(id(recv), None)
+        if send is not None:
+            send.close()
         if not subs:
             self._subs.pop(run_id, None)
 
@@ -97,11 +97,9 @@ class EventHub:
                 by_run[e.run_id].append(e)
         for run_id, evs in by_run.items():
             msgs = [q.event_to_proto(e) for e in evs]
-            for s in list(self._subs.get(run_id, ())):
-                try:
-                    s.send_nowait(msgs)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self._subs[run_id].discard(s)
+            for send in list(self._subs.get(run_id, {}).values()):
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    send.send_nowait(msgs)
 
 
 class ControlPlane:
@@ -187,11 +185,7 @@ class ControlPlane:
                     self.scheduler.run_tick, batch, now, small=len(batch) <= SMALL_TICK
                 )
             except Exception as exc:
-                log.exception("the scheduler tick failed; its inputs are lost")
-                for item in batch:
-                    if isinstance(item, CreateRun):
-                        item.error = PlaitError(f"the control plane failed: {exc}")
-                        self._replies.pop(id(item)).set()
+                await self._tick_failed(batch, exc)
                 continue
             for item in batch:
                 if isinstance(item, CreateRun):
@@ -199,6 +193,30 @@ class ControlPlane:
             self.hub.publish(result.events)
             for order in result.tasks:
                 await self._dispatch(order)
+
+    async def _tick_failed(self, batch: list[Input], exc: Exception) -> None:
+        """A tick's transaction failed and rolled back: nothing of it was committed, but its
+        in-memory view may be ahead of the store. The runs it touched are ended FAILED (with
+        the error as the reason) so that nobody waits for them forever."""
+        log.error("the scheduler tick failed", exc_info=exc)
+        for item in batch:
+            if isinstance(item, CreateRun):
+                item.error = PlaitError(f"the control plane failed to create the run: {exc}")
+                self._replies.pop(id(item)).set()
+        run_ids = sorted({item.token.run_id for item in batch if not isinstance(item, CreateRun)})
+        if not run_ids:
+            return
+        events, leases = await self.store.write(
+            self.scheduler.abort_runs,
+            run_ids,
+            time.time(),
+            f"internal error in the control plane: {type(exc).__name__}: {exc}",
+            "FAILED",
+        )
+        self.hub.publish(events)
+        for token in leases:
+            for runner in self.runners.values():
+                await runner.cancel(token_to_proto(token))
 
     async def _dispatch(self, order: TaskOrder) -> None:
         runner = self.runners.get(order.runner)

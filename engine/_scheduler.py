@@ -709,23 +709,37 @@ class Scheduler:
 
     def cancel_all(self, conn: Connection, now: float, reason: str) -> list[Event]:
         """Cancels every active run (the control plane stops and will not resume them)."""
+        events, _ = self.abort_runs(conn, list(self.runs), now, reason, "CANCELLED")
+        return events
+
+    def abort_runs(
+        self, conn: Connection, run_ids: list[str], now: float, reason: str, status: str
+    ) -> tuple[list[Event], list[Token]]:
+        """Ends runs at once with ``status`` (their open steps CANCELLED) and forgets them.
+
+        Returns the events written and the leases of attempts that were queued or running,
+        which the caller stops.
+        """
         w = _Writes()
-        for run in self.runs.values():
+        leases = []
+        for run_id in run_ids:
+            run = self.runs.pop(run_id, None)
+            if run is None:
+                continue
             for st in run.steps.values():
-                if st.status not in TERMINAL:
-                    if st.status in ("QUEUED", "RUNNING"):
-                        w.attempt(
-                            run.run_id, st.spec.id, st.attempt, status="CANCELLED", ended_at=now
-                        )
-                    st.status = "CANCELLED"
-                    w.step(run.run_id, st.spec.id, status="CANCELLED", ended_at=now)
-                    self._event(w, run, st, now, reason)
-            run.status = "CANCELLED"
-            w.run_updates[run.run_id] = {"status": "CANCELLED", "ended_at": now}
+                if st.status in TERMINAL:
+                    continue
+                if st.status in ("QUEUED", "RUNNING"):
+                    leases.append(Token(run.run_id, st.spec.id, st.attempt, st.epoch))
+                    w.attempt(run.run_id, st.spec.id, st.attempt, status="CANCELLED", ended_at=now)
+                st.status = "CANCELLED"
+                w.step(run.run_id, st.spec.id, status="CANCELLED", ended_at=now)
+                self._event(w, run, st, now, reason)
+            run.status = status
+            w.run_updates[run.run_id] = {"status": status, "ended_at": now}
             self._event(w, run, None, now, reason)
         w.flush(conn, self.dialect)
-        self.runs.clear()
-        return w.events
+        return w.events, leases
 
     def run_tick(self, conn: Connection, inputs: list[Input], now: float) -> TickResult:
         self._conn = conn
