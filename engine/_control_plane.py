@@ -111,9 +111,13 @@ class ControlPlane:
         self.config = config
         self.store = Store(config.db_url())
         self.artifacts = LocalArtifactStore.from_uri(config.artifacts())
-        self.scheduler = Scheduler(dialect=self.store.dialect, blob_exists=self.artifacts.exists)
         self.runners: dict[str, Runner] = dict(
             runners or {"local": LocalRunner(config.max_workers)}
+        )
+        self.scheduler = Scheduler(
+            runners=frozenset(self.runners),
+            dialect=self.store.dialect,
+            blob_exists=self.artifacts.exists,
         )
         self.hub = EventHub()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Input](math.inf)
@@ -236,7 +240,22 @@ class ControlPlane:
             return
         if order.timeout is not None:
             self._timeouts[order.token] = (order.timeout, order.runner)
-        await runner.submit(task)
+        try:
+            await runner.submit(task)
+        except Exception as exc:  # the runner could not take it: the attempt's infra failed
+            log.exception("runner %r refused a task", order.runner)
+            self.submit(
+                Failed(
+                    order.token,
+                    {
+                        "type": "plait.RunnerError",
+                        "message": f"runner {order.runner!r} could "
+                        f"not start the step: {type(exc).__name__}: {exc}",
+                        "traceback": "",
+                    },
+                    crashed=True,
+                )
+            )
 
     async def _watch_deadlines(self) -> None:
         while True:

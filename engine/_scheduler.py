@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from plait.engine import _store as db
 from plait.engine._cache import cache_key, key_material, material_to_json
-from plait.errors import ParameterError, PipelineNotFoundError
+from plait.errors import ParameterError, PipelineError, PipelineNotFoundError, PlaitError
 from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
 
@@ -313,7 +313,15 @@ def _update_many(
 class Scheduler:
     """The in-memory view of active runs and the transition logic. Used from one thread."""
 
-    def __init__(self, *, dialect: str, blob_exists: Any, default_runner: str = "local") -> None:
+    def __init__(
+        self,
+        *,
+        dialect: str,
+        blob_exists: Any,
+        runners: frozenset[str] = frozenset({"local"}),
+        default_runner: str = "local",
+    ) -> None:
+        self._runners = runners
         self.dialect = dialect
         self.runs: dict[str, RunState] = {}
         self._blob_exists = blob_exists
@@ -328,7 +336,7 @@ class Scheduler:
             if isinstance(item, CreateRun):
                 try:
                     self._create_run(conn, item, w, now, ready)
-                except (ParameterError, PipelineNotFoundError) as exc:
+                except PlaitError as exc:
                     item.error = exc
                 continue
             run = self.runs.get(item.token.run_id)
@@ -429,6 +437,13 @@ class Scheduler:
                 return
         spec = self._spec(conn, cmd.version)
         params = resolve_parameters(spec, cmd.parameters)
+        for s in spec.steps:
+            runner = s.settings.runner or self._default_runner
+            if runner not in self._runners:
+                raise PipelineError(
+                    f"step {s.id!r} asks for runner {runner!r}, which this control plane does "
+                    f"not have (it has: {', '.join(sorted(self._runners))})"
+                )
         run_id = uuid.uuid4().hex
         steps: dict[str, StepState] = {}
         for pos, s in enumerate(spec.steps):

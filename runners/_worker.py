@@ -28,6 +28,7 @@ import grpc
 from plait import _context
 from plait._artifact_store import LocalArtifactStore
 from plait._materializers import get_materializer, materializer_for, type_name
+from plait._step import code_digest
 from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.api.v1 import task_service_pb2_grpc as tasks_grpc
@@ -84,6 +85,7 @@ class Worker:
         self.runner = runner
         self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._modules: dict[tuple[str, str], ModuleType] = {}
+        self._digests: dict[Any, str] = {}
         self._stores: dict[str, LocalArtifactStore] = {}
         self._loop = asyncio.new_event_loop()
         self._capture = _Capture()
@@ -172,10 +174,30 @@ class Worker:
         return module
 
     def _function(self, code: Any) -> Any:
+        fn = self._lookup(code)
+        if self._digest(fn) != code.code_digest:
+            # the module changed since this worker imported it: import it afresh, once
+            self._modules.pop((code.module, code.file), None)
+            sys.modules.pop(_SCRIPT_MODULE if code.module == "__main__" else code.module, None)
+            fn = self._lookup(code)
+            if self._digest(fn) != code.code_digest:
+                raise RuntimeError(
+                    f"the code of {code.module}.{code.qualname} in this worker differs from the "
+                    f"code the pipeline was compiled from (was the file edited during the run?)"
+                )
+        return fn
+
+    def _lookup(self, code: Any) -> Any:
         obj: Any = self._module(code)
         for part in code.qualname.split("."):
             obj = getattr(obj, part)
         return getattr(obj, "fn", obj)
+
+    def _digest(self, fn: Any) -> str:
+        digest = self._digests.get(fn)
+        if digest is None:
+            digest = self._digests[fn] = code_digest(fn)
+        return digest
 
     def _store(self, uri: str) -> LocalArtifactStore:
         store = self._stores.get(uri)

@@ -491,3 +491,18 @@ def test_unknown_run_id(client: plait.Client) -> None:
 def test_run_ids_can_be_abbreviated(client: plait.Client) -> None:
     r = run(demo, client, n=2)
     assert client.get_run(r.run_id[:10]).run_id == r.run_id
+
+
+@plait.step(runner="nowhere")
+def elsewhere() -> int:
+    return 1
+
+
+@plait.pipeline
+def wrong_runner() -> None:
+    elsewhere()
+
+
+def test_a_step_for_an_unknown_runner_is_refused_at_create(client: plait.Client) -> None:
+    with pytest.raises(plait.PipelineError, match="runner 'nowhere'.*it has: local"):
+        run(wrong_runner, client)

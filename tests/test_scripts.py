@@ -87,3 +87,50 @@ def test_cache_version_invalidates_one_step(script: Path, tmp_path: Path) -> Non
     _run(script, home)
     r = _run(script, home, second_settings='(cache_version="2")')
     assert statuses(r) == {"first": "CACHED", "second": "SUCCEEDED", "third": "CACHED"}
+
+
+LONG_LIVED = '''
+import importlib, pathlib, sys
+sys.path.insert(0, sys.argv[1])
+import plait
+
+src = pathlib.Path(sys.argv[1]) / "editable_steps.py"
+body = """
+import plait
+
+@plait.step
+def value() -> int:
+    return {n}
+
+@plait.pipeline
+def p():
+    value()
+"""
+src.write_text(body.format(n=1))
+import editable_steps
+print(editable_steps.p().steps["value"].output())
+src.write_text(body.format(n=2))  # edited while the engine and its workers keep running
+importlib.invalidate_caches()
+importlib.reload(editable_steps)
+print(editable_steps.p().steps["value"].output())
+'''
+
+
+def test_workers_pick_up_code_edited_in_a_long_lived_process(tmp_path: Path) -> None:
+    script = tmp_path / "long_lived.py"
+    script.write_text(LONG_LIVED)
+    env = {
+        **os.environ,
+        "PLAIT_HOME": str(tmp_path / "home"),
+        "PLAIT_WORKERS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2"]
