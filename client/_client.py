@@ -312,7 +312,11 @@ class _Embedded:
 
         workers = os.environ.get("PLAIT_WORKERS")
         self.control_plane = ControlPlane(
-            ControlPlaneConfig(home=home, max_workers=int(workers) if workers else None)
+            ControlPlaneConfig(
+                home=home,
+                database_url=os.environ.get("PLAIT_DATABASE_URL", ""),
+                max_workers=int(workers) if workers else None,
+            )
         )
         self._portal_cm = start_blocking_portal("asyncio", name="plait-engine")
         self.portal = self._portal_cm.__enter__()

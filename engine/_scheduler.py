@@ -215,41 +215,30 @@ class _Writes:
         db.executemany(conn, _INSERTS["artifacts"], self.artifacts)
         db.executemany(conn, _insert_ignore(db.cache_entries, dialect), self.cache)
         db.executemany(conn, _INSERTS["logs"], self.logs)
-        if self.events and db.is_fast_sqlite(conn):
+        if not self.events:
+            return
+        rows = [
+            {
+                "run_id": e.run_id,
+                "step_id": e.step_id,
+                "run_status": e.run_status,
+                "step_status": e.step_status,
+                "attempt": e.attempt,
+                "message": e.message,
+                "ts": e.ts,
+            }
+            for e in self.events
+        ]
+        if db.is_fast_sqlite(conn):
             # this transaction holds SQLite's write lock (BEGIN IMMEDIATE): nobody else can
             # take sequence numbers until it commits
             last = conn.exec_driver_sql(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
             ).scalar()
-            for i, ev in enumerate(self.events, start=(last or 0) + 1):
-                ev.seq = i
-            rows = [
-                {
-                    "seq": e.seq,
-                    "run_id": e.run_id,
-                    "step_id": e.step_id,
-                    "run_status": e.run_status,
-                    "step_status": e.step_status,
-                    "attempt": e.attempt,
-                    "message": e.message,
-                    "ts": e.ts,
-                }
-                for e in self.events
-            ]
+            for seq, (ev, row) in enumerate(zip(self.events, rows, strict=True), (last or 0) + 1):
+                ev.seq = row["seq"] = seq
             db.executemany(conn, _INSERTS["events"], rows)
-        elif self.events:
-            rows = [
-                {
-                    "run_id": e.run_id,
-                    "step_id": e.step_id,
-                    "run_status": e.run_status,
-                    "step_status": e.step_status,
-                    "attempt": e.attempt,
-                    "message": e.message,
-                    "ts": e.ts,
-                }
-                for e in self.events
-            ]
+        else:
             result = conn.execute(
                 db.events.insert().returning(db.events.c.seq, sort_by_parameter_order=True), rows
             )

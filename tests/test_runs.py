@@ -506,3 +506,23 @@ def wrong_runner() -> None:
 def test_a_step_for_an_unknown_runner_is_refused_at_create(client: plait.Client) -> None:
     with pytest.raises(plait.PipelineError, match=r"runner 'nowhere'.*it has: local"):
         run(wrong_runner, client)
+
+
+def test_the_async_sqlalchemy_path_runs_pipelines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sqlite+aiosqlite goes through SQLAlchemy's AsyncEngine (the path asyncpg will take)."""
+    monkeypatch.setenv("PLAIT_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'async.db'}")
+    c = plait.Client(home=tmp_path / "home")
+    try:
+        first = run(demo, c, n=10)
+        assert first.status == "SUCCEEDED"
+        assert first.steps["stats"].output("total") == 45
+        again = run(demo, c, n=10)
+        assert again.steps["load"].status == "CACHED"
+        r = run(fails, c)
+        assert r.status == "FAILED" and r.steps["inc_2"].status == "SKIPPED"
+    finally:
+        c.shutdown()
+    assert (tmp_path / "async.db").is_file()
+    assert not (tmp_path / "home" / "plait.db").exists()
