@@ -24,7 +24,10 @@ EPILOG = (
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # piped output (grep, files, CI logs) is not wrapped at rich's default of 80 columns
+    width = None if stream.isatty() else 200
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -177,19 +180,25 @@ _STYLE = {
     "RUNNING": "blue",
     "QUEUED": "dim",
     "PENDING": "dim",
+    "RETRYING": "yellow",
+    "CANCELLED": "magenta",
 }
+
+
+def _styled(status: str) -> str:
+    """A status as rich markup, coloured by what it means."""
+    return f"[{_STYLE.get(status, 'default')}]{status}[/]"
 
 
 def _print_run(run: Any) -> None:
     console = _console()
     counts = Counter(s.status.value for s in run.steps.values())
     summary = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
-    style = _STYLE.get(run.status, "")
     took = ""
     if run.create_time and run.end_time:
         took = f" in {(run.end_time - run.create_time).total_seconds():.2f}s"
     console.print(
-        f"run [bold]{run.run_id}[/] of {run.pipeline}: [{style}]{run.status}[/]{took} ({summary})"
+        f"run [bold]{run.run_id}[/] of {run.pipeline}: {_styled(run.status)}{took} ({summary})"
     )
     for s in run.steps.values():
         if s.status in ("FAILED", "CRASHED") and s.error is not None:
@@ -229,12 +238,15 @@ def runs_list(limit: int, pipeline: str) -> None:
         table.add_row(
             r.run_id[:12],
             r.pipeline,
-            f"[{_STYLE.get(r.status, '')}]{r.status}[/]",
+            _styled(r.status),
             r.create_time.strftime("%Y-%m-%d %H:%M:%S") if r.create_time else "",
             duration,
         )
     if not found:
-        click.echo("no runs yet: try `plait run examples/quickstart.py:demo`")
+        if pipeline:
+            click.echo(f"no runs of pipeline {pipeline!r}")
+        else:
+            click.echo("no runs yet: try `plait run examples/quickstart.py:demo`")
         return
     _console().print(table)
 
@@ -257,8 +269,7 @@ def runs_show(run_id: str) -> None:
     console = _console()
     console.print(
         f"run [bold]{run.run_id}[/]  pipeline {run.pipeline}  "
-        f"version {run.pipeline_version[:12]}  "
-        f"[{_STYLE.get(run.status, '')}]{run.status}[/]"
+        f"version {run.pipeline_version[:12]}  {_styled(run.status)}"
     )
     if run.parameters:
         console.print("parameters: " + json.dumps(run.parameters), markup=False)
@@ -272,7 +283,7 @@ def runs_show(run_id: str) -> None:
         )
         table.add_row(
             s.step_id,
-            f"[{_STYLE.get(s.status, '')}]{s.status}[/]",
+            _styled(s.status),
             str(s.attempt),
             f"{s.duration:.3f}s" if s.duration is not None else "",
             "yes" if s.cached else "",
