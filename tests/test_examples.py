@@ -1,0 +1,40 @@
+"""Every example runs as documented, on a fresh PLAIT_HOME, and checks its own results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+def test_there_are_examples() -> None:
+    names = {p.stem for p in EXAMPLES}
+    assert {
+        "quickstart",
+        "fan_in",
+        "failures_and_retries",
+        "context_and_metadata",
+        "custom_materializer",
+        "caching",
+    } <= names
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs(example: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_WORKERS": "2"}
+    env.pop("PLAIT_SERVER", None)
+    out = subprocess.run(
+        [sys.executable, str(example)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
