@@ -1,0 +1,343 @@
+"""The gRPC API as another language sees it: raw stubs against a real control plane on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+import plait
+from plait.api.v1 import (
+    artifact_service_pb2 as arts,
+)
+from plait.api.v1 import (
+    artifact_service_pb2_grpc,
+    pipeline_service_pb2_grpc,
+    run_service_pb2_grpc,
+    task_service_pb2_grpc,
+)
+from plait.api.v1 import (
+    pipeline_service_pb2 as pipes,
+)
+from plait.api.v1 import (
+    resources_pb2 as res,
+)
+from plait.api.v1 import (
+    run_service_pb2 as runs,
+)
+from plait.api.v1 import (
+    task_service_pb2 as tasks,
+)
+from plait.ir.canonical import message_digest
+from plait.ir.v1 import ir_pb2
+
+
+@plait.step
+def double(x: int) -> int:
+    print(f"doubling {x}")
+    return 2 * x
+
+
+@plait.pipeline
+def doubler(x: int = 1, y: int = 2) -> None:
+    double(double(x))
+
+
+@plait.pipeline
+def needs_x(x: int) -> None:
+    double(x)
+
+
+class Api:
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self.channel)
+        self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
+        self.artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self.channel)
+        self.tasks = task_service_pb2_grpc.TaskServiceStub(self.channel)
+
+    def register(self, spec: ir_pb2.PipelineSpec) -> str:
+        resp = self.pipelines.RegisterPipeline(pipes.RegisterPipelineRequest(spec=spec))
+        return str(resp.name)
+
+    def run_to_end(self, version: str, **params: str) -> res.Run:
+        created = self.runs.CreateRun(
+            runs.CreateRunRequest(
+                pipeline_version=version,
+                parameters=[ir_pb2.NamedValue(name=k, json=v) for k, v in params.items()],
+            )
+        )
+        for _ in self.runs.WatchRunEvents(
+            runs.WatchRunEventsRequest(name=created.run.name, run_events_only=True)
+        ):
+            pass
+        return self.runs.GetRun(runs.GetRunRequest(name=created.run.name)).run
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    client = plait.Client(home=Path(tmp_path_factory.mktemp("grpc")))
+    api = Api(client.address)
+    yield api
+    api.channel.close()
+    client.shutdown()
+
+
+def error_of(call: Any, *args: Any) -> tuple[grpc.StatusCode, str, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(*args)
+        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
+            list(result)
+    err = info.value
+    status = rpc_status.from_call(err)
+    reason = ""
+    if status is not None:
+        for detail in status.details:
+            ei = error_details_pb2.ErrorInfo()
+            if detail.Unpack(ei):
+                reason = ei.reason
+                assert ei.domain == "plait.dev"
+    return err.code(), err.details(), reason
+
+
+def test_register_is_idempotent_and_content_addressed(api: Api) -> None:
+    spec = doubler.compile().spec
+    first = api.pipelines.RegisterPipeline(pipes.RegisterPipelineRequest(spec=spec))
+    again = api.pipelines.RegisterPipeline(pipes.RegisterPipelineRequest(spec=spec))
+    assert first.version == again.version == message_digest(spec)
+    assert first.name == f"pipelines/doubler/versions/{first.version}"
+    assert again.created is False
+    got = api.pipelines.GetPipelineVersion(pipes.GetPipelineVersionRequest(name=first.name))
+    assert got.spec == spec
+
+
+def test_create_run_is_idempotent_by_request_id(api: Api) -> None:
+    version = api.register(doubler.compile().spec)
+    req = runs.CreateRunRequest(pipeline_version=version, request_id="retry-me-1")
+    a = api.runs.CreateRun(req)
+    b = api.runs.CreateRun(req)
+    assert a.created and not b.created
+    assert a.run.run_id == b.run.run_id
+    listed = api.runs.ListRuns(runs.ListRunsRequest(page_size=1000)).runs
+    assert sum(1 for r in listed if r.request_id == "retry-me-1") == 1
+
+
+def test_a_run_end_to_end_over_the_api(api: Api) -> None:
+    version = api.register(doubler.compile().spec)
+    run = api.run_to_end(version, x="5")
+    assert run.status == res.RUN_STATUS_SUCCEEDED
+    assert [(s.step_id, s.status) for s in run.steps] == [
+        ("double", res.STEP_STATUS_SUCCEEDED),
+        ("double_2", res.STEP_STATUS_SUCCEEDED),
+    ]
+    assert list(run.steps[1].upstream) == ["double"]
+    out = run.steps[1].outputs[0]
+    got = api.artifacts.GetArtifact(arts.GetArtifactRequest(name=out.name)).artifact
+    assert got.digest == out.digest and got.materializer == "plait.json"
+    assert Path(got.uri.removeprefix("file://")).read_bytes() == b"20"
+    logs = api.runs.ListLogs(runs.ListLogsRequest(name=run.name, step_id="double")).entries
+    assert "doubling 5" in "".join(e.text for e in logs)
+
+
+def test_watch_resumes_after_a_sequence(api: Api) -> None:
+    version = api.register(doubler.compile().spec)
+    run = api.run_to_end(version, x="7")
+    every = [
+        e
+        for r in api.runs.WatchRunEvents(runs.WatchRunEventsRequest(name=run.name))
+        for e in r.events
+    ]
+    seqs = [e.sequence for e in every]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert every[-1].run_status == res.RUN_STATUS_SUCCEEDED
+    middle = every[len(every) // 2].sequence
+    rest = [
+        e
+        for r in api.runs.WatchRunEvents(
+            runs.WatchRunEventsRequest(name=run.name, after_sequence=middle)
+        )
+        for e in r.events
+    ]
+    assert [e.sequence for e in rest] == [s for s in seqs if s > middle]
+    run_only = [
+        e
+        for r in api.runs.WatchRunEvents(
+            runs.WatchRunEventsRequest(name=run.name, run_events_only=True)
+        )
+        for e in r.events
+    ]
+    assert run_only and all(not e.step_id for e in run_only)
+    paged = api.runs.ListRunEvents(runs.ListRunEventsRequest(name=run.name, page_size=3))
+    assert [e.sequence for e in paged.events] == seqs[:3]
+    assert paged.next_after_sequence == seqs[2]
+
+
+def test_list_runs_pages_without_duplicates(api: Api) -> None:
+    version = api.register(needs_x.compile().spec)
+    made = {api.run_to_end(version, x=str(i)).run_id for i in range(5)}
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = api.runs.ListRuns(
+            runs.ListRunsRequest(page_size=2, page_token=token, pipeline="needs_x")
+        )
+        assert len(page.runs) <= 2
+        seen.extend(r.run_id for r in page.runs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) and made <= set(seen)
+    code, _, _ = error_of(api.runs.ListRuns, runs.ListRunsRequest(page_token="garbage"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "code", "reason", "text"),
+    [
+        (
+            {"pipeline_version": "pipelines/x/versions/" + "0" * 64},
+            grpc.StatusCode.NOT_FOUND,
+            "PIPELINE_NOT_FOUND",
+            "no pipeline version",
+        ),
+        (
+            {"parameters": [ir_pb2.NamedValue(name="zz", json="1")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PARAMETER",
+            "no parameter 'zz'",
+        ),
+        ({}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PARAMETER", "parameter 'x' is required"),
+        (
+            {"parameters": [ir_pb2.NamedValue(name="x", json="{nope")]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_PARAMETER",
+            "parameter 'x': not JSON",
+        ),
+    ],
+)
+def test_create_run_errors(
+    api: Api, request_kw: dict[str, Any], code: grpc.StatusCode, reason: str, text: str
+) -> None:
+    version = api.register(needs_x.compile().spec)
+    req = runs.CreateRunRequest(pipeline_version=version)
+    for k, v in request_kw.items():
+        if k == "parameters":
+            req.parameters.extend(v)
+        else:
+            setattr(req, k, v)
+    got_code, details, got_reason = error_of(api.runs.CreateRun, req)
+    assert (got_code, got_reason) == (code, reason)
+    assert text in details
+
+
+def test_unknown_ids(api: Api) -> None:
+    code, details, reason = error_of(api.runs.GetRun, runs.GetRunRequest(name="runs/nope"))
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "RUN_NOT_FOUND")
+    assert "nope" in details
+    code, _, reason = error_of(
+        api.artifacts.GetArtifact, arts.GetArtifactRequest(name="artifacts/" + "f" * 32)
+    )
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND")
+    code, _, _ = error_of(api.runs.WatchRunEvents, runs.WatchRunEventsRequest(name="runs/nope"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def _spec_with(mutate: Any) -> ir_pb2.PipelineSpec:
+    spec = ir_pb2.PipelineSpec()
+    spec.CopyFrom(doubler.compile().spec)
+    mutate(spec)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: setattr(s, "name", ""), "name"),
+        (lambda s: setattr(s.steps[1], "id", "double"), "steps[1] ('double').id"),
+        (
+            lambda s: setattr(s.steps[1].inputs[0].binding.output, "step_id", "ghost"),
+            "steps[1] ('double_2').inputs[0] ('x').binding.output",
+        ),
+        (
+            lambda s: setattr(s.steps[1].inputs[0].binding.output, "output", "nope"),
+            "steps[1] ('double_2').inputs[0] ('x').binding.output",
+        ),
+        (
+            lambda s: setattr(s.steps[0].inputs[0].binding, "parameter", "ghost"),
+            "steps[0] ('double').inputs[0] ('x').binding.parameter",
+        ),
+        (
+            lambda s: setattr(s.steps[0].inputs[0].binding.literal, "json", "{bad"),
+            "steps[0] ('double').inputs[0] ('x').binding.literal",
+        ),
+        (
+            lambda s: (
+                s.steps[0]
+                .inputs[0]
+                .binding.output.CopyFrom(ir_pb2.OutputRef(step_id="double_2", output="output"))
+            ),
+            "steps[0] ('double').inputs[0] ('x').binding.output",
+        ),
+        (
+            lambda s: s.steps[0].inputs[0].ClearField("binding"),
+            "steps[0] ('double').inputs[0] ('x').binding",
+        ),
+    ],
+    ids=[
+        "no-name",
+        "duplicate-id",
+        "dangling-step",
+        "unknown-output",
+        "unknown-parameter",
+        "bad-literal",
+        "cycle",
+        "no-binding",
+    ],
+)
+def test_malformed_ir_is_refused_naming_the_field(api: Api, mutate: Any, field: str) -> None:
+    code, details, reason = error_of(
+        api.pipelines.RegisterPipeline, pipes.RegisterPipelineRequest(spec=_spec_with(mutate))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and reason == "INVALID_PIPELINE"
+    assert details.startswith(field), details
+
+
+def test_oversized_messages_are_refused_and_the_server_lives_on(api: Api) -> None:
+    spec = _spec_with(lambda s: setattr(s, "description", "x" * (65 * 1024 * 1024)))
+    code, _, _ = error_of(api.pipelines.RegisterPipeline, pipes.RegisterPipelineRequest(spec=spec))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert api.register(doubler.compile().spec)
+
+
+def test_task_stream_needs_a_hello_for_a_known_pool(api: Api) -> None:
+    started = tasks.ConnectRequest(started=tasks.TaskStarted())
+    code, details, _ = error_of(api.tasks.Connect, iter([started]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "hello" in details
+    hello = tasks.ConnectRequest(hello=tasks.WorkerHello(worker_id="w", runner="nowhere"))
+    code, details, _ = error_of(api.tasks.Connect, iter([hello]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "nowhere" in details
+
+
+def test_health_and_reflection(api: Api) -> None:
+    health = health_pb2_grpc.HealthStub(api.channel)
+    for service in ("", "plait.api.v1.RunService", "plait.api.v1.TaskService"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {
+        "plait.api.v1.PipelineService",
+        "plait.api.v1.RunService",
+        "plait.api.v1.ArtifactService",
+        "plait.api.v1.TaskService",
+    } <= names
