@@ -7,22 +7,11 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import json_values
 
 from plait.engine._cache import KEY_SCHEME, cache_key, key_material
 from plait.engine._scheduler import OutputInfo
 from plait.ir.v1 import ir_pb2
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=10),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
-    ),
-    max_leaves=15,
-)
 
 
 def _step(**settings: Any) -> ir_pb2.StepSpec:

@@ -9,22 +9,13 @@ from typing import Any
 import networkx as nx
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from strategies import dags
 
 import plait
 from plait._pipeline import compile_pipeline
 from plait.api.v1 import resources_pb2 as res
 from plait.engine._validate import validate_pipeline
 from plait.ir.v1 import ir_pb2
-
-
-@st.composite
-def dags(draw: st.DrawFn, max_steps: int = 10) -> nx.DiGraph:
-    n = draw(st.integers(1, max_steps))
-    g = nx.DiGraph()
-    g.add_nodes_from(range(n))
-    g.add_edges_from((i, j) for j in range(n) for i in range(j) if draw(st.booleans()))
-    return g  # edges only go forward, so it is acyclic
 
 
 @plait.step

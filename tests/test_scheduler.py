@@ -1,0 +1,175 @@
+"""The scheduler on a real SQLite store, driven directly: leases, idempotence, grouped commits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import plait
+from plait.engine import _queries as q
+from plait.engine import _store as db
+from plait.engine._scheduler import (
+    Completed,
+    CreateRun,
+    Failed,
+    OutputInfo,
+    Scheduler,
+    Started,
+    TickResult,
+    Token,
+)
+from plait.engine._store import Store
+
+
+@plait.step
+def a() -> int:
+    return 1
+
+
+@plait.step
+def b(x: int) -> int:
+    return x
+
+
+@plait.pipeline
+def pair() -> None:
+    b(a())
+    b(a(id="a2"), id="b2")
+
+
+class Harness:
+    def __init__(self, path: Path) -> None:
+        self.store = Store(f"sqlite:///{path / 'plait.db'}")
+        self.blobs: set[str] = set()
+        self.scheduler = Scheduler(dialect="sqlite", blob_exists=self.blobs.__contains__)
+        self.now = 1000.0
+
+    def write(self, fn: Any, *args: Any) -> Any:
+        return self.store._run_sync(fn, *args)
+
+    def tick(self, *inputs: Any) -> TickResult:
+        self.now += 1
+        result: TickResult = self.write(self.scheduler.run_tick, list(inputs), self.now)
+        return result
+
+    def read(self, sql: str) -> list[Any]:
+        return self.write(lambda conn: conn.execute(sa.text(sql)).all())
+
+    def output(self, token: Token, value: int = 1) -> OutputInfo:
+        digest = f"{value:064x}"
+        self.blobs.add(digest)
+        return OutputInfo(
+            "art-" + token.step_id + str(token.attempt),
+            "output",
+            digest,
+            1,
+            "file:///x",
+            "plait.json",
+            "int",
+            False,
+            token.run_id,
+            token.step_id,
+            self.now,
+        )
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    harness.write(db._ensure_schema)
+    spec = pair.compile().spec
+    harness.write(q.register_pipeline, spec, pair.compile().version, 0.0)
+    yield harness
+    if harness.store._writer_conn is not None:
+        harness.store._writer_conn.close()
+
+
+def start(h: Harness) -> tuple[str, dict[str, Token]]:
+    cmd = CreateRun(pair.compile().version, {}, False, "")
+    result = h.tick(cmd)
+    assert cmd.result is not None and cmd.error is None
+    tokens = {t.token.step_id: t.token for t in result.tasks}
+    return cmd.result[0], tokens
+
+
+def test_ready_steps_are_queued_in_the_run_creating_commit(h: Harness) -> None:
+    run_id, tokens = start(h)
+    assert sorted(tokens) == ["a", "a2"]
+    rows = dict(h.read(f"select step_id, status from step_runs where run_id='{run_id}'"))
+    assert rows == {"a": "QUEUED", "a2": "QUEUED", "b": "PENDING", "b2": "PENDING"}
+
+
+def test_a_stale_lease_changes_nothing(h: Harness) -> None:
+    run_id, tokens = start(h)
+    stale = Token(run_id, "a", tokens["a"].attempt, tokens["a"].epoch + 1)
+    before = h.read("select * from step_runs order by step_id")
+    events = h.read("select count(*) from events")[0][0]
+    result = h.tick(Completed(stale, (h.output(stale),)), Started(Token(run_id, "a", 9, 1)))
+    assert result.tasks == [] and result.events == []
+    assert h.read("select * from step_runs order by step_id") == before
+    assert h.read("select count(*) from events")[0][0] == events
+
+
+def test_completion_is_idempotent_per_attempt(h: Harness) -> None:
+    _run_id, tokens = start(h)
+    done = Completed(tokens["a"], (h.output(tokens["a"]),))
+    first = h.tick(done)
+    assert [t.token.step_id for t in first.tasks] == ["b"]
+    again = h.tick(done)  # a retried report: the first one won
+    assert again.tasks == [] and again.events == []
+    assert h.read("select count(*) from artifacts")[0][0] == 1
+
+
+def test_reports_that_arrive_together_commit_together(h: Harness) -> None:
+    _run_id, tokens = start(h)
+    result = h.tick(
+        Completed(tokens["a"], (h.output(tokens["a"]),), start_time=h.now),
+        Completed(tokens["a2"], (h.output(tokens["a2"], 2),), start_time=h.now),
+    )
+    assert sorted(t.token.step_id for t in result.tasks) == ["b", "b2"]
+    statuses = [e.step_status for e in result.events if e.step_id == "a"]
+    assert statuses == [
+        "RUNNING",
+        "SUCCEEDED",
+    ] or statuses == ["RUNNING", "SUCCEEDED"]
+    seqs = [e.seq for e in result.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > 0
+
+
+def test_a_run_ends_when_its_last_step_does(h: Harness) -> None:
+    run_id, tokens = start(h)
+    nxt = h.tick(
+        Completed(tokens["a"], (h.output(tokens["a"]),)),
+        Completed(tokens["a2"], (h.output(tokens["a2"]),)),
+    )
+    downstream = {t.token.step_id: t.token for t in nxt.tasks}
+    h.tick(
+        Failed(downstream["b"], {"type": "builtins.ValueError", "message": "x", "traceback": ""})
+    )
+    assert h.read(f"select status from runs where id='{run_id}'") == [("RUNNING",)]
+    end = h.tick(Completed(downstream["b2"], (h.output(downstream["b2"]),)))
+    assert h.read(f"select status from runs where id='{run_id}'") == [("FAILED",)]
+    assert [e.run_status for e in end.events if not e.step_id] == ["FAILED"]
+    assert run_id not in h.scheduler.runs  # forgotten once final
+
+
+def test_cache_hits_chain_within_one_commit(h: Harness) -> None:
+    _run_id, tokens = start(h)
+    nxt = h.tick(
+        Completed(tokens["a"], (h.output(tokens["a"]),)),
+        Completed(tokens["a2"], (h.output(tokens["a2"]),)),
+    )
+    h.tick(*(Completed(t.token, (h.output(t.token),)) for t in nxt.tasks))
+    cmd = CreateRun(pair.compile().version, {}, False, "")
+    rerun = h.tick(cmd)
+    assert rerun.tasks == []  # every step served from the cache in the creating commit
+    assert cmd.result is not None
+    rows = h.read(f"select status from step_runs where run_id='{cmd.result[0]}'")
+    assert {r[0] for r in rows} == {"CACHED"}
+    material = json.loads(h.read("select material from cache_entries limit 1")[0][0])
+    assert material["key_scheme"] == "plait.cache.v1"
