@@ -146,10 +146,12 @@ def _run_msg(row: Any) -> res.Run:
     return run
 
 
-def get_run(conn: Connection, prefix: str) -> res.Run:
+def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> res.Run:
     run_id = resolve_run_id(conn, prefix)
     row = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).one()
     run = _run_msg(row)
+    if not with_steps:
+        return run
     spec = get_pipeline_version(conn, row.version)
     ups = {s.id: upstream_ids(s) for s in spec.steps}
     output_ids: list[str] = []

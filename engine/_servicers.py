@@ -101,8 +101,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             run_id, created = await self.cp.create_run(
                 _version(request.pipeline_version), params, request.no_cache, request.request_id
             )
-            run = await self.cp.store.read(q.get_run, run_id)
-        run.ClearField("steps")
+            run = await self.cp.store.read(q.get_run, run_id, False)
         return run_service_pb2.CreateRunResponse(run=run, created=created)
 
     async def GetRun(

@@ -4,11 +4,14 @@ Every state change is a transaction built by a plain function of a SQLAlchemy ``
 (repository functions take a connection and never commit; the store owns the transaction).
 How the function runs depends on the URL:
 
-* ``sqlite:///…`` (the default): SQLAlchemy's sync pysqlite driver on one writer thread, one
-  thread hop per *transaction*. aiosqlite pays a thread hop per *statement* (0.9 ms per committed
-  insert, measured), which alone would exceed the per-step budget of DESIGN.md.
-* ``sqlite+aiosqlite:///…``, ``postgresql+asyncpg://…``: SQLAlchemy's ``AsyncEngine``; the same
-  function runs through ``AsyncConnection.run_sync``.
+* Reads, the schema, and every transaction of an async URL (``sqlite+aiosqlite:///…``,
+  ``postgresql+asyncpg://…``) go through SQLAlchemy's ``AsyncEngine``: the function runs in
+  ``AsyncConnection.run_sync``.
+* Writes to ``sqlite:///…`` (the default URL) take the hot path: SQLAlchemy's sync pysqlite
+  driver on one writer thread, one thread hop per *transaction* (reads of the same file still
+  go through aiosqlite). aiosqlite pays a thread hop per *statement*: a six-statement
+  transaction measured 3.1 ms through it and 0.8 ms this way, and the per-step budget of
+  DESIGN.md is 2 ms for everything.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 SCHEMA_VERSION = 1
 
@@ -188,25 +191,24 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self._sync: Engine | None = None
-        self._async: AsyncEngine | None = None
         self._writer_conn: Connection | None = None
         self._writer = anyio.CapacityLimiter(1)
         self._readers = anyio.CapacityLimiter(4)
         u = sa.engine.make_url(url)
         self.dialect = u.get_backend_name()
+        if self.dialect == "sqlite" and u.database and u.database != ":memory:":
+            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
         if u.drivername in ("sqlite", "sqlite+pysqlite"):
-            if u.database and u.database != ":memory:":
-                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            self._sync = sa.create_engine(url, pool_size=5, max_overflow=5)
+            # the hot path: SQLAlchemy's sync driver on one writer thread (see the docstring)
+            self._sync = sa.create_engine(url, pool_size=1, max_overflow=0)
             event.listen(self._sync, "connect", _sqlite_pragmas)
             event.listen(self._sync, "begin", _sqlite_begin)
-        else:
-            if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-                Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            self._async = create_async_engine(url)
-            if self.dialect == "sqlite":
-                event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
-                event.listen(self._async.sync_engine, "begin", _sqlite_begin)
+            u = u.set(drivername="sqlite+aiosqlite")
+        # everything else, reads included: SQLAlchemy's AsyncEngine (aiosqlite, asyncpg)
+        self._async = create_async_engine(u)
+        if self.dialect == "sqlite":
+            event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self._async.sync_engine, "begin", _sqlite_begin)
 
     @property
     def is_sqlite(self) -> bool:
@@ -221,13 +223,6 @@ class Store:
         with self._writer_conn.begin():
             return fn(self._writer_conn, *args)
 
-    def _read_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._sync is not None
-        with self._sync.connect() as conn:
-            conn.execution_options(plait_read_only=True)
-            with conn.begin():
-                return fn(conn, *args)
-
     async def write(self, fn: Callable[..., T], *args: Any, small: bool = False) -> T:
         """Runs ``fn(conn, *args)`` in one write transaction and commits it.
 
@@ -238,16 +233,12 @@ class Store:
             if small and self._writer.borrowed_tokens == 0:
                 return self._run_sync(fn, *args)
             return await anyio.to_thread.run_sync(self._run_sync, fn, *args, limiter=self._writer)
-        assert self._async is not None
         async with self._writer, self._async.begin() as conn:
             return await conn.run_sync(fn, *args)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(conn, *args)`` in a transaction of its own (reads run beside the writer)."""
-        if self._sync is not None:
-            return await anyio.to_thread.run_sync(self._read_sync, fn, *args, limiter=self._readers)
-        assert self._async is not None
-        async with self._async.connect() as conn:
+        async with self._readers, self._async.connect() as conn:
             await conn.execution_options(plait_read_only=True)
             async with conn.begin():
                 return await conn.run_sync(fn, *args)
@@ -262,8 +253,7 @@ class Store:
                 await anyio.to_thread.run_sync(self._writer_conn.close, limiter=self._writer)
                 self._writer_conn = None
             await anyio.to_thread.run_sync(self._sync.dispose)
-        if self._async is not None:
-            await self._async.dispose()
+        await self._async.dispose()
 
 
 def _ensure_schema(conn: Connection) -> None:
