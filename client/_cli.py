@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -101,7 +102,16 @@ def cli() -> None:
 )
 @click.option("--no-cache", is_flag=True, help="Run every step; ignore cached results.")
 @click.option("--quiet", "-q", is_flag=True, help="No live progress; print the run id only.")
-def run_cmd(target: str, params: tuple[str, ...], no_cache: bool, quiet: bool) -> None:
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Return as soon as the run is accepted (needs a server: PLAIT_SERVER or "
+    "`plait login`); follow it with `plait runs watch`.",
+)
+def run_cmd(
+    target: str, params: tuple[str, ...], no_cache: bool, quiet: bool, detach: bool
+) -> None:
     """Run the pipeline TARGET (FILE.py:PIPELINE or package.module:PIPELINE).
 
     Shows live progress and exits with status 1 when the run fails.
@@ -116,6 +126,16 @@ def run_cmd(target: str, params: tuple[str, ...], no_cache: bool, quiet: bool) -
 
     try:
         client = Client.default()
+        if detach:
+            if client.embedded:
+                _fail(
+                    "--detach needs a server: the embedded engine stops with this process "
+                    "(start one with `plait server start`, then set PLAIT_SERVER or run "
+                    "`plait login HOST:PORT`)"
+                )
+            run = pipe.run(parameters, no_cache=no_cache, client=client, wait=False)
+            click.echo(run.run_id)
+            return
         if quiet:
             run = pipe.run(parameters, no_cache=no_cache, client=client)
         else:
@@ -322,6 +342,54 @@ def runs_logs(run_id: str, step: str | None) -> None:
         click.echo(e.text, nl=False, err=e.stream == "stderr")
 
 
+@runs.command("watch", epilog=EPILOG)
+@click.argument("run_id")
+def runs_watch(run_id: str) -> None:
+    """Follow a run live until it ends, printing each step's transitions.
+
+    Exits with status 1 when the run does not succeed.
+    """
+    from plait._client import Client
+    from plait.api.v1 import resources_pb2
+
+    try:
+        client = Client.default()
+        run = client.get_run(run_id)
+        console = _console()
+        for events in client.watch(run.run_id):
+            for e in events:
+                when = e.time.ToDatetime().astimezone().strftime("%H:%M:%S.%f")[:-3]
+                if e.step_id:
+                    status = resources_pb2.StepStatus.Name(e.step_status).removeprefix(
+                        "STEP_STATUS_"
+                    )
+                    what = f"step {e.step_id} {_styled(status)}"
+                else:
+                    status = resources_pb2.RunStatus.Name(e.run_status).removeprefix("RUN_STATUS_")
+                    what = f"run {_styled(status)}"
+                detail = f"  [dim]{e.message}[/]" if e.message else ""
+                console.print(f"{when}  {what}{detail}")
+        run = client.get_run(run.run_id)
+    except PlaitError as exc:
+        _fail(str(exc))
+    _print_run(run)
+    if run.status != "SUCCEEDED":
+        sys.exit(1)
+
+
+@runs.command("cancel", epilog=EPILOG)
+@click.argument("run_id")
+def runs_cancel(run_id: str) -> None:
+    """Cancel a run: running steps are stopped, pending ones never run."""
+    from plait._client import Client
+
+    try:
+        run = Client.default().cancel_run(run_id)
+    except PlaitError as exc:
+        _fail(str(exc))
+    click.echo(f"run {run.run_id}: {run.status}")
+
+
 @cli.group(epilog=EPILOG)
 def artifacts() -> None:
     """Read artifacts (step outputs)."""
@@ -365,6 +433,262 @@ def artifacts_get(artifact_id: str, output: str | None) -> None:
         sys.stdout.buffer.write(data)
         return
     click.echo(text)
+
+
+# ---- the server ----
+
+
+def _server_files() -> tuple[Any, Any]:
+    from plait._settings import plait_home
+
+    home = plait_home()
+    return home / "server.pid", home / "server.log"
+
+
+def _server_pid() -> tuple[int, str] | None:
+    """(pid, address) of the running server of this PLAIT_HOME, or None."""
+    pid_file, _ = _server_files()
+    try:
+        pid_text, address = pid_file.read_text().split()
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid, address
+
+
+def _healthy(address: str, timeout: float = 2.0) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+@cli.group(epilog=EPILOG)
+def server() -> None:
+    """Run the control plane as a daemon that clients share (PLAIT_SERVER=HOST:PORT)."""
+
+
+_SERVER_OPTIONS = [
+    click.option(
+        "--host",
+        default=None,
+        envvar="PLAIT_SERVER_HOST",
+        help="Address to bind [default: 127.0.0.1; env PLAIT_SERVER_HOST].",
+    ),
+    click.option(
+        "--port",
+        type=int,
+        default=None,
+        envvar="PLAIT_SERVER_PORT",
+        help="Port [default: 7676; env PLAIT_SERVER_PORT].",
+    ),
+    click.option(
+        "--database-url",
+        default="",
+        envvar="PLAIT_DATABASE_URL",
+        help="SQLAlchemy URL of the store [default: SQLite in PLAIT_HOME].",
+    ),
+    click.option(
+        "--artifact-store",
+        default="",
+        envvar="PLAIT_ARTIFACT_STORE",
+        help="Artifact store URL [default: PLAIT_HOME/artifacts].",
+    ),
+    click.option(
+        "--foreground",
+        is_flag=True,
+        help="Run in this process (for containers and supervisors); logs go to stderr.",
+    ),
+]
+
+
+def _server_options(fn: Any) -> Any:
+    for option in reversed(_SERVER_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@server.command("start", epilog=EPILOG)
+@_server_options
+def server_start(
+    host: str | None, port: int | None, database_url: str, artifact_store: str, foreground: bool
+) -> None:
+    """Start the control-plane daemon (in the background unless --foreground).
+
+    Unfinished runs of its store resume at start; SIGTERM (`plait server stop`) shuts it down
+    gracefully and leaves them resumable. PID and log files live in PLAIT_HOME.
+
+    \b
+    Example:
+      plait server start --port 7676
+      PLAIT_SERVER=127.0.0.1:7676 plait run examples/quickstart.py:demo
+    """
+    import subprocess
+    import time
+
+    from plait._settings import plait_home
+    from plait.engine._daemon import DEFAULT_PORT, run_daemon
+
+    host = host or "127.0.0.1"
+    port = DEFAULT_PORT if port is None else port
+    if foreground:
+        try:
+            run_daemon(plait_home(), host, port, database_url, artifact_store)
+        except PlaitError as exc:
+            _fail(str(exc))
+        return
+    running = _server_pid()
+    if running is not None:
+        _fail(
+            f"a server is already running (pid {running[0]}, {running[1]}); "
+            f"`plait server stop` first"
+        )
+    _, log_file = _server_files()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait",
+        "server",
+        "start",
+        "--foreground",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    if artifact_store:
+        cmd += ["--artifact-store", artifact_store]
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace").splitlines()[-5:]
+            _fail("the server exited at start:\n" + "\n".join(tail))
+        found = _server_pid()
+        if found is not None and _healthy(found[1], timeout=0.5):
+            click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {log_file}")
+            click.echo(f"use it with: export PLAIT_SERVER={found[1]}  (or plait login {found[1]})")
+            return
+        time.sleep(0.1)
+    proc.kill()
+    _fail(f"the server did not become healthy within 30 s; see {log_file}")
+
+
+@server.command("stop", epilog=EPILOG)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a graceful stop before killing it.",
+)
+def server_stop(timeout: float) -> None:
+    """Stop the daemon gracefully (SIGTERM); its unfinished runs resume at the next start."""
+    import signal
+    import time
+
+    running = _server_pid()
+    if running is None:
+        click.echo("no server is running")
+        return
+    pid, address = running
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo(f"stopped the server at {address} (pid {pid})")
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    click.echo(f"the server did not stop within {timeout:g} s: killed pid {pid}", err=True)
+
+
+@server.command("status", epilog=EPILOG)
+def server_status() -> None:
+    """Say whether the daemon of this PLAIT_HOME runs and answers; exit 1 when it does not."""
+    running = _server_pid()
+    if running is None:
+        click.echo("no server is running")
+        sys.exit(1)
+    pid, address = running
+    healthy = _healthy(address)
+    click.echo(f"server at {address} (pid {pid}): {'SERVING' if healthy else 'NOT SERVING'}")
+    if not healthy:
+        sys.exit(1)
+
+
+@server.command("logs", epilog=EPILOG)
+@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+def server_logs(lines: int, follow: bool) -> None:
+    """Print the end of the daemon's log file."""
+    import time
+
+    _, log_file = _server_files()
+    if not log_file.exists():
+        _fail(f"no server log at {log_file}")
+    with open(log_file, errors="replace") as fh:
+        for line in fh.readlines()[-lines:]:
+            click.echo(line, nl=False)
+        while follow:
+            line = fh.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+
+
+@cli.command("up", epilog=EPILOG)
+@_server_options
+@click.pass_context
+def up(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Start the daemon: the same as `plait server start`."""
+    ctx.invoke(server_start, **kwargs)
+
+
+@cli.command("down", epilog=EPILOG)
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop the daemon: the same as `plait server stop`."""
+    ctx.invoke(server_stop)
+
+
+@cli.command("login", epilog=EPILOG)
+@click.argument("address")
+def login(address: str) -> None:
+    """Use the server at ADDRESS (HOST:PORT) from now on, when PLAIT_SERVER is not set."""
+    from plait._settings import config_path, read_config, write_config
+
+    if not _healthy(address):
+        _fail(f"no Plait server answers at {address}")
+    write_config({**read_config(), "server": address})
+    click.echo(f"using the server at {address} (saved in {config_path()})")
+
+
+@cli.command("logout", epilog=EPILOG)
+def logout() -> None:
+    """Forget the server saved by `plait login`: back to the embedded engine."""
+    from plait._settings import read_config, write_config
+
+    config = read_config()
+    config.pop("server", None)
+    write_config(config)
+    click.echo("using the embedded engine")
 
 
 @cli.group(epilog=EPILOG)

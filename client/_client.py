@@ -525,6 +525,13 @@ class Client:
             if not after:
                 return out
 
+    def cancel_run(self, run_id: str) -> Run:
+        """Cancels a run (a no-op for one that already ended) and returns it."""
+        resp = self._call(
+            self._runs.CancelRun, run_service_pb2.CancelRunRequest(name=f"runs/{run_id}")
+        )
+        return Run.from_proto(resp.run, self)
+
     def get_artifact(self, artifact_id: str) -> ArtifactInfo:
         """An artifact's metadata. A unique prefix of the id is enough."""
         resp = self._call(

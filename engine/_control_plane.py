@@ -23,6 +23,7 @@ from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.engine import _queries as q
 from plait.engine._scheduler import (
+    CancelRun,
     Completed,
     CreateRun,
     Event,
@@ -32,6 +33,7 @@ from plait.engine._scheduler import (
     Scheduler,
     Started,
     TaskOrder,
+    TickResult,
     Token,
 )
 from plait.engine._store import Store
@@ -61,6 +63,9 @@ class ControlPlaneConfig:
     """Empty means ``home/artifacts``."""
     max_workers: int | None = None
     """The local runner's pool size; None means the number of CPUs."""
+    resume: bool = False
+    """Resume unfinished runs at start and leave them resumable at stop (a daemon that owns its
+    store). Otherwise (the embedded engine) runs still active at stop are CANCELLED."""
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'plait.db'}"
@@ -156,6 +161,14 @@ class ControlPlane:
         assert cmd.result is not None
         return cmd.result
 
+    async def cancel_run(self, run_id: str) -> bool:
+        """Cancels an active run; False when it was not active (already ended)."""
+        cmd = CancelRun(run_id)
+        done = self._replies[id(cmd)] = anyio.Event()
+        self.submit(cmd)
+        await done.wait()
+        return cmd.found
+
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
         self.submit(
             Failed(
@@ -192,11 +205,18 @@ class ControlPlane:
                 await self._tick_failed(batch, exc)
                 continue
             for item in batch:
-                if isinstance(item, CreateRun):
+                if isinstance(item, CreateRun | CancelRun):
                     self._replies.pop(id(item)).set()
-            self.hub.publish(result.events)
-            for order in result.tasks:
-                await self._dispatch(order)
+            await self._act(result)
+
+    async def _act(self, result: TickResult) -> None:
+        """What a committed tick implies: publish its events, stop and start attempts."""
+        self.hub.publish(result.events)
+        for token in result.cancel:
+            for runner in self.runners.values():
+                await runner.cancel(token_to_proto(token))
+        for order in result.tasks:
+            await self._dispatch(order)
 
     async def _tick_failed(self, batch: list[Input], exc: Exception) -> None:
         """A tick's transaction failed and rolled back: nothing of it was committed, but its
@@ -206,8 +226,11 @@ class ControlPlane:
         for item in batch:
             if isinstance(item, CreateRun):
                 item.error = PlaitError(f"the control plane failed to create the run: {exc}")
+            if isinstance(item, CreateRun | CancelRun):
                 self._replies.pop(id(item)).set()
-        run_ids = sorted({item.token.run_id for item in batch if not isinstance(item, CreateRun)})
+        run_ids = sorted(
+            {item.token.run_id for item in batch if not isinstance(item, CreateRun | CancelRun)}
+        )
         if not run_ids:
             return
         events, leases = await self.store.write(
@@ -320,12 +343,14 @@ class ControlPlane:
                 )
                 for runner in self.runners.values():
                     await tg.start(runner.run, ctx)
+                if self.config.resume:
+                    await self._act(await self.store.write(self.scheduler.recover, time.time()))
                 task_status.started(port)
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                if self.scheduler.runs:
+                if self.scheduler.runs and not self.config.resume:
                     # nothing resumes an embedded engine's runs: say so rather than leave
                     # them RUNNING forever
                     try:

@@ -89,7 +89,14 @@ class Metadata:
     values: dict[str, Any]
 
 
-Input = CreateRun | Started | Completed | Failed | Logs | Metadata
+@dataclass
+class CancelRun:
+    run_id: str
+    found: bool = False
+    """Filled by the tick: False when the run was not active (unknown or already final)."""
+
+
+Input = CreateRun | CancelRun | Started | Completed | Failed | Logs | Metadata
 
 
 # ---- state --------------------------------------------------------------------------------
@@ -322,6 +329,13 @@ class Scheduler:
         result = TickResult()
         ready: list[tuple[RunState, StepState]] = []
         for item in inputs:
+            if isinstance(item, CancelRun):
+                if item.run_id in self.runs:
+                    item.found = True
+                    result.cancel.extend(
+                        self._abort(w, [item.run_id], now, "cancelled on request", "CANCELLED")
+                    )
+                continue
             if isinstance(item, CreateRun):
                 try:
                     self._create_run(conn, item, w, now, ready)
@@ -725,6 +739,13 @@ class Scheduler:
         which the caller stops.
         """
         w = _Writes()
+        leases = self._abort(w, run_ids, now, reason, status)
+        w.flush(conn, self.dialect)
+        return w.events, leases
+
+    def _abort(
+        self, w: _Writes, run_ids: list[str], now: float, reason: str, status: str
+    ) -> list[Token]:
         leases = []
         for run_id in run_ids:
             run = self.runs.pop(run_id, None)
@@ -742,8 +763,83 @@ class Scheduler:
             run.status = status
             w.run_updates[run.run_id] = {"status": status, "ended_at": now}
             self._event(w, run, None, now, reason)
+        return leases
+
+    def recover(self, conn: Connection, now: float) -> TickResult:
+        """Rebuilds the view of the runs a previous control plane left unfinished, and goes on.
+
+        Attempts that were queued or running died with that control plane: they are marked
+        CRASHED and their steps queued again as new attempts, whatever their retry budget.
+        Outputs already stored stay; nothing that succeeded runs again.
+        """
+        w = _Writes()
+        result = TickResult()
+        ready: list[tuple[RunState, StepState]] = []
+        rows = conn.execute(
+            sa.select(db.runs)
+            .where(db.runs.c.status.in_(("PENDING", "RUNNING")))
+            .order_by(db.runs.c.created_at)
+        ).all()
+        for row in rows:
+            spec = self._spec(conn, row.version)
+            steps: dict[str, StepState] = {}
+            for pos, s in enumerate(spec.steps):
+                st = StepState(spec=s, position=pos)
+                for up in upstream_ids(s):
+                    st.upstream.append(up)
+                    steps[up].downstream.append(s.id)
+                steps[s.id] = st
+            stored = conn.execute(
+                sa.select(db.step_runs).where(db.step_runs.c.run_id == row.id)
+            ).all()
+            for r in stored:
+                st = steps[r.step_id]
+                st.status, st.attempt, st.epoch = r.status, r.attempt, 1
+                st.key = r.cache_key
+                if r.outputs:
+                    st.outputs = {k: OutputInfo.from_json(v) for k, v in r.outputs.items()}
+                st.metadata = dict(r.step_metadata or {})
+            params = {k: canonical_json(v) for k, v in (row.parameters or {}).items()}
+            run = RunState(
+                row.id,
+                spec.name,
+                row.version,
+                params,
+                row.no_cache,
+                steps,
+                open_steps=sum(1 for s in steps.values() if s.status not in TERMINAL),
+                status="RUNNING",
+            )
+            self.runs[run.run_id] = run
+            for st in steps.values():
+                st.waiting = sum(
+                    1 for u in st.upstream if steps[u].status not in ("SUCCEEDED", "CACHED")
+                )
+                if st.status in ("QUEUED", "RUNNING", "RETRYING"):
+                    if st.status != "RETRYING":
+                        w.attempt(
+                            run.run_id, st.spec.id, st.attempt, status="CRASHED", ended_at=now
+                        )
+                    st.status = "PENDING"
+                    self._event(w, run, st, now, "the control plane restarted")
+                    w.step(run.run_id, st.spec.id, status="PENDING")
+                if st.status == "PENDING" and st.waiting == 0:
+                    ready.append((run, st))
+            if run.open_steps == 0:  # everything ended, but the run's end was not written
+                failed = any(s.status not in ("SUCCEEDED", "CACHED") for s in steps.values())
+                run.status = "FAILED" if failed else "SUCCEEDED"
+                w.run_updates[run.run_id] = {"status": run.status, "ended_at": now}
+                self._event(w, run, None, now)
+        self._conn = conn
+        try:
+            self._schedule(ready, w, now, result)
+        finally:
+            del self._conn
         w.flush(conn, self.dialect)
-        return w.events, leases
+        result.events = w.events
+        for run_id in [r for r, run in self.runs.items() if run.status in TERMINAL_RUN]:
+            del self.runs[run_id]
+        return result
 
     def run_tick(self, conn: Connection, inputs: list[Input], now: float) -> TickResult:
         self._conn = conn

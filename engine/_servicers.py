@@ -180,6 +180,15 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             entries=entries, next_after_sequence=entries[-1].sequence if len(entries) == size else 0
         )
 
+    async def CancelRun(
+        self, request: run_service_pb2.CancelRunRequest, context: Ctx
+    ) -> run_service_pb2.CancelRunResponse:
+        async with abort_on_plait_error(context):
+            run_id = await self.cp.store.read(q.resolve_run_id, _name_id(request.name, "runs"))
+            cancelled = await self.cp.cancel_run(run_id)
+            run = await self.cp.store.read(q.get_run, run_id)
+        return run_service_pb2.CancelRunResponse(run=run, cancelled=cancelled)
+
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:

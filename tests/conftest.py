@@ -13,4 +13,6 @@ def _isolated_plait_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PLAIT_HOME", str(tmp_path_factory.mktemp("plait_home")))
         mp.delenv("PLAIT_SERVER", raising=False)
+        # nor the user's `plait login`
+        mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg_config")))
         yield

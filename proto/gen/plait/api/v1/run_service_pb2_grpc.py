@@ -66,6 +66,11 @@ class RunServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.FromString,
                 _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/plait.api.v1.RunService/CancelRun',
+                request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -114,6 +119,14 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelRun(self, request, context):
+        """Cancels a run: its queued and running attempts are stopped, its other steps never run.
+        Cancelling a run that already ended changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +159,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListLogs,
                     request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class RunService:
             '/plait.api.v1.RunService/ListLogs',
             plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.api.v1.RunService/CancelRun',
+            plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

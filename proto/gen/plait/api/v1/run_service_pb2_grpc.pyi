@@ -46,6 +46,10 @@ class RunServiceStub:
     """Pages through a run's events."""
     ListLogs: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListLogsRequest, _run_service_pb2.ListLogsResponse]
     """Pages through the captured output of a run's steps."""
+    CancelRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]
+    """Cancels a run: its queued and running attempts are stopped, its other steps never run.
+    Cancelling a run that already ended changes nothing.
+    """
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -64,6 +68,10 @@ class RunServiceAsyncStub(RunServiceStub):
     """Pages through a run's events."""
     ListLogs: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListLogsRequest, _run_service_pb2.ListLogsResponse]  # type: ignore[assignment]
     """Pages through the captured output of a run's steps."""
+    CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
+    """Cancels a run: its queued and running attempts are stopped, its other steps never run.
+    Cancelling a run that already ended changes nothing.
+    """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs of registered pipeline versions."""
@@ -115,5 +123,15 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ListLogsResponse, _abc.Awaitable[_run_service_pb2.ListLogsResponse]]:
         """Pages through the captured output of a run's steps."""
+
+    @_abc_1.abstractmethod
+    def CancelRun(
+        self,
+        request: _run_service_pb2.CancelRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.CancelRunResponse, _abc.Awaitable[_run_service_pb2.CancelRunResponse]]:
+        """Cancels a run: its queued and running attempts are stopped, its other steps never run.
+        Cancelling a run that already ended changes nothing.
+        """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
