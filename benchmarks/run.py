@@ -106,45 +106,106 @@ def baseline_python_start(repeat: int) -> float:
     return _best(samples)
 
 
-def bench_pipelines(repeat: int) -> dict[str, Any]:
+def measure(client: Any, repeat: int, *, cached: bool = True) -> dict[str, Any]:
+    """Per-step overhead of the workloads through ``client`` (best of ``repeat``)."""
     import workloads
 
+    out: dict[str, Any] = {}
+    # warm up: the worker pool, the compiled pipelines, the store
+    for p in (workloads.chain, workloads.fan_out):
+        p.compile()
+    workloads.one_step.run(client=client, no_cache=True)
+
+    def timed(pipe: Any, *, no_cache: bool) -> float:
+        t0 = time.perf_counter()
+        run = pipe.run(client=client, no_cache=no_cache)
+        took = time.perf_counter() - t0
+        assert run.status == "SUCCEEDED", run.status
+        return took
+
+    for name, pipe in (("chain", workloads.chain), ("fan-out", workloads.fan_out)):
+        samples = [timed(pipe, no_cache=True) for _ in range(repeat)]
+        steps = len(pipe.compile().spec.steps)
+        out[name] = {
+            "steps": steps,
+            "ms_per_step": _best(samples) / steps * 1e3,
+            "samples_s": samples,
+        }
+    if cached:
+        run = workloads.chain.run(client=client)
+        assert all(s.status == "CACHED" for s in run.steps.values())
+        samples = [timed(workloads.chain, no_cache=False) for _ in range(repeat)]
+        out["cached"] = {
+            "steps": 1000,
+            "ms_per_step": _best(samples) / 1000 * 1e3,
+            "samples_s": samples,
+        }
+    return out
+
+
+def bench_pipelines(repeat: int) -> dict[str, Any]:
     import plait
 
-    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as home:
         client = plait.Client(home=home)
         try:
-            # warm up: the worker pool, the compiled pipelines, the store
-            for p in (workloads.chain, workloads.fan_out):
-                p.compile()
-            workloads.one_step.run(client=client, no_cache=True)
-
-            def timed(pipe: Any, *, no_cache: bool) -> float:
-                t0 = time.perf_counter()
-                run = pipe.run(client=client, no_cache=no_cache)
-                took = time.perf_counter() - t0
-                assert run.status == "SUCCEEDED", run.status
-                return took
-
-            for name, pipe in (("chain", workloads.chain), ("fan-out", workloads.fan_out)):
-                samples = [timed(pipe, no_cache=True) for _ in range(repeat)]
-                steps = len(pipe.compile().spec.steps)
-                out[name] = {
-                    "steps": steps,
-                    "ms_per_step": _best(samples) / steps * 1e3,
-                    "samples_s": samples,
-                }
-            run = workloads.chain.run(client=client)
-            assert all(s.status == "CACHED" for s in run.steps.values())
-            samples = [timed(workloads.chain, no_cache=False) for _ in range(repeat)]
-            out["cached"] = {
-                "steps": 1000,
-                "ms_per_step": _best(samples) / 1000 * 1e3,
-                "samples_s": samples,
-            }
+            return measure(client, repeat)
         finally:
             client.shutdown()
+
+
+def runs_per_second(client: Any, n: int = 300) -> float:
+    """CreateRun calls per second over gRPC (one-step runs, not waited for)."""
+    import workloads
+
+    workloads.one_step.compile()
+    t0 = time.perf_counter()
+    ids = [
+        workloads.one_step.run(client=client, no_cache=True, wait=False).run_id for _ in range(n)
+    ]
+    rate = n / (time.perf_counter() - t0)
+    for rid in ids:  # let them finish before the next measurement
+        client.wait(rid)
+    return rate
+
+
+def bench_daemon(repeat: int, database_url: str = "") -> dict[str, Any]:
+    """The same workloads through a daemon process (`plait server start --foreground`)."""
+    import socket
+
+    import plait
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "PLAIT_HOME": home}
+        env.pop("PLAIT_SERVER", None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "plait",
+            "server",
+            "start",
+            "--foreground",
+            "--port",
+            str(port),
+        ]
+        if database_url:
+            cmd += ["--database-url", database_url]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not Path(home, "server.pid").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
+                time.sleep(0.05)
+            client = plait.Client(f"127.0.0.1:{port}")
+            out = measure(client, repeat, cached=False)
+            out["runs_per_s"] = runs_per_second(client)
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
     return out
 
 
@@ -175,6 +236,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload (best counts)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--postgres", default="", help="also benchmark the daemon on this PostgreSQL SQLAlchemy URL"
+    )
     opts = parser.parse_args()
 
     print(
@@ -192,6 +256,10 @@ def main() -> int:
     )
     results = bench_pipelines(opts.repeat)
     cold = bench_cold(opts.repeat)
+    daemon = {"daemon, sqlite": bench_daemon(opts.repeat)}
+    pg_url = opts.postgres or os.environ.get("PLAIT_TEST_POSTGRES_URL", "")
+    if pg_url:
+        daemon["daemon, postgres"] = bench_daemon(opts.repeat, pg_url)
     ok = True
     print(
         f"\n{'workload':10} {'ms/step':>9} {'target':>8} {'x sqlite-commit':>16} "
@@ -210,6 +278,24 @@ def main() -> int:
         f"{'cold':10} {cold * 1e3:8.0f}ms {TARGET_COLD_S * 1e3:6.0f}ms   "
         f"{cold / py_s:.1f} x python-start{'' if cold <= TARGET_COLD_S else '  OVER TARGET'}"
     )
+    print(
+        f"\n{'through the daemon':18} {'chain ms/step':>14} {'fan-out ms/step':>16} "
+        f"{'runs created/s':>15}"
+    )
+    print(
+        f"{'embedded (above)':18} {results['chain']['ms_per_step']:14.3f} "
+        f"{results['fan-out']['ms_per_step']:16.3f} {'':>15}"
+    )
+    for name, r in daemon.items():
+        print(
+            f"{name:18} {r['chain']['ms_per_step']:14.3f} {r['fan-out']['ms_per_step']:16.3f} "
+            f"{r['runs_per_s']:15.0f}"
+        )
+    if "daemon, postgres" not in daemon:
+        print(
+            "(no PostgreSQL: pass --postgres URL or set PLAIT_TEST_POSTGRES_URL, e.g. "
+            "from scripts/postgres.sh)"
+        )
     if opts.json:
         Path(opts.json).write_text(
             json.dumps(
@@ -221,6 +307,7 @@ def main() -> int:
                     },
                     "workloads": results,
                     "cold_s": cold,
+                    "daemon": daemon,
                 },
                 indent=2,
             )
