@@ -81,6 +81,10 @@ class LocalArtifactStore:
             raise
         return StoredBlob(digest, len(data), path.as_uri())
 
+    def writer(self) -> BlobWriter:
+        """A writer for bytes that arrive in pieces (an upload); commit() stores them."""
+        return BlobWriter(self)
+
     def get(self, digest: str) -> bytes:
         """The bytes stored under ``digest``, verified.
 
@@ -107,3 +111,37 @@ class LocalArtifactStore:
             return self.path_for(digest).is_file()
         except ValueError:
             return False
+
+
+class BlobWriter:
+    """Writes a blob piece by piece into a temporary file, then stores it under its digest."""
+
+    def __init__(self, store: LocalArtifactStore) -> None:
+        self._store = store
+        tmp_dir = store.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".upload")
+        self._file = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def commit(self, expected_sha256: str = "") -> StoredBlob:
+        """Stores the bytes; refuses them (ValueError) when ``expected_sha256`` differs."""
+        self._file.close()
+        digest = self._hash.hexdigest()
+        if expected_sha256 and expected_sha256 != digest:
+            self.abort()
+            raise ValueError(f"the bytes have sha256 {digest}, not {expected_sha256}")
+        path = self._store.path_for(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, path)
+        return StoredBlob(digest, self.size, path.as_uri())
+
+    def abort(self) -> None:
+        self._file.close()
+        Path(self._tmp).unlink(missing_ok=True)

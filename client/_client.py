@@ -94,9 +94,10 @@ class ArtifactInfo:
     run_id: str
     step_id: str
     metadata: dict[str, Any]
+    _client: Client | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_proto(cls, a: resources_pb2.Artifact) -> ArtifactInfo:
+    def from_proto(cls, a: resources_pb2.Artifact, client: Client | None = None) -> ArtifactInfo:
         return cls(
             a.artifact_id,
             a.output,
@@ -109,16 +110,21 @@ class ArtifactInfo:
             a.run_id,
             a.step_id,
             json.loads(a.metadata_json) if a.metadata_json else {},
+            client,
         )
 
     def read_bytes(self) -> bytes:
-        """The stored bytes, checked against the digest."""
+        """The stored bytes, checked against the digest: from the store when this machine
+        reaches it, else streamed from the control plane."""
         from plait._artifact_store import LocalArtifactStore
 
         parsed = urlparse(self.uri)
+        path = Path(unquote(parsed.path))
+        local = parsed.scheme in ("", "file") and path.is_file()
+        if not local and self._client is not None and not self._client.embedded:
+            return self._client.download_artifact(self.artifact_id)
         if parsed.scheme not in ("", "file"):
             raise errors.ArtifactError(f"cannot read artifact at {self.uri}: not a local file")
-        path = Path(unquote(parsed.path))
         try:
             return LocalArtifactStore(path.parents[2]).get(self.digest)
         except FileNotFoundError as exc:
@@ -196,14 +202,14 @@ class StepRun:
         return self.outputs[name].load()
 
     @classmethod
-    def from_proto(cls, s: resources_pb2.StepRun) -> StepRun:
+    def from_proto(cls, s: resources_pb2.StepRun, client: Client | None = None) -> StepRun:
         return cls(
             step_id=s.step_id,
             status=_step_status(s.status),
             attempt=s.attempt,
             start_time=_time(s.start_time, s.HasField("start_time")),
             end_time=_time(s.end_time, s.HasField("end_time")),
-            outputs={a.output: ArtifactInfo.from_proto(a) for a in s.outputs},
+            outputs={a.output: ArtifactInfo.from_proto(a, client) for a in s.outputs},
             metadata=json.loads(s.metadata_json) if s.metadata_json else {},
             error=StepError(s.error.type, s.error.message, s.error.traceback)
             if s.HasField("error")
@@ -239,7 +245,7 @@ class Run:
             parameters={p.name: json.loads(p.json) for p in r.parameters},
             create_time=_time(r.create_time, r.HasField("create_time")),
             end_time=_time(r.end_time, r.HasField("end_time")),
-            steps={s.step_id: StepRun.from_proto(s) for s in r.steps},
+            steps={s.step_id: StepRun.from_proto(s, client) for s in r.steps},
             no_cache=r.no_cache,
             _client=client,
         )
@@ -538,4 +544,42 @@ class Client:
             self._artifacts.GetArtifact,
             artifact_service_pb2.GetArtifactRequest(name=f"artifacts/{artifact_id}"),
         )
-        return ArtifactInfo.from_proto(resp.artifact)
+        return ArtifactInfo.from_proto(resp.artifact, self)
+
+    def download_artifact(self, artifact_id: str) -> bytes:
+        """An artifact's bytes, streamed from the control plane and checked against the digest."""
+        import hashlib
+
+        chunks: list[bytes] = []
+        digest = ""
+        try:
+            for msg in self._artifacts.DownloadArtifact(
+                artifact_service_pb2.DownloadArtifactRequest(name=f"artifacts/{artifact_id}")
+            ):
+                if msg.HasField("artifact"):
+                    digest = msg.artifact.digest
+                chunks.append(msg.data)
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc) from None
+        data = b"".join(chunks)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise errors.ArtifactError(
+                f"artifact {artifact_id}: the bytes received do not match its digest"
+            )
+        return data
+
+    def upload_artifact(self, data: bytes, chunk_size: int = 1024 * 1024) -> str:
+        """Stores bytes in the control plane's artifact store; returns their sha256."""
+        import hashlib
+
+        def requests() -> Iterator[artifact_service_pb2.UploadArtifactRequest]:
+            yield artifact_service_pb2.UploadArtifactRequest(
+                header=artifact_service_pb2.UploadHeader(
+                    size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+                )
+            )
+            for i in range(0, len(data), chunk_size):
+                yield artifact_service_pb2.UploadArtifactRequest(data=data[i : i + chunk_size])
+
+        resp = self._call(self._artifacts.UploadArtifact, requests())
+        return str(resp.digest)

@@ -41,6 +41,16 @@ class ArtifactServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactResponse.FromString,
                 _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/plait.api.v1.ArtifactService/DownloadArtifact',
+                request_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactResponse.FromString,
+                _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/plait.api.v1.ArtifactService/UploadArtifact',
+                request_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.FromString,
+                _registered_method=True)
 
 
 class ArtifactServiceServicer:
@@ -54,6 +64,23 @@ class ArtifactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadArtifact(self, request, context):
+        """Streams an artifact's stored bytes in chunks, for clients that cannot reach the store.
+        The first message carries the artifact's metadata. The bytes are checked against the
+        digest as they are read: a mismatch ends the stream with DATA_LOSS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadArtifact(self, request_iterator, context):
+        """Stores bytes sent in chunks under their sha256 and returns where they are. The first
+        message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ArtifactServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +88,16 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.GetArtifact,
                     request_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactResponse.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +128,60 @@ class ArtifactService:
             '/plait.api.v1.ArtifactService/GetArtifact',
             plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_artifact__service__pb2.GetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/plait.api.v1.ArtifactService/DownloadArtifact',
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/plait.api.v1.ArtifactService/UploadArtifact',
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,15 @@ class ArtifactServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ArtifactServiceAsyncStub: ...
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_artifact_service_pb2.GetArtifactRequest, _artifact_service_pb2.GetArtifactResponse]
     """Reads an artifact's metadata."""
+    DownloadArtifact: _grpc.UnaryStreamMultiCallable[_artifact_service_pb2.DownloadArtifactRequest, _artifact_service_pb2.DownloadArtifactResponse]
+    """Streams an artifact's stored bytes in chunks, for clients that cannot reach the store.
+    The first message carries the artifact's metadata. The bytes are checked against the
+    digest as they are read: a mismatch ends the stream with DATA_LOSS.
+    """
+    UploadArtifact: _grpc.StreamUnaryMultiCallable[_artifact_service_pb2.UploadArtifactRequest, _artifact_service_pb2.UploadArtifactResponse]
+    """Stores bytes sent in chunks under their sha256 and returns where they are. The first
+    message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class ArtifactServiceAsyncStub(ArtifactServiceStub):
@@ -44,6 +53,15 @@ class ArtifactServiceAsyncStub(ArtifactServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetArtifact: _aio.UnaryUnaryMultiCallable[_artifact_service_pb2.GetArtifactRequest, _artifact_service_pb2.GetArtifactResponse]  # type: ignore[assignment]
     """Reads an artifact's metadata."""
+    DownloadArtifact: _aio.UnaryStreamMultiCallable[_artifact_service_pb2.DownloadArtifactRequest, _artifact_service_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
+    """Streams an artifact's stored bytes in chunks, for clients that cannot reach the store.
+    The first message carries the artifact's metadata. The bytes are checked against the
+    digest as they are read: a mismatch ends the stream with DATA_LOSS.
+    """
+    UploadArtifact: _aio.StreamUnaryMultiCallable[_artifact_service_pb2.UploadArtifactRequest, _artifact_service_pb2.UploadArtifactResponse]  # type: ignore[assignment]
+    """Stores bytes sent in chunks under their sha256 and returns where they are. The first
+    message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+    """
 
 class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
     """The artifacts steps produce."""
@@ -55,5 +73,26 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_artifact_service_pb2.GetArtifactResponse, _abc.Awaitable[_artifact_service_pb2.GetArtifactResponse]]:
         """Reads an artifact's metadata."""
+
+    @_abc_1.abstractmethod
+    def DownloadArtifact(
+        self,
+        request: _artifact_service_pb2.DownloadArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_artifact_service_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_artifact_service_pb2.DownloadArtifactResponse]]:
+        """Streams an artifact's stored bytes in chunks, for clients that cannot reach the store.
+        The first message carries the artifact's metadata. The bytes are checked against the
+        digest as they are read: a mismatch ends the stream with DATA_LOSS.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadArtifact(
+        self,
+        request_iterator: _MaybeAsyncIterator[_artifact_service_pb2.UploadArtifactRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_artifact_service_pb2.UploadArtifactResponse, _abc.Awaitable[_artifact_service_pb2.UploadArtifactResponse]]:
+        """Stores bytes sent in chunks under their sha256 and returns where they are. The first
+        message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+        """
 
 def add_ArtifactServiceServicer_to_server(servicer: ArtifactServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
