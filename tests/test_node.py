@@ -1,0 +1,76 @@
+"""Another language drives the control plane: examples/node/client.mjs, with @grpc/grpc-js from
+the npm registry, runs a pipeline registered from Python, follows it, downloads an output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import plait
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_DIR = ROOT / "examples" / "node"
+
+
+@plait.step
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+@plait.step
+def shout(ws: list[str]) -> str:
+    return " ".join(w.upper() for w in ws)
+
+
+@plait.pipeline
+def loud(text: str = "hello from python") -> None:
+    shout(words(text))
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.fail("node and npm are needed (Debian: apt-get install nodejs npm)")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+        )
+    return NODE_DIR / "client.mjs"
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[plait.Client]:
+    c = plait.Client(home=tmp_path / "home")
+    yield c
+    c.shutdown()
+
+
+def test_node_runs_follows_and_downloads(node_client: Path, client: plait.Client) -> None:
+    version = client.register(loud)
+    out = subprocess.run(
+        ["node", str(node_client), client.address, version],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "RUN_STATUS_SUCCEEDED"
+    assert result["steps"] == {"words": "STEP_STATUS_SUCCEEDED", "shout": "STEP_STATUS_SUCCEEDED"}
+    assert result["output"] == "HELLO FROM PYTHON"
+    assert result["transitions"][0] == "RUN_STATUS_RUNNING"
+    assert result["transitions"][-1] == "RUN_STATUS_SUCCEEDED"
+    assert "shout:STEP_STATUS_SUCCEEDED" in result["transitions"]
+    # the run Node started is an ordinary run for Python
+    run = client.get_run(result["run_id"])
+    assert run.steps["shout"].output() == "HELLO FROM PYTHON"
+    assert run.steps["shout"].outputs["output"].digest == result["digest"]
