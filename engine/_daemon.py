@@ -80,4 +80,23 @@ def run_daemon(
         max_workers=max_workers,
         resume=True,
     )
-    anyio.run(serve_daemon, config, host, port)
+    try:
+        anyio.run(serve_daemon, config, host, port)
+    except BaseExceptionGroup as group:
+        # a refusal (unknown schema, busy port) surfaces from inside the task group: show it
+        # as itself, so the command prints one clear line instead of a group's traceback
+        refusal = _first_plait_error(group)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def _first_plait_error(group: BaseExceptionGroup[BaseException]) -> PlaitError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, PlaitError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_plait_error(exc)
+            if found is not None:
+                return found
+    return None

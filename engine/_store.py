@@ -27,8 +27,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import create_async_engine
 
-SCHEMA_VERSION = 1
-
 metadata = sa.MetaData()
 
 meta_info = sa.Table(
@@ -66,6 +64,7 @@ runs = sa.Table(
     sa.Column("request_id", sa.String, unique=True),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("ended_at", sa.Float),
+    sa.Column("stack", sa.String),
 )
 
 step_runs = sa.Table(
@@ -256,19 +255,65 @@ class Store:
         await self._async.dispose()
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SCHEMA_HEAD = "0002"
+"""The newest migration in migrations/versions (a test keeps the two in step)."""
+
+# Alembic's own bookkeeping table, as Alembic creates it
+alembic_version = sa.Table(
+    "alembic_version",
+    sa.MetaData(),
+    sa.Column("version_num", sa.String(32), primary_key=True),
+)
+
+
 def _ensure_schema(conn: Connection) -> None:
+    """Brings the schema to the newest revision (Alembic); refuses a database written by a newer
+    Plait, whose revision this one does not know."""
+    current = _current_revision(conn)
+    if current == SCHEMA_HEAD:
+        return
+    if current is None and not sa.inspect(conn).has_table("runs"):
+        # a new database: create the newest schema and stamp it, as `alembic stamp head` would,
+        # without paying Alembic's import on every first run (a test checks both agree)
+        metadata.create_all(conn)
+        alembic_version.create(conn)
+        conn.execute(alembic_version.insert().values(version_num=SCHEMA_HEAD))
+        return
+    _migrate(conn, current)
+
+
+def _current_revision(conn: Connection) -> str | None:
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(sa.select(alembic_version.c.version_num)).scalar()
+
+
+def _migrate(conn: Connection, current: str | None) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
     from plait.errors import PlaitError
 
-    metadata.create_all(conn)
-    row = conn.execute(sa.select(meta_info.c.value).where(meta_info.c.key == "schema_version"))
-    found = row.scalar()
-    if found is None:
-        conn.execute(meta_info.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-    elif int(found) > SCHEMA_VERSION:
-        raise PlaitError(
-            f"the database has schema version {found}, newer than this Plait knows "
-            f"({SCHEMA_VERSION}); upgrade Plait or point PLAIT_HOME elsewhere"
-        )
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    script = ScriptDirectory.from_config(cfg)
+    if current is None:
+        # tables from before migrations existed (0001's schema, unstamped): stamp, then upgrade
+        command.stamp(cfg, "0001")
+    else:
+        try:
+            script.get_revision(current)
+        except CommandError:
+            raise PlaitError(
+                f"the database has schema revision {current!r}, which this version of Plait "
+                f"does not know: a newer Plait wrote it. Upgrade Plait, or point PLAIT_HOME "
+                f"or the database URL elsewhere"
+            ) from None
+    command.upgrade(cfg, "head")
 
 
 _COMPILED: dict[tuple[int, tuple[str, ...]], tuple[str, list[tuple[str, Any]], Any]] = {}

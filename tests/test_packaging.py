@@ -90,6 +90,8 @@ def test_wheel_holds_the_plait_packages(wheel: Path) -> None:
     expected = {
         "plait/__init__.py",
         "plait/py.typed",
+        "plait/engine/migrations/env.py",
+        "plait/engine/migrations/versions/0001_the_first_schema.py",
         "plait/engine/__init__.py",
         "plait/runners/__init__.py",
         "plait/ir/__init__.py",
@@ -139,10 +141,22 @@ def test_every_source_folder_is_a_listed_package() -> None:
     # setuptools ships only the packages listed in pyproject: a new subpackage (or a folder of
     # modules without __init__.py) missing from the list would silently be left out of the wheel.
     listed = {_folder_of(p) for p in PACKAGES}
+    # folders shipped as package data (Alembic's migrations) are files, not packages
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
+    shipped = {
+        (_folder_of(pkg) / pattern).parent
+        for pkg, patterns in data.items()
+        if pkg != "*"
+        for pattern in patterns
+    }
     problems = []
     for src in ("client", "engine", "runners"):
         for folder in sorted({p.parent for p in (ROOT / src).rglob("*.py")}):
             rel = folder.relative_to(ROOT).as_posix()
+            if folder in shipped:
+                continue
             if not (folder / "__init__.py").is_file():
                 problems.append(f"{rel}/ holds modules but no __init__.py")
             elif folder not in listed:
