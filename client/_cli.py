@@ -462,7 +462,18 @@ def _healthy(address: str, timeout: float = 2.0) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(address) as channel:
+        ca = os.environ.get("PLAIT_TLS_CA")
+        if ca:
+            cert, key = os.environ.get("PLAIT_TLS_CERT"), os.environ.get("PLAIT_TLS_KEY")
+            creds = grpc.ssl_channel_credentials(
+                Path(ca).read_bytes(),
+                Path(key).read_bytes() if key else None,
+                Path(cert).read_bytes() if cert else None,
+            )
+            channel = grpc.secure_channel(address, creds)
+        else:
+            channel = grpc.insecure_channel(address)
+        with channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
@@ -507,6 +518,32 @@ _SERVER_OPTIONS = [
         is_flag=True,
         help="Run in this process (for containers and supervisors); logs go to stderr.",
     ),
+    click.option(
+        "--auth/--no-auth",
+        default=None,
+        help="Require API tokens [default: on unless bound to loopback].",
+    ),
+    click.option(
+        "--tls-cert",
+        default="",
+        envvar="PLAIT_TLS_SERVER_CERT",
+        type=click.Path(dir_okay=False),
+        help="PEM certificate: serve TLS.",
+    ),
+    click.option(
+        "--tls-key",
+        default="",
+        envvar="PLAIT_TLS_SERVER_KEY",
+        type=click.Path(dir_okay=False),
+        help="PEM private key of --tls-cert.",
+    ),
+    click.option(
+        "--tls-client-ca",
+        default="",
+        envvar="PLAIT_TLS_CLIENT_CA",
+        type=click.Path(dir_okay=False),
+        help="PEM CA bundle: require client certificates it signed (mutual TLS).",
+    ),
 ]
 
 
@@ -519,7 +556,15 @@ def _server_options(fn: Any) -> Any:
 @server.command("start", epilog=EPILOG)
 @_server_options
 def server_start(
-    host: str | None, port: int | None, database_url: str, artifact_store: str, foreground: bool
+    host: str | None,
+    port: int | None,
+    database_url: str,
+    artifact_store: str,
+    foreground: bool,
+    auth: bool | None = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_client_ca: str = "",
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
 
@@ -541,7 +586,17 @@ def server_start(
     port = DEFAULT_PORT if port is None else port
     if foreground:
         try:
-            run_daemon(plait_home(), host, port, database_url, artifact_store)
+            run_daemon(
+                plait_home(),
+                host,
+                port,
+                database_url,
+                artifact_store,
+                auth=auth,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_client_ca=tls_client_ca,
+            )
         except PlaitError as exc:
             _fail(str(exc))
         return
@@ -569,6 +624,15 @@ def server_start(
         cmd += ["--database-url", database_url]
     if artifact_store:
         cmd += ["--artifact-store", artifact_store]
+    if auth is not None:
+        cmd += ["--auth" if auth else "--no-auth"]
+    for flag, value in (
+        ("--tls-cert", tls_cert),
+        ("--tls-key", tls_key),
+        ("--tls-client-ca", tls_client_ca),
+    ):
+        if value:
+            cmd += [flag, str(Path(value).resolve())]
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -579,7 +643,8 @@ def server_start(
             tail = log_file.read_text(errors="replace").splitlines()[-5:]
             _fail("the server exited at start:\n" + "\n".join(tail))
         found = _server_pid()
-        if found is not None and _healthy(found[1], timeout=0.5):
+        # the pid file is written once the server listens; TLS servers can't be probed here
+        if found is not None and (tls_cert or _healthy(found[1], timeout=0.5)):
             click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {log_file}")
             click.echo(f"use it with: export PLAIT_SERVER={found[1]}  (or plait login {found[1]})")
             return
@@ -666,6 +731,100 @@ def up(ctx: click.Context, /, **kwargs: Any) -> None:
 def down(ctx: click.Context) -> None:
     """Stop the daemon: the same as `plait server stop`."""
     ctx.invoke(server_stop)
+
+
+@cli.group(epilog=EPILOG)
+def token() -> None:
+    """Manage the API tokens a server accepts (run these where the server's store is)."""
+
+
+def _token_store(database_url: str) -> Any:
+    from plait._settings import plait_home
+    from plait.engine._control_plane import ControlPlaneConfig
+    from plait.engine._store import Store
+
+    return Store(ControlPlaneConfig(home=plait_home(), database_url=database_url).db_url())
+
+
+_DB_OPTION = click.option(
+    "--database-url",
+    default="",
+    envvar="PLAIT_DATABASE_URL",
+    help="The server's store [default: SQLite in PLAIT_HOME].",
+)
+
+
+def _with_store(database_url: str, fn: Any, *args: Any) -> Any:
+    import anyio
+
+    async def go() -> Any:
+        store = _token_store(database_url)
+        try:
+            await store.open()
+            return await store.write(fn, *args)
+        finally:
+            await store.aclose()
+
+    try:
+        return anyio.run(go)
+    except PlaitError as exc:
+        _fail(str(exc))
+
+
+@token.command("create", epilog=EPILOG)
+@click.argument("name")
+@_DB_OPTION
+def token_create(name: str, database_url: str) -> None:
+    """Create a token called NAME and print it (once: only its hash is stored).
+
+    Clients send it with PLAIT_TOKEN=<token>.
+    """
+    import time as _time
+
+    from plait.engine._auth import create_token
+
+    click.echo(_with_store(database_url, create_token, name, _time.time()))
+    click.echo("store it now: it is not shown again", err=True)
+
+
+@token.command("list", epilog=EPILOG)
+@_DB_OPTION
+def token_list(database_url: str) -> None:
+    """List tokens: id, name, created, revoked."""
+    from datetime import datetime
+
+    from rich.table import Table
+
+    from plait.engine._auth import list_tokens
+
+    tokens = _with_store(database_url, list_tokens)
+    if not tokens:
+        click.echo("no tokens: create one with `plait token create NAME`")
+        return
+    table = Table("id", "name", "created", "revoked")
+    for t in tokens:
+        table.add_row(
+            t.id,
+            t.name,
+            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M:%S"),
+            datetime.fromtimestamp(t.revoked_at).strftime("%Y-%m-%d %H:%M:%S")
+            if t.revoked_at
+            else "",
+        )
+    _console().print(table)
+
+
+@token.command("revoke", epilog=EPILOG)
+@click.argument("token_id")
+@_DB_OPTION
+def token_revoke(token_id: str, database_url: str) -> None:
+    """Revoke the token TOKEN_ID (see `plait token list`); servers refuse it within seconds."""
+    import time as _time
+
+    from plait.engine._auth import revoke_token
+
+    _with_store(database_url, revoke_token, token_id, _time.time())
+    click.echo(f"revoked token {token_id}")
 
 
 @cli.command("login", epilog=EPILOG)

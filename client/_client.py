@@ -360,9 +360,21 @@ class Client:
     With no address, ``$PLAIT_SERVER`` is used when set; otherwise an embedded control plane
     starts in this process (one per home, shared by the clients that use it), with its store
     under ``home`` (default ``$PLAIT_HOME``).
+
+    A server that requires a token gets ``token`` (default ``$PLAIT_TOKEN``). TLS is used when
+    ``tls_ca`` (default ``$PLAIT_TLS_CA``) names the CA bundle that signed the server's
+    certificate; ``$PLAIT_TLS_CERT`` and ``$PLAIT_TLS_KEY`` add a client certificate for mutual
+    TLS.
     """
 
-    def __init__(self, address: str | None = None, *, home: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        home: str | Path | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+    ) -> None:
         address = address or (None if home is not None else server_address())
         self.home: Path | None = None
         if address is None:
@@ -376,13 +388,26 @@ class Client:
         else:
             self.embedded = False
         self.address = address
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        token = token if token is not None else os.environ.get("PLAIT_TOKEN", "")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        tls_ca = tls_ca if tls_ca is not None else os.environ.get("PLAIT_TLS_CA", "")
+        if tls_ca and not self.embedded:
+            cert, key = os.environ.get("PLAIT_TLS_CERT"), os.environ.get("PLAIT_TLS_KEY")
+            try:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=Path(tls_ca).read_bytes(),
+                    private_key=Path(key).read_bytes() if key else None,
+                    certificate_chain=Path(cert).read_bytes() if cert else None,
+                )
+            except OSError as exc:
+                raise errors.PlaitError(f"cannot read the TLS files: {exc}") from None
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
@@ -415,7 +440,7 @@ class Client:
 
     def _call(self, fn: Callable[..., Any], request: Any, **kw: Any) -> Any:
         try:
-            return fn(request, **kw)
+            return fn(request, metadata=self._metadata, **kw)
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
 
@@ -485,7 +510,8 @@ class Client:
                 name=f"runs/{run_id}",
                 after_sequence=after_sequence,
                 run_events_only=run_events_only,
-            )
+            ),
+            metadata=self._metadata,
         )
         try:
             for resp in stream:
@@ -554,7 +580,8 @@ class Client:
         digest = ""
         try:
             for msg in self._artifacts.DownloadArtifact(
-                artifact_service_pb2.DownloadArtifactRequest(name=f"artifacts/{artifact_id}")
+                artifact_service_pb2.DownloadArtifactRequest(name=f"artifacts/{artifact_id}"),
+                metadata=self._metadata,
             ):
                 if msg.HasField("artifact"):
                     digest = msg.artifact.digest

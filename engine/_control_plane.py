@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -63,6 +64,14 @@ class ControlPlaneConfig:
     """Empty means ``home/artifacts``."""
     max_workers: int | None = None
     """The local runner's pool size; None means the number of CPUs."""
+    auth: bool = False
+    """Require an API token on every call (health and reflection excepted)."""
+    tls_cert: str = ""
+    """PEM server certificate: serve TLS when set (with tls_key)."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
     resume: bool = False
     """Resume unfinished runs at start and leave them resumable at stop (a daemon that owns its
     store). Otherwise (the embedded engine) runs still active at stop are CANCELLED."""
@@ -133,6 +142,29 @@ class ControlPlane:
         """Started attempts with a timeout: (deadline, runner)."""
         self.address = ""
         self._stop = anyio.Event()
+        self._internal_token = secrets.token_urlsafe(32)
+
+    def _listen(self, server: Any, address: str) -> int:
+        if self.config.tls_cert or self.config.tls_key:
+            try:
+                key = Path(self.config.tls_key).read_bytes()
+                cert = Path(self.config.tls_cert).read_bytes()
+                ca = (
+                    Path(self.config.tls_client_ca).read_bytes()
+                    if self.config.tls_client_ca
+                    else None
+                )
+            except OSError as exc:
+                raise PlaitError(f"cannot read the TLS files: {exc}") from None
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise PlaitError(f"cannot listen on {address} (in use, or not an address here)")
+        return int(port)
 
     def stop(self) -> None:
         """Asks :meth:`serve` to shut down (gracefully); call it on the serving event loop."""
@@ -320,26 +352,41 @@ class ControlPlane:
         from plait.engine._servicers import add_servicers
 
         await self.store.open()
+        interceptors = []
+        if self.config.auth:
+            from plait.engine._auth import AuthInterceptor, token_is_valid
+
+            async def check(token: str) -> bool:
+                return await self.store.read(token_is_valid, token)
+
+            interceptors.append(AuthInterceptor(check, self._internal_token))
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         await add_servicers(server, self)
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise PlaitError(f"cannot listen on {address}")
+        port = self._listen(server, address)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
+        # local workers report over loopback, in the clear, with a token that lives in memory
+        worker_address = self.address
+        if self.config.tls_cert:
+            worker_port = server.add_insecure_port("127.0.0.1:0")
+            worker_address = f"127.0.0.1:{worker_port}"
         await server.start()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._loop)
                 tg.start_soon(self._watch_deadlines)
                 ctx = RunnerContext(
-                    address=self.address, home=self.config.home, report_lost=self.report_lost
+                    address=worker_address,
+                    home=self.config.home,
+                    report_lost=self.report_lost,
+                    token=self._internal_token if self.config.auth else "",
                 )
                 for runner in self.runners.values():
                     await tg.start(runner.run, ctx)

@@ -33,10 +33,16 @@ def is_loopback(host: str) -> bool:
 
 async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully; runs stay resumable."""
-    if not is_loopback(host):
+    if not is_loopback(host) and not config.auth:
         raise PlaitError(
-            f"refusing to bind {host}: this version has no authentication or TLS yet, so the "
-            f"server listens on loopback addresses only (127.0.0.1, ::1, localhost)"
+            f"refusing to bind {host} without authentication: off loopback every call needs "
+            f"an API token (drop --no-auth; create tokens with `plait token create NAME`)"
+        )
+    if not is_loopback(host) and not config.tls_cert:
+        log.warning(
+            "serving %s without TLS: tokens cross the network in the clear "
+            "(--tls-cert and --tls-key turn TLS on)",
+            host,
         )
     cp = ControlPlane(config)
     pid_file = config.home / "server.pid"
@@ -69,9 +75,21 @@ def run_daemon(
     database_url: str = "",
     artifact_store: str = "",
     max_workers: int | None = None,
+    *,
+    auth: bool | None = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_client_ca: str = "",
 ) -> None:
-    """Runs the daemon in this process (``plait server start --foreground``)."""
+    """Runs the daemon in this process (``plait server start --foreground``).
+
+    ``auth`` None means: on when ``host`` is not a loopback address.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if bool(tls_cert) != bool(tls_key):
+        raise PlaitError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise PlaitError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     home.mkdir(parents=True, exist_ok=True)
     config = ControlPlaneConfig(
         home=home,
@@ -79,6 +97,10 @@ def run_daemon(
         artifact_store_uri=artifact_store,
         max_workers=max_workers,
         resume=True,
+        auth=(not is_loopback(host)) if auth is None else auth,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
     )
     try:
         anyio.run(serve_daemon, config, host, port)

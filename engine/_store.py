@@ -155,6 +155,17 @@ logs = sa.Table(
     sqlite_autoincrement=True,
 )
 
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("name", sa.String, nullable=False),
+    # sha256 of the secret: a stolen database does not hand out working tokens
+    sa.Column("secret_hash", sa.String, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -256,7 +267,7 @@ class Store:
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
 # Alembic's own bookkeeping table, as Alembic creates it

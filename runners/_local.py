@@ -77,6 +77,9 @@ class LocalRunner:
         path = [p or os.getcwd() for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         env["PLAIT_WORKER_ID"] = worker_id
+        env.pop("PLAIT_WORKER_TOKEN", None)
+        if self._ctx.token:
+            env["PLAIT_WORKER_TOKEN"] = self._ctx.token
         process = await anyio.open_process(
             [
                 sys.executable,

@@ -23,6 +23,8 @@ class RunnerContext:
     """PLAIT_HOME, for the runner's own files (logs, builds)."""
     report_lost: Callable[[tasks.LeaseToken, str], None]
     """Tells the control plane an attempt's infrastructure died (the attempt is CRASHED)."""
+    token: str = ""
+    """The bearer token step processes authenticate with; empty when auth is off."""
 
 
 @runtime_checkable

@@ -133,7 +133,9 @@ class Worker:
         with grpc.insecure_channel(self.address) as channel:
             stub = tasks_grpc.TaskServiceStub(channel)
             try:
-                for response in stub.Connect(self._requests()):
+                token = os.environ.get("PLAIT_WORKER_TOKEN", "")
+                metadata = [("authorization", f"Bearer {token}")] if token else None
+                for response in stub.Connect(self._requests(), metadata=metadata):
                     if response.HasField("assign"):
                         self.run(response.assign)
             except grpc.RpcError as exc:

@@ -1,0 +1,180 @@
+"""Tokens and TLS against a real daemon process on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_runs import demo
+
+import plait
+
+PLAIT = str(Path(sys.executable).parent / "plait")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    def __init__(self, home: Path, *flags: str) -> None:
+        self.home = home
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PLAIT_HOME": str(home), "PLAIT_WORKERS": "1"}
+        for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
+            self.env.pop(key, None)
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = home / "foreground.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PLAIT, "server", "start", "--foreground", "--port", str(self.port), *flags],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while not (home / "server.pid").exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(self.log.read_text())
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+
+    def token(self, *args: str) -> str:
+        out = subprocess.run(
+            [PLAIT, "token", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def authed(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / "home", "--auth")
+    yield d
+    d.stop()
+
+
+def _code(fn: object) -> grpc.StatusCode:
+    with pytest.raises(plait.RpcError) as info:
+        fn()  # type: ignore[operator]
+    return grpc.StatusCode[info.value.code]
+
+
+def test_missing_wrong_revoked_and_valid_tokens(authed: Daemon) -> None:
+    # no token, a wrong one, a made-up one: refused, with a message that says what to do
+    no_token = plait.Client(authed.address, token="")
+    with pytest.raises(plait.RpcError, match="PLAIT_TOKEN") as info:
+        no_token.list_runs()
+    assert info.value.code == "UNAUTHENTICATED"
+    for bad in ("nonsense", "plait_000000000000_secret"):
+        client = plait.Client(authed.address, token=bad)
+        assert _code(client.list_runs) == grpc.StatusCode.UNAUTHENTICATED
+    # a valid token: everything works, the workers included (they have their own token)
+    token = authed.token("create", "alice")
+    good = plait.Client(authed.address, token=token)
+    run = demo.run({"n": 5}, client=good)
+    assert run.status == "SUCCEEDED" and run.steps["stats"].output("total") == 10
+    # stored hashed: the secret is not in the database
+    db = sqlite3.connect(authed.home / "plait.db")
+    try:
+        hashes = [h for (h,) in db.execute("select secret_hash from api_tokens")]
+    finally:
+        db.close()
+    assert hashes and token.split("_", 2)[2] not in "".join(hashes)
+    listed = authed.token("list")
+    assert "alice" in listed
+    token_id = token.split("_")[1]
+    authed.token("revoke", token_id)
+    time.sleep(2.2)  # the server trusts a verified token for at most 2 s
+    assert _code(good.list_runs) == grpc.StatusCode.UNAUTHENTICATED
+    revoke_again = subprocess.run(
+        [PLAIT, "token", "revoke", token_id],
+        env=authed.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoke_again.returncode == 2 and "no active token" in revoke_again.stderr
+
+
+def test_health_needs_no_token(authed: Daemon) -> None:
+    with grpc.insecure_channel(authed.address) as channel:
+        resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _certificate(tmp: Path, name: str) -> tuple[Path, Path]:
+    key, cert = tmp / f"{name}.key", tmp / f"{name}.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_tls_and_mutual_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server_cert, server_key = _certificate(tmp_path, "server")
+    client_cert, client_key = _certificate(tmp_path, "client")
+    d = Daemon(
+        tmp_path / "home",
+        "--tls-cert",
+        str(server_cert),
+        "--tls-key",
+        str(server_key),
+        "--tls-client-ca",
+        str(client_cert),
+    )
+    try:
+        monkeypatch.setenv("PLAIT_TLS_CERT", str(client_cert))
+        monkeypatch.setenv("PLAIT_TLS_KEY", str(client_key))
+        secure = plait.Client(d.address, tls_ca=str(server_cert))
+        assert demo.run({"n": 3}, client=secure).status == "SUCCEEDED"
+        # without a client certificate the handshake fails
+        monkeypatch.delenv("PLAIT_TLS_CERT")
+        monkeypatch.delenv("PLAIT_TLS_KEY")
+        anonymous = plait.Client(d.address, tls_ca=str(server_cert))
+        assert _code(anonymous.list_runs) == grpc.StatusCode.UNAVAILABLE
+        # and a plaintext client gets nowhere
+        plaintext = plait.Client(d.address, tls_ca="")
+        assert _code(plaintext.list_runs) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        d.stop()
