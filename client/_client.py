@@ -28,6 +28,7 @@ from plait.api.v1 import (
     resources_pb2,
     run_service_pb2,
     run_service_pb2_grpc,
+    stack_service_pb2_grpc,
 )
 from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
@@ -233,6 +234,8 @@ class Run:
     steps: dict[str, StepRun]
     """Step runs by step id, in topological order."""
     no_cache: bool = False
+    stack: str = ""
+    """The stack the run used."""
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -247,6 +250,7 @@ class Run:
             end_time=_time(r.end_time, r.HasField("end_time")),
             steps={s.step_id: StepRun.from_proto(s, client) for s in r.steps},
             no_cache=r.no_cache,
+            stack=r.stack.removeprefix("stacks/"),
             _client=client,
         )
 
@@ -411,6 +415,7 @@ class Client:
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
+        self._stacks = stack_service_pb2_grpc.StackServiceStub(self._channel)
 
     @classmethod
     def default(cls) -> Client:
@@ -556,6 +561,10 @@ class Client:
             after = resp.next_after_sequence
             if not after:
                 return out
+
+    def stacks(self, method: str, request: Any) -> Any:
+        """Calls a StackService method (``"ListStacks"``, ...) with this client's credentials."""
+        return self._call(getattr(self._stacks, method), request)
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancels a run (a no-op for one that already ended) and returns it."""

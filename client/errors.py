@@ -15,6 +15,7 @@ Every error Plait raises on purpose is a :class:`PlaitError`::
     ├── ArtifactError              an artifact cannot be stored or loaded
     ├── LeaseLostError             a report carried a stale lease token (FAILED_PRECONDITION)
     ├── NotInStepError             step-only API used outside a running step
+    ├── InUseError                 still used by something else (a component by a stack)
     └── RpcError                   the control plane could not be reached or answered an error
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "ArtifactNotFoundError",
+    "InUseError",
     "LeaseLostError",
     "NotFoundError",
     "NotInStepError",
@@ -130,6 +132,12 @@ class NotInStepError(PlaitError):
     """A step-only function (``get_step_context``, ``log_metadata``) ran outside a step."""
 
     reason = "NOT_IN_STEP"
+
+
+class InUseError(PlaitError):
+    """Something cannot be deleted or changed while others use it (FAILED_PRECONDITION)."""
+
+    reason = "IN_USE"
 
 
 class RpcError(PlaitError):

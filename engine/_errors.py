@@ -18,6 +18,7 @@ STATUS_FOR: tuple[tuple[type[errors.PlaitError], grpc.StatusCode], ...] = (
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.PipelineError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.LeaseLostError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.InUseError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PlaitError, grpc.StatusCode.INTERNAL),
 )

@@ -137,6 +137,7 @@ def _run_msg(row: Any) -> res.Run:
         status=RUN_STATUS[row.status],
         no_cache=row.no_cache,
         request_id=row.request_id or "",
+        stack=f"stacks/{row.stack}" if row.stack else "",
     )
     for k, v in (row.parameters or {}).items():
         run.parameters.add(name=k, json=canonical_json(v))

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from plait.engine import _stacks
 from plait.engine import _store as db
 from plait.engine._cache import cache_key, key_material, material_to_json
 from plait.errors import ParameterError, PipelineError, PipelineNotFoundError, PlaitError
@@ -153,6 +154,8 @@ class RunState:
     steps: dict[str, StepState]
     open_steps: int
     status: str = "PENDING"
+    default_runner: str = "local"
+    """The runner of the run's stack, for steps that name none."""
 
 
 @dataclass(frozen=True)
@@ -440,8 +443,10 @@ class Scheduler:
                 return
         spec = self._spec(conn, cmd.version)
         params = resolve_parameters(spec, cmd.parameters)
+        stack = _stacks.active_stack(conn)
+        stack_runner = _stacks.stack_runner(conn, stack)
         for s in spec.steps:
-            runner = s.settings.runner or self._default_runner
+            runner = s.settings.runner or stack_runner
             if runner not in self._runners:
                 raise PipelineError(
                     f"step {s.id!r} asks for runner {runner!r}, which this control plane does "
@@ -465,6 +470,7 @@ class Scheduler:
             steps,
             open_steps=len(steps),
             status="RUNNING",
+            default_runner=stack_runner,
         )
         conn.execute(
             db.runs.insert().values(
@@ -476,6 +482,7 @@ class Scheduler:
                 no_cache=cmd.no_cache,
                 request_id=cmd.request_id or None,
                 created_at=now,
+                stack=stack,
             )
         )
         w.step_inserts.extend(
@@ -566,7 +573,7 @@ class Scheduler:
         st.epoch = 1
         st.status = "QUEUED"
         token = Token(run.run_id, st.spec.id, st.attempt, st.epoch)
-        runner = st.spec.settings.runner or self._default_runner
+        runner = st.spec.settings.runner or run.default_runner
         w.step(run.run_id, st.spec.id, status="QUEUED", attempt=st.attempt)
         w.attempt_inserts.append(
             {
@@ -809,6 +816,7 @@ class Scheduler:
                 steps,
                 open_steps=sum(1 for s in steps.values() if s.status not in TERMINAL),
                 status="RUNNING",
+                default_runner=_stacks.stack_runner(conn, row.stack or "default"),
             )
             self.runs[run.run_id] = run
             for st in steps.values():

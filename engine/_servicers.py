@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +19,13 @@ from plait.api.v1 import (
     pipeline_service_pb2_grpc,
     run_service_pb2,
     run_service_pb2_grpc,
+    stack_service_pb2,
+    stack_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
 )
 from plait.engine import _queries as q
+from plait.engine import _stacks
 from plait.engine._control_plane import (
     _token,
     metadata_from_json,
@@ -296,6 +300,62 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         )
 
 
+class StackServicer(stack_service_pb2_grpc.StackServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def RegisterComponent(
+        self, request: stack_service_pb2.RegisterComponentRequest, context: Ctx
+    ) -> stack_service_pb2.RegisterComponentResponse:
+        async with abort_on_plait_error(context):
+            c = await self.cp.store.write(
+                _stacks.register_component, request.component, time.time()
+            )
+        return stack_service_pb2.RegisterComponentResponse(component=c)
+
+    async def ListComponents(
+        self, request: stack_service_pb2.ListComponentsRequest, context: Ctx
+    ) -> stack_service_pb2.ListComponentsResponse:
+        async with abort_on_plait_error(context):
+            found = await self.cp.store.read(_stacks.list_components, request.kind)
+        return stack_service_pb2.ListComponentsResponse(components=found)
+
+    async def DeleteComponent(
+        self, request: stack_service_pb2.DeleteComponentRequest, context: Ctx
+    ) -> stack_service_pb2.DeleteComponentResponse:
+        async with abort_on_plait_error(context):
+            await self.cp.store.write(_stacks.delete_component, request.name)
+        return stack_service_pb2.DeleteComponentResponse()
+
+    async def RegisterStack(
+        self, request: stack_service_pb2.RegisterStackRequest, context: Ctx
+    ) -> stack_service_pb2.RegisterStackResponse:
+        async with abort_on_plait_error(context):
+            s = await self.cp.store.write(_stacks.register_stack, request.stack, time.time())
+        return stack_service_pb2.RegisterStackResponse(stack=s)
+
+    async def ListStacks(
+        self, request: stack_service_pb2.ListStacksRequest, context: Ctx
+    ) -> stack_service_pb2.ListStacksResponse:
+        async with abort_on_plait_error(context):
+            found = await self.cp.store.read(_stacks.list_stacks)
+        return stack_service_pb2.ListStacksResponse(stacks=found)
+
+    async def DeleteStack(
+        self, request: stack_service_pb2.DeleteStackRequest, context: Ctx
+    ) -> stack_service_pb2.DeleteStackResponse:
+        async with abort_on_plait_error(context):
+            await self.cp.store.write(_stacks.delete_stack, request.name)
+        return stack_service_pb2.DeleteStackResponse()
+
+    async def SetActiveStack(
+        self, request: stack_service_pb2.SetActiveStackRequest, context: Ctx
+    ) -> stack_service_pb2.SetActiveStackResponse:
+        async with abort_on_plait_error(context):
+            s = await self.cp.store.write(_stacks.set_active_stack, request.name)
+        return stack_service_pb2.SetActiveStackResponse(stack=s)
+
+
 class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
@@ -385,6 +445,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
     run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(cp), server)
     artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(ArtifactServicer(cp), server)
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(cp), server)
+    stack_service_pb2_grpc.add_StackServiceServicer_to_server(StackServicer(cp), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -394,6 +455,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
             run_service_pb2.DESCRIPTOR.services_by_name["RunService"],
             artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"],
             task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
+            stack_service_pb2.DESCRIPTOR.services_by_name["StackService"],
         )
     ]
     for name in names:

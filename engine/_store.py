@@ -155,6 +155,56 @@ logs = sa.Table(
     sqlite_autoincrement=True,
 )
 
+components = sa.Table(
+    "components",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("kind", sa.String, nullable=False),
+    sa.Column("flavor", sa.String, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+stacks = sa.Table(
+    "stacks",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    # kind -> component name
+    sa.Column("components", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+settings = sa.Table(
+    "settings",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+
+DEFAULT_COMPONENTS = (
+    {"name": "local", "kind": "RUNNER", "flavor": "local", "config": {}, "created_at": 0.0},
+    {
+        "name": "local-artifacts",
+        "kind": "ARTIFACT_STORE",
+        "flavor": "local",
+        "config": {},
+        "created_at": 0.0,
+    },
+)
+DEFAULT_STACK = {
+    "name": "default",
+    "components": {"RUNNER": "local", "ARTIFACT_STORE": "local-artifacts"},
+    "created_at": 0.0,
+}
+
+
+def insert_defaults(conn: Connection) -> None:
+    """The default stack (local runner, local artifact store), active: there from the start."""
+    conn.execute(components.insert(), list(DEFAULT_COMPONENTS))
+    conn.execute(stacks.insert(), [DEFAULT_STACK])
+    conn.execute(settings.insert().values(key="active_stack", value="default"))
+
+
 api_tokens = sa.Table(
     "api_tokens",
     metadata,
@@ -267,7 +317,7 @@ class Store:
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
 # Alembic's own bookkeeping table, as Alembic creates it
@@ -288,6 +338,7 @@ def _ensure_schema(conn: Connection) -> None:
         # a new database: create the newest schema and stamp it, as `alembic stamp head` would,
         # without paying Alembic's import on every first run (a test checks both agree)
         metadata.create_all(conn)
+        insert_defaults(conn)
         alembic_version.create(conn)
         conn.execute(alembic_version.insert().values(version_num=SCHEMA_HEAD))
         return

@@ -41,6 +41,7 @@ def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
         command.upgrade(_config(conn), "head")
     with migrated.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        migrated_stacks = conn.execute(sa.text("select name, components from stacks")).all()
     assert diff == []
     # and a new database made the fast way is stamped at the head
     fresh = tmp_path / "fresh.db"
@@ -48,6 +49,11 @@ def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
     with sa.create_engine(f"sqlite:///{fresh}").connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == SCHEMA_HEAD
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        # the same default stack, whichever way the database was made
+        assert conn.execute(sa.text("select name, components from stacks")).all() == (
+            migrated_stacks
+        )
+        assert migrated_stacks[0][0] == "default"
 
 
 async def _open(url: str) -> None:
@@ -76,7 +82,9 @@ def test_a_database_of_an_earlier_schema_is_upgraded(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert MigrationContext.configure(conn).get_current_revision() == SCHEMA_HEAD
         assert "stack" in {c["name"] for c in sa.inspect(conn).get_columns("runs")}
-        assert conn.execute(sa.text("select id, status from runs")).all() == [("r1", "SUCCEEDED")]
+        assert conn.execute(sa.text("select id, status, stack from runs")).all() == [
+            ("r1", "SUCCEEDED", "default")
+        ]
 
 
 def test_a_newer_unknown_schema_is_refused(tmp_path: Path) -> None:
