@@ -238,14 +238,23 @@ def runs() -> None:
 @runs.command("list", epilog=EPILOG)
 @click.option("--limit", "-n", default=20, show_default=True, help="How many runs to show.")
 @click.option("--pipeline", default="", help="Only runs of this pipeline.")
-def runs_list(limit: int, pipeline: str) -> None:
+@click.option(
+    "--status",
+    type=click.Choice(
+        ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"], case_sensitive=False
+    ),
+    help="Only runs in this state.",
+)
+def runs_list(limit: int, pipeline: str, status: str | None) -> None:
     """List runs, newest first."""
     from rich.table import Table
 
     from plait._client import Client
 
     try:
-        found = Client.default().list_runs(limit=limit, pipeline=pipeline)
+        found = Client.default().list_runs(
+            limit=limit, pipeline=pipeline, status=(status or "").upper()
+        )
     except PlaitError as exc:
         _fail(str(exc))
     table = Table("run", "pipeline", "status", "created", "duration")
@@ -319,7 +328,8 @@ def runs_show(run_id: str) -> None:
 @runs.command("logs", epilog=EPILOG)
 @click.argument("run_id")
 @click.argument("step", required=False)
-def runs_logs(run_id: str, step: str | None) -> None:
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output live until the run ends.")
+def runs_logs(run_id: str, step: str | None, follow: bool) -> None:
     """Print the captured stdout and stderr of a run's steps (or of STEP)."""
     from plait._client import Client
 
@@ -331,7 +341,7 @@ def runs_logs(run_id: str, step: str | None) -> None:
                 f"run {run.run_id[:12]} has no step {step!r}; steps: "
                 f"{', '.join(list(run.steps)[:20])}"
             )
-        entries = client.logs(run.run_id, step)
+        entries = client.stream_logs(run.run_id, step) if follow else client.logs(run.run_id, step)
     except PlaitError as exc:
         _fail(str(exc))
     current = None
@@ -487,7 +497,50 @@ def server() -> None:
     """Run the control plane as a daemon that clients share (PLAIT_SERVER=HOST:PORT)."""
 
 
+_CONFIG_KEYS = (
+    "host",
+    "port",
+    "database_url",
+    "artifact_store",
+    "auth",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+)
+
+
+def _server_config(path: str | None) -> dict[str, Any]:
+    """Settings from a TOML file: --config, else PLAIT_HOME/server.toml when it exists."""
+    import tomllib
+
+    from plait._settings import plait_home
+
+    file = Path(path) if path else plait_home() / "server.toml"
+    if not file.exists():
+        if path:
+            _fail(f"no config file {path}")
+        return {}
+    try:
+        data = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        _fail(f"{file}: {exc}")
+    unknown = sorted(set(data) - set(_CONFIG_KEYS))
+    if unknown:
+        _fail(f"{file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CONFIG_KEYS)}")
+    return data
+
+
 _SERVER_OPTIONS = [
+    click.option(
+        "--config",
+        "config_file",
+        default=None,
+        envvar="PLAIT_SERVER_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="A TOML file of these settings (keys: host, port, database_url, "
+        "artifact_store, auth, tls_cert, tls_key, tls_client_ca) [default: "
+        "PLAIT_HOME/server.toml if it exists]; flags and variables win over it.",
+    ),
     click.option(
         "--host",
         default=None,
@@ -565,6 +618,7 @@ def server_start(
     tls_cert: str = "",
     tls_key: str = "",
     tls_client_ca: str = "",
+    config_file: str | None = None,
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
 
@@ -582,8 +636,15 @@ def server_start(
     from plait._settings import plait_home
     from plait.engine._daemon import DEFAULT_PORT, run_daemon
 
-    host = host or "127.0.0.1"
-    port = DEFAULT_PORT if port is None else port
+    cfg = _server_config(config_file)
+    host = host or str(cfg.get("host", "127.0.0.1"))
+    port = port if port is not None else int(cfg.get("port", DEFAULT_PORT))
+    database_url = database_url or str(cfg.get("database_url", ""))
+    artifact_store = artifact_store or str(cfg.get("artifact_store", ""))
+    auth = auth if auth is not None else cfg.get("auth")
+    tls_cert = tls_cert or str(cfg.get("tls_cert", ""))
+    tls_key = tls_key or str(cfg.get("tls_key", ""))
+    tls_client_ca = tls_client_ca or str(cfg.get("tls_client_ca", ""))
     if foreground:
         try:
             run_daemon(
@@ -1072,6 +1133,26 @@ def logout() -> None:
 @cli.group(epilog=EPILOG)
 def pipeline() -> None:
     """Compile and inspect pipelines."""
+
+
+@pipeline.command("list", epilog=EPILOG)
+def pipeline_list() -> None:
+    """List registered pipelines: versions and the newest one."""
+    from rich.table import Table
+
+    from plait._client import Client
+
+    try:
+        found = Client.default().list_pipelines()
+    except PlaitError as exc:
+        _fail(str(exc))
+    if not found:
+        click.echo("no pipelines yet: running one registers it")
+        return
+    table = Table("pipeline", "versions", "latest version")
+    for name, count, latest in found:
+        table.add_row(name, str(count), latest.rsplit("/", 1)[-1][:12])
+    _console().print(table)
 
 
 @pipeline.command("compile", epilog=EPILOG)

@@ -529,7 +529,7 @@ class Client:
         resp = self._call(self._runs.GetRun, run_service_pb2.GetRunRequest(name=f"runs/{run_id}"))
         return Run.from_proto(resp.run, self)
 
-    def list_runs(self, *, limit: int = 50, pipeline: str = "") -> list[Run]:
+    def list_runs(self, *, limit: int = 50, pipeline: str = "", status: str = "") -> list[Run]:
         """The newest runs first, without their steps."""
         out: list[Run] = []
         token = ""
@@ -537,7 +537,10 @@ class Client:
             resp = self._call(
                 self._runs.ListRuns,
                 run_service_pb2.ListRunsRequest(
-                    page_size=min(limit - len(out), 1000), page_token=token, pipeline=pipeline
+                    page_size=min(limit - len(out), 1000),
+                    page_token=token,
+                    pipeline=pipeline,
+                    status=resources_pb2.RunStatus.Value(f"RUN_STATUS_{status or 'UNSPECIFIED'}"),
                 ),
             )
             out.extend(Run.from_proto(r, self) for r in resp.runs)
@@ -572,6 +575,32 @@ class Client:
             self._runs.CancelRun, run_service_pb2.CancelRunRequest(name=f"runs/{run_id}")
         )
         return Run.from_proto(resp.run, self)
+
+    def stream_logs(
+        self, run_id: str, step: str | None = None, *, after_sequence: int = 0
+    ) -> Iterator[resources_pb2.LogEntry]:
+        """Yields a run's captured output live, as steps produce it, until the run ends."""
+        stream = self._runs.StreamLogs(
+            run_service_pb2.StreamLogsRequest(
+                name=f"runs/{run_id}", step_id=step or "", after_sequence=after_sequence
+            ),
+            metadata=self._metadata,
+        )
+        try:
+            for resp in stream:
+                yield from resp.entries
+        except grpc.RpcError as exc:
+            raise _map_rpc_error(exc) from None
+
+    def list_pipelines(self) -> list[tuple[str, int, str]]:
+        """(name, number of versions, newest version's resource name) of every pipeline."""
+        resp = self._call(
+            self._pipelines.ListPipelines, pipeline_service_pb2.ListPipelinesRequest()
+        )
+        return [
+            (p.name.removeprefix("pipelines/"), p.version_count, p.latest_version)
+            for p in resp.pipelines
+        ]
 
     def get_artifact(self, artifact_id: str) -> ArtifactInfo:
         """An artifact's metadata. A unique prefix of the id is enough."""

@@ -205,12 +205,15 @@ def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> res.Run:
 
 
 def list_runs(
-    conn: Connection, page_size: int, page_token: str, pipeline: str
+    conn: Connection, page_size: int, page_token: str, pipeline: str, status: int = 0
 ) -> tuple[list[res.Run], str]:
     size = min(page_size or 50, 1000)
     q = sa.select(db.runs).order_by(db.runs.c.created_at.desc(), db.runs.c.id.desc())
     if pipeline:
         q = q.where(db.runs.c.pipeline == pipeline)
+    if status:
+        wanted = [k for k, v in RUN_STATUS.items() if v == status]
+        q = q.where(db.runs.c.status.in_(wanted))
     if page_token:
         try:
             created, rid = json.loads(page_token)
@@ -301,3 +304,38 @@ def get_artifact(conn: Connection, prefix: str) -> res.Artifact:
         },
         r.artifact_metadata,
     )
+
+
+def list_pipelines(conn: Connection) -> list[tuple[str, int, str]]:
+    """(name, number of versions, newest version) of every pipeline."""
+    pv = db.pipeline_versions
+    out = []
+    for name, count in conn.execute(
+        sa.select(pv.c.pipeline, sa.func.count()).group_by(pv.c.pipeline).order_by(pv.c.pipeline)
+    ):
+        latest = conn.execute(
+            sa.select(pv.c.version)
+            .where(pv.c.pipeline == name)
+            .order_by(pv.c.created_at.desc())
+            .limit(1)
+        ).scalar()
+        out.append((str(name), int(count), str(latest)))
+    return out
+
+
+def list_pipeline_versions(conn: Connection, name: str) -> list[str]:
+    pv = db.pipeline_versions
+    versions = (
+        conn.execute(
+            sa.select(pv.c.version).where(pv.c.pipeline == name).order_by(pv.c.created_at.desc())
+        )
+        .scalars()
+        .all()
+    )
+    if not versions:
+        raise PipelineNotFoundError(f"no pipeline named {name!r}")
+    return [str(v) for v in versions]
+
+
+def run_status(conn: Connection, run_id: str) -> str:
+    return str(conn.execute(sa.select(db.runs.c.status).where(db.runs.c.id == run_id)).scalar())

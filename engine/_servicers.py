@@ -46,6 +46,7 @@ MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 
 Ctx = Any  # grpc.aio.ServicerContext: grpc ships no types
 
+_FINAL_RUN = ("SUCCEEDED", "FAILED", "CANCELLED")
 _TERMINAL_RUN = {q.RUN_STATUS[s] for s in ("SUCCEEDED", "FAILED", "CANCELLED")}
 
 
@@ -81,6 +82,32 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             spec = await self.cp.store.read(q.get_pipeline_version, version)
         return pipeline_service_pb2.GetPipelineVersionResponse(
             name=f"pipelines/{spec.name}/versions/{version}", version=version, spec=spec
+        )
+
+    async def ListPipelines(
+        self, request: pipeline_service_pb2.ListPipelinesRequest, context: Ctx
+    ) -> pipeline_service_pb2.ListPipelinesResponse:
+        async with abort_on_plait_error(context):
+            found = await self.cp.store.read(q.list_pipelines)
+        return pipeline_service_pb2.ListPipelinesResponse(
+            pipelines=[
+                pipeline_service_pb2.Pipeline(
+                    name=f"pipelines/{name}",
+                    version_count=count,
+                    latest_version=f"pipelines/{name}/versions/{latest}",
+                )
+                for name, count, latest in found
+            ]
+        )
+
+    async def ListPipelineVersions(
+        self, request: pipeline_service_pb2.ListPipelineVersionsRequest, context: Ctx
+    ) -> pipeline_service_pb2.ListPipelineVersionsResponse:
+        async with abort_on_plait_error(context):
+            name = _name_id(request.parent, "pipelines")
+            versions = await self.cp.store.read(q.list_pipeline_versions, name)
+        return pipeline_service_pb2.ListPipelineVersionsResponse(
+            versions=[f"pipelines/{name}/versions/{v}" for v in versions]
         )
 
 
@@ -128,7 +155,11 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             if request.page_size < 0:
                 raise PipelineError("page_size must not be negative")
             runs, token = await self.cp.store.read(
-                q.list_runs, request.page_size, request.page_token, request.pipeline
+                q.list_runs,
+                request.page_size,
+                request.page_token,
+                request.pipeline,
+                request.status,
             )
         return run_service_pb2.ListRunsResponse(runs=runs, next_page_token=token)
 
@@ -198,6 +229,34 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             cancelled = await self.cp.cancel_run(run_id)
             run = await self.cp.store.read(q.get_run, run_id)
         return run_service_pb2.CancelRunResponse(run=run, cancelled=cancelled)
+
+    async def StreamLogs(
+        self, request: run_service_pb2.StreamLogsRequest, context: Ctx
+    ) -> AsyncIterator[run_service_pb2.StreamLogsResponse]:
+        async with abort_on_plait_error(context):
+            run_id = await self.cp.store.read(q.resolve_run_id, _name_id(request.name, "runs"))
+        live = self.cp.hub.subscribe(run_id)
+        try:
+            last = request.after_sequence
+            while True:
+                # read the status first: logs committed before the run ended are then seen
+                ended = await self.cp.store.read(q.run_status, run_id) in _FINAL_RUN
+                while True:
+                    entries = await self.cp.store.read(
+                        q.list_logs, run_id, request.step_id, last, 1000
+                    )
+                    if not entries:
+                        break
+                    last = entries[-1].sequence
+                    yield run_service_pb2.StreamLogsResponse(entries=entries)
+                if ended:
+                    return
+                # woken by the run's events, or after a short while (logs alone publish none)
+                with anyio.move_on_after(0.25):
+                    await live.receive()
+        finally:
+            self.cp.hub.unsubscribe(run_id, live)
+            live.close()
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):

@@ -204,3 +204,16 @@ def test_every_command_has_help(env: dict[str, str], command: list[str]) -> None
     assert "Usage: plait" in out.stdout
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(lines) >= 3
+
+
+def test_pipeline_list_status_filter_and_followed_logs(env: dict[str, str], tmp_path: Path) -> None:
+    plait(env, "run", "examples/quickstart.py:demo")
+    (tmp_path / "bad.py").write_text(FAILING)
+    plait(env, "run", f"{tmp_path / 'bad.py'}:bad", ok=False)
+    listed = plait(env, "pipeline", "list").stdout
+    assert "demo" in listed and "bad" in listed
+    failed = plait(env, "runs", "list", "--status", "failed").stdout
+    assert "bad" in failed and "demo" not in failed
+    rid = run_id_of(plait(env, "run", "examples/quickstart.py:demo", "--no-cache"))
+    followed = plait(env, "runs", "logs", rid, "--follow")
+    assert "loading 10 numbers" in followed.stdout

@@ -196,3 +196,18 @@ def test_login_and_logout(server: Server, tmp_path: Path) -> None:
     assert plait("logout").returncode == 0
     out = plait("runs", "show", rid)
     assert out.returncode == 2 and "no run" in out.stderr  # back on the embedded engine
+
+
+def test_settings_from_a_config_file(tmp_path: Path) -> None:
+    s = Server(tmp_path)
+    s.home.mkdir(parents=True, exist_ok=True)
+    (s.home / "server.toml").write_text(f'port = {s.port}\nhost = "127.0.0.1"\n')
+    s.plait("server", "start", client=False)  # no --port: the file gives it
+    try:
+        status = s.plait("server", "status", client=False)
+        assert s.address in status.stdout and "SERVING" in status.stdout
+    finally:
+        s.stop()
+    (s.home / "server.toml").write_text("prot = 1\n")
+    out = s.plait("server", "start", client=False, ok=False)
+    assert out.returncode == 2 and "unknown setting(s) prot" in out.stderr

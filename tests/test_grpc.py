@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,65 @@ def test_a_remote_client_streams_artifacts(api: Api, tmp_path: Path) -> None:
         assert digest == hashlib.sha256(b"hello" * 1000).hexdigest()
     finally:
         client.close()
+
+
+@plait.step
+def chatty(x: int) -> int:
+    print(f"chatty says {x}")
+    return x
+
+
+@plait.step
+def slow_tail(x: int) -> int:
+    import time as _t
+
+    _t.sleep(1.0)
+    print("tail done")
+    return x
+
+
+@plait.pipeline
+def talkative(x: int = 1) -> None:
+    slow_tail(chatty(x))
+
+
+def test_stream_logs_follows_a_run_live(api: Api) -> None:
+    version = api.register(talkative.compile().spec)
+    created = api.runs.CreateRun(runs.CreateRunRequest(pipeline_version=version))
+    arrivals: list[tuple[float, str]] = []
+    for resp in api.runs.StreamLogs(runs.StreamLogsRequest(name=created.run.name)):
+        arrivals.extend((time.monotonic(), e.text) for e in resp.entries)
+    texts = "".join(t for _, t in arrivals)
+    assert "chatty says 1" in texts and "tail done" in texts
+    first = next(t for t, text in arrivals if "chatty" in text)
+    last = next(t for t, text in arrivals if "tail done" in text)
+    assert last - first > 0.5  # chatty's output came while slow_tail was still running
+    only = [
+        e.step_id
+        for r in api.runs.StreamLogs(
+            runs.StreamLogsRequest(name=created.run.name, step_id="chatty")
+        )
+        for e in r.entries
+    ]
+    assert only and set(only) == {"chatty"}
+
+
+def test_list_pipelines_and_filter_runs(api: Api) -> None:
+    api.register(doubler.compile().spec)
+    listed = api.pipelines.ListPipelines(pipes.ListPipelinesRequest()).pipelines
+    by_name = {p.name: p for p in listed}
+    assert "pipelines/doubler" in by_name
+    versions = api.pipelines.ListPipelineVersions(
+        pipes.ListPipelineVersionsRequest(parent="pipelines/doubler")
+    ).versions
+    assert by_name["pipelines/doubler"].latest_version == versions[0]
+    assert by_name["pipelines/doubler"].version_count == len(versions)
+    code, _, reason = error_of(
+        api.pipelines.ListPipelineVersions,
+        pipes.ListPipelineVersionsRequest(parent="pipelines/nope"),
+    )
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "PIPELINE_NOT_FOUND")
+    succeeded = api.runs.ListRuns(runs.ListRunsRequest(status=res.RUN_STATUS_SUCCEEDED)).runs
+    failed = api.runs.ListRuns(runs.ListRunsRequest(status=res.RUN_STATUS_FAILED)).runs
+    assert succeeded and all(r.status == res.RUN_STATUS_SUCCEEDED for r in succeeded)
+    assert all(r.status == res.RUN_STATUS_FAILED for r in failed)

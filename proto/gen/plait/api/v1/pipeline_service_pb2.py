@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from plait.ir.v1 import ir_pb2 as plait_dot_ir_dot_v1_dot_ir__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/api/v1/pipeline_service.proto\x12\x0cplait.api.v1\x1a\x14plait/ir/v1/ir.proto\"B\n\x17RegisterPipelineRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.plait.ir.v1.PipelineSpec\"J\n\x18RegisterPipelineResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\")\n\x19GetPipelineVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x1aGetPipelineVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.plait.ir.v1.PipelineSpec2\xdd\x01\n\x0fPipelineService\x12\x61\n\x10RegisterPipeline\x12%.plait.api.v1.RegisterPipelineRequest\x1a&.plait.api.v1.RegisterPipelineResponse\x12g\n\x12GetPipelineVersion\x12\'.plait.api.v1.GetPipelineVersionRequest\x1a(.plait.api.v1.GetPipelineVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/api/v1/pipeline_service.proto\x12\x0cplait.api.v1\x1a\x14plait/ir/v1/ir.proto\"B\n\x17RegisterPipelineRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.plait.ir.v1.PipelineSpec\"J\n\x18RegisterPipelineResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\")\n\x19GetPipelineVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"d\n\x1aGetPipelineVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.plait.ir.v1.PipelineSpec\"G\n\x08Pipeline\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rversion_count\x18\x02 \x01(\x05\x12\x16\n\x0elatest_version\x18\x03 \x01(\t\"\x16\n\x14ListPipelinesRequest\"B\n\x15ListPipelinesResponse\x12)\n\tpipelines\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.Pipeline\"-\n\x1bListPipelineVersionsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"0\n\x1cListPipelineVersionsResponse\x12\x10\n\x08versions\x18\x01 \x03(\t2\xa6\x03\n\x0fPipelineService\x12\x61\n\x10RegisterPipeline\x12%.plait.api.v1.RegisterPipelineRequest\x1a&.plait.api.v1.RegisterPipelineResponse\x12g\n\x12GetPipelineVersion\x12\'.plait.api.v1.GetPipelineVersionRequest\x1a(.plait.api.v1.GetPipelineVersionResponse\x12X\n\rListPipelines\x12\".plait.api.v1.ListPipelinesRequest\x1a#.plait.api.v1.ListPipelinesResponse\x12m\n\x14ListPipelineVersions\x12).plait.api.v1.ListPipelineVersionsRequest\x1a*.plait.api.v1.ListPipelineVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPIPELINEVERSIONREQUEST']._serialized_end=260
   _globals['_GETPIPELINEVERSIONRESPONSE']._serialized_start=262
   _globals['_GETPIPELINEVERSIONRESPONSE']._serialized_end=362
-  _globals['_PIPELINESERVICE']._serialized_start=365
-  _globals['_PIPELINESERVICE']._serialized_end=586
+  _globals['_PIPELINE']._serialized_start=364
+  _globals['_PIPELINE']._serialized_end=435
+  _globals['_LISTPIPELINESREQUEST']._serialized_start=437
+  _globals['_LISTPIPELINESREQUEST']._serialized_end=459
+  _globals['_LISTPIPELINESRESPONSE']._serialized_start=461
+  _globals['_LISTPIPELINESRESPONSE']._serialized_end=527
+  _globals['_LISTPIPELINEVERSIONSREQUEST']._serialized_start=529
+  _globals['_LISTPIPELINEVERSIONSREQUEST']._serialized_end=574
+  _globals['_LISTPIPELINEVERSIONSRESPONSE']._serialized_start=576
+  _globals['_LISTPIPELINEVERSIONSRESPONSE']._serialized_end=624
+  _globals['_PIPELINESERVICE']._serialized_start=627
+  _globals['_PIPELINESERVICE']._serialized_end=1049
 # @@protoc_insertion_point(module_scope)

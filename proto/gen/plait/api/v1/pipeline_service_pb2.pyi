@@ -4,8 +4,10 @@
 isort:skip_file
 Registering and reading pipeline versions."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from plait.ir.v1 import ir_pb2 as _ir_pb2
 import builtins as _builtins
 import sys
@@ -125,3 +127,120 @@ class GetPipelineVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPipelineVersionResponse: _TypeAlias = GetPipelineVersionResponse  # noqa: Y015
+
+@_typing.final
+class Pipeline(_message.Message):
+    """A pipeline: a name and its versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_COUNT_FIELD_NUMBER: _builtins.int
+    LATEST_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "pipelines/{pipeline}"."""
+    version_count: _builtins.int
+    """How many versions are registered."""
+    latest_version: _builtins.str
+    """The newest version's resource name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version_count: _builtins.int = ...,
+        latest_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latest_version", b"latest_version", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pipeline: _TypeAlias = Pipeline  # noqa: Y015
+
+@_typing.final
+class ListPipelinesRequest(_message.Message):
+    """Request of ListPipelines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelinesRequest: _TypeAlias = ListPipelinesRequest  # noqa: Y015
+
+@_typing.final
+class ListPipelinesResponse(_message.Message):
+    """Response of ListPipelines."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pipelines(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pipeline]:
+        """The pipelines, by name."""
+
+    def __init__(
+        self,
+        *,
+        pipelines: _abc.Iterable[Global___Pipeline] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipelines", b"pipelines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelinesResponse: _TypeAlias = ListPipelinesResponse  # noqa: Y015
+
+@_typing.final
+class ListPipelineVersionsRequest(_message.Message):
+    """Request of ListPipelineVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Resource name: "pipelines/{pipeline}"."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelineVersionsRequest: _TypeAlias = ListPipelineVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListPipelineVersionsResponse(_message.Message):
+    """Response of ListPipelineVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The versions' resource names, newest first."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPipelineVersionsResponse: _TypeAlias = ListPipelineVersionsResponse  # noqa: Y015

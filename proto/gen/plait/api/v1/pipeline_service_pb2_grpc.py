@@ -46,6 +46,16 @@ class PipelineServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionResponse.FromString,
                 _registered_method=True)
+        self.ListPipelines = channel.unary_unary(
+                '/plait.api.v1.PipelineService/ListPipelines',
+                request_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.FromString,
+                _registered_method=True)
+        self.ListPipelineVersions = channel.unary_unary(
+                '/plait.api.v1.PipelineService/ListPipelineVersions',
+                request_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -66,6 +76,20 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPipelines(self, request, context):
+        """Lists pipelines with their newest version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPipelineVersions(self, request, context):
+        """Lists the versions of one pipeline, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +102,16 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.GetPipelineVersion,
                     request_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionResponse.SerializeToString,
+            ),
+            'ListPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelines,
+                    request_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.SerializeToString,
+            ),
+            'ListPipelineVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelineVersions,
+                    request_deserializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +169,60 @@ class PipelineService:
             '/plait.api.v1.PipelineService/GetPipelineVersion',
             plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_pipeline__service__pb2.GetPipelineVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.api.v1.PipelineService/ListPipelines',
+            plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelinesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelineVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.api.v1.PipelineService/ListPipelineVersions',
+            plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_pipeline__service__pb2.ListPipelineVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,10 @@ class PipelineServiceStub:
     """Registers a pipeline version. Registering the same content twice is a no-op."""
     GetPipelineVersion: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.GetPipelineVersionRequest, _pipeline_service_pb2.GetPipelineVersionResponse]
     """Reads one pipeline version."""
+    ListPipelines: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelinesRequest, _pipeline_service_pb2.ListPipelinesResponse]
+    """Lists pipelines with their newest version."""
+    ListPipelineVersions: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelineVersionsRequest, _pipeline_service_pb2.ListPipelineVersionsResponse]
+    """Lists the versions of one pipeline, newest first."""
 
 @_typing.type_check_only
 class PipelineServiceAsyncStub(PipelineServiceStub):
@@ -48,6 +52,10 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     """Registers a pipeline version. Registering the same content twice is a no-op."""
     GetPipelineVersion: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.GetPipelineVersionRequest, _pipeline_service_pb2.GetPipelineVersionResponse]  # type: ignore[assignment]
     """Reads one pipeline version."""
+    ListPipelines: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelinesRequest, _pipeline_service_pb2.ListPipelinesResponse]  # type: ignore[assignment]
+    """Lists pipelines with their newest version."""
+    ListPipelineVersions: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.ListPipelineVersionsRequest, _pipeline_service_pb2.ListPipelineVersionsResponse]  # type: ignore[assignment]
+    """Lists the versions of one pipeline, newest first."""
 
 class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores compiled pipelines. A version is the sha256 of the canonical IR."""
@@ -67,5 +75,21 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_pipeline_service_pb2.GetPipelineVersionResponse, _abc.Awaitable[_pipeline_service_pb2.GetPipelineVersionResponse]]:
         """Reads one pipeline version."""
+
+    @_abc_1.abstractmethod
+    def ListPipelines(
+        self,
+        request: _pipeline_service_pb2.ListPipelinesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.ListPipelinesResponse, _abc.Awaitable[_pipeline_service_pb2.ListPipelinesResponse]]:
+        """Lists pipelines with their newest version."""
+
+    @_abc_1.abstractmethod
+    def ListPipelineVersions(
+        self,
+        request: _pipeline_service_pb2.ListPipelineVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_service_pb2.ListPipelineVersionsResponse, _abc.Awaitable[_pipeline_service_pb2.ListPipelineVersionsResponse]]:
+        """Lists the versions of one pipeline, newest first."""
 
 def add_PipelineServiceServicer_to_server(servicer: PipelineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

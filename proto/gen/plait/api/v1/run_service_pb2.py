@@ -27,7 +27,7 @@ from plait.api.v1 import resources_pb2 as plait_dot_api_dot_v1_dot_resources__pb
 from plait.ir.v1 import ir_pb2 as plait_dot_ir_dot_v1_dot_ir__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\x7f\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"J\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\x32\xbc\x04\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\x7f\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"s\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.plait.api.v1.RunStatus\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"J\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"=\n\x12StreamLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry2\x8f\x05\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12Q\n\nStreamLogs\x12\x1f.plait.api.v1.StreamLogsRequest\x1a .plait.api.v1.StreamLogsResponse0\x01\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,25 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRUNRESPONSE']._serialized_start=330
   _globals['_GETRUNRESPONSE']._serialized_end=378
   _globals['_LISTRUNSREQUEST']._serialized_start=380
-  _globals['_LISTRUNSREQUEST']._serialized_end=454
-  _globals['_LISTRUNSRESPONSE']._serialized_start=456
-  _globals['_LISTRUNSRESPONSE']._serialized_end=532
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=534
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=620
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=622
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=686
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=688
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=767
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=769
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=861
-  _globals['_LISTLOGSREQUEST']._serialized_start=863
-  _globals['_LISTLOGSREQUEST']._serialized_end=954
-  _globals['_LISTLOGSRESPONSE']._serialized_start=956
-  _globals['_LISTLOGSRESPONSE']._serialized_end=1044
-  _globals['_CANCELRUNREQUEST']._serialized_start=1046
-  _globals['_CANCELRUNREQUEST']._serialized_end=1078
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1080
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1150
-  _globals['_RUNSERVICE']._serialized_start=1153
-  _globals['_RUNSERVICE']._serialized_end=1725
+  _globals['_LISTRUNSREQUEST']._serialized_end=495
+  _globals['_LISTRUNSRESPONSE']._serialized_start=497
+  _globals['_LISTRUNSRESPONSE']._serialized_end=573
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=575
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=661
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=663
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=727
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=729
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=808
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=810
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=902
+  _globals['_LISTLOGSREQUEST']._serialized_start=904
+  _globals['_LISTLOGSREQUEST']._serialized_end=995
+  _globals['_LISTLOGSRESPONSE']._serialized_start=997
+  _globals['_LISTLOGSRESPONSE']._serialized_end=1085
+  _globals['_CANCELRUNREQUEST']._serialized_start=1087
+  _globals['_CANCELRUNREQUEST']._serialized_end=1119
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1121
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1191
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1193
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1267
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=1269
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1330
+  _globals['_RUNSERVICE']._serialized_start=1333
+  _globals['_RUNSERVICE']._serialized_end=1988
 # @@protoc_insertion_point(module_scope)

@@ -66,6 +66,11 @@ class RunServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.FromString,
                 _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/plait.api.v1.RunService/StreamLogs',
+                request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsResponse.FromString,
+                _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/plait.api.v1.RunService/CancelRun',
                 request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
@@ -119,6 +124,13 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLogs(self, request, context):
+        """Streams a run's captured output live, from a sequence number, until the run ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelRun(self, request, context):
         """Cancels a run: its queued and running attempts are stopped, its other steps never run.
         Cancelling a run that already ended changes nothing.
@@ -159,6 +171,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListLogs,
                     request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsResponse.SerializeToString,
             ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
@@ -329,6 +346,33 @@ class RunService:
             '/plait.api.v1.RunService/ListLogs',
             plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_run__service__pb2.ListLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/plait.api.v1.RunService/StreamLogs',
+            plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_run__service__pb2.StreamLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

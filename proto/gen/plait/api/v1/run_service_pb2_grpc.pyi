@@ -46,6 +46,8 @@ class RunServiceStub:
     """Pages through a run's events."""
     ListLogs: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListLogsRequest, _run_service_pb2.ListLogsResponse]
     """Pages through the captured output of a run's steps."""
+    StreamLogs: _grpc.UnaryStreamMultiCallable[_run_service_pb2.StreamLogsRequest, _run_service_pb2.StreamLogsResponse]
+    """Streams a run's captured output live, from a sequence number, until the run ends."""
     CancelRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]
     """Cancels a run: its queued and running attempts are stopped, its other steps never run.
     Cancelling a run that already ended changes nothing.
@@ -68,6 +70,8 @@ class RunServiceAsyncStub(RunServiceStub):
     """Pages through a run's events."""
     ListLogs: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListLogsRequest, _run_service_pb2.ListLogsResponse]  # type: ignore[assignment]
     """Pages through the captured output of a run's steps."""
+    StreamLogs: _aio.UnaryStreamMultiCallable[_run_service_pb2.StreamLogsRequest, _run_service_pb2.StreamLogsResponse]  # type: ignore[assignment]
+    """Streams a run's captured output live, from a sequence number, until the run ends."""
     CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run: its queued and running attempts are stopped, its other steps never run.
     Cancelling a run that already ended changes nothing.
@@ -123,6 +127,14 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ListLogsResponse, _abc.Awaitable[_run_service_pb2.ListLogsResponse]]:
         """Pages through the captured output of a run's steps."""
+
+    @_abc_1.abstractmethod
+    def StreamLogs(
+        self,
+        request: _run_service_pb2.StreamLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_run_service_pb2.StreamLogsResponse], _abc.AsyncIterator[_run_service_pb2.StreamLogsResponse]]:
+        """Streams a run's captured output live, from a sequence number, until the run ends."""
 
     @_abc_1.abstractmethod
     def CancelRun(
