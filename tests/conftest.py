@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -16,3 +17,15 @@ def _isolated_plait_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         # nor the user's `plait login`
         mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg_config")))
         yield
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """The SQLAlchemy URL of the test PostgreSQL server (scripts/test starts it)."""
+    url = os.environ.get("PLAIT_TEST_POSTGRES_URL")
+    if not url:
+        message = "PLAIT_TEST_POSTGRES_URL is not set (scripts/test starts PostgreSQL and sets it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # in CI a missing PostgreSQL is a failure, never a skip
+        pytest.skip(message)
+    return url

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -18,17 +17,6 @@ import plait
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture(scope="module")
-def server_url() -> str:
-    url = os.environ.get("PLAIT_TEST_POSTGRES_URL")
-    if not url:
-        message = "PLAIT_TEST_POSTGRES_URL is not set (scripts/test starts PostgreSQL and sets it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # in CI a missing PostgreSQL is a failure, never a skip
-        pytest.skip(message)
-    return url
-
-
 async def _admin(url: str, sql: str) -> None:
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
     try:
@@ -38,21 +26,28 @@ async def _admin(url: str, sql: str) -> None:
         await engine.dispose()
 
 
+def postgres_database(request: pytest.FixtureRequest) -> tuple[str, Callable[[], None]]:
+    """A fresh, empty database on the test server: its URL, and how to drop it."""
+    server = request.getfixturevalue("server_url")
+    name = f"plait_test_{uuid.uuid4().hex[:12]}"
+    anyio.run(_admin, server, f'CREATE DATABASE "{name}"')
+    url = sa.engine.make_url(server).set(database=name).render_as_string(hide_password=False)
+    return url, lambda: anyio.run(_admin, server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def pg_client(
-    server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[plait.Client]:
-    name = f"plait_test_{uuid.uuid4().hex[:12]}"
-    anyio.run(_admin, server_url, f'CREATE DATABASE "{name}"')
-    url = sa.engine.make_url(server_url).set(database=name)
-    monkeypatch.setenv("PLAIT_DATABASE_URL", url.render_as_string(hide_password=False))
+    url, drop = postgres_database(request)
+    monkeypatch.setenv("PLAIT_DATABASE_URL", url)
     monkeypatch.setenv("PLAIT_WORKERS", "2")
     client = plait.Client(home=tmp_path / "home")
     try:
         yield client
     finally:
         client.shutdown()
-        anyio.run(_admin, server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop()
 
 
 def test_runs_and_cache_on_postgres(pg_client: plait.Client) -> None:

@@ -1,4 +1,5 @@
-"""The scheduler on a real SQLite store, driven directly: leases, idempotence, grouped commits."""
+"""The scheduler on a real store, SQLite and PostgreSQL, driven directly: leases, idempotence,
+grouped commits, cache hits."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from test_postgres import postgres_database
 
 import plait
 from plait.engine import _queries as q
-from plait.engine import _store as db
 from plait.engine._scheduler import (
     Completed,
     CreateRun,
@@ -43,14 +45,17 @@ def pair() -> None:
 
 
 class Harness:
-    def __init__(self, path: Path) -> None:
-        self.store = Store(f"sqlite:///{path / 'plait.db'}")
+    """The scheduler and a store, driven through a blocking portal (one event loop for all)."""
+
+    def __init__(self, url: str, portal: BlockingPortal) -> None:
+        self.store = Store(url)
+        self.portal = portal
         self.blobs: set[str] = set()
-        self.scheduler = Scheduler(dialect="sqlite", blob_exists=self.blobs.__contains__)
+        self.scheduler = Scheduler(dialect=self.store.dialect, blob_exists=self.blobs.__contains__)
         self.now = 1000.0
 
     def write(self, fn: Any, *args: Any) -> Any:
-        return self.store._run_sync(fn, *args)
+        return self.portal.call(self.store.write, fn, *args)
 
     def tick(self, *inputs: Any) -> TickResult:
         self.now += 1
@@ -78,15 +83,23 @@ class Harness:
         )
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    harness.write(db._ensure_schema)
-    spec = pair.compile().spec
-    harness.write(q.register_pipeline, spec, pair.compile().version, 0.0)
-    yield harness
-    if harness.store._writer_conn is not None:
-        harness.store._writer_conn.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    with start_blocking_portal("asyncio") as portal:
+        if request.param == "sqlite":
+            url, cleanup = f"sqlite:///{tmp_path / 'plait.db'}", None
+        else:
+            url, cleanup = postgres_database(request)
+        harness = Harness(url, portal)
+        try:
+            portal.call(harness.store.open)
+            spec = pair.compile().spec
+            harness.write(q.register_pipeline, spec, pair.compile().version, 0.0)
+            yield harness
+        finally:
+            portal.call(harness.store.aclose)
+            if cleanup is not None:
+                cleanup()
 
 
 def start(h: Harness) -> tuple[str, dict[str, Token]]:
@@ -171,5 +184,6 @@ def test_cache_hits_chain_within_one_commit(h: Harness) -> None:
     assert cmd.result is not None
     rows = h.read(f"select status from step_runs where run_id='{cmd.result[0]}'")
     assert {r[0] for r in rows} == {"CACHED"}
-    material = json.loads(h.read("select material from cache_entries limit 1")[0][0])
+    raw = h.read("select material from cache_entries limit 1")[0][0]
+    material = json.loads(raw) if isinstance(raw, str) else raw  # asyncpg decodes JSON itself
     assert material["key_scheme"] == "plait.cache.v1"
