@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections.abc
 import inspect
 import types
@@ -24,7 +25,20 @@ def is_any(tp: Any) -> bool:
 
 
 def type_expr(tp: Any) -> str:
-    """A readable, stable type expression: ``int``, ``list[int]``, ``pandas.DataFrame``."""
+    """A readable, stable type expression: ``int``, ``list[int]``, ``pandas.DataFrame``.
+
+    Always a valid Python expression (the control plane checks): what cannot be written as one
+    becomes ``Any``.
+    """
+    expr = _type_expr(tp)
+    try:
+        ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return "Any"
+    return expr
+
+
+def _type_expr(tp: Any) -> str:
     tp = strip_annotated(tp)
     if is_any(tp):
         return "Any"
@@ -45,9 +59,10 @@ def type_expr(tp: Any) -> str:
 def _class_expr(cls: Any) -> str:
     if not isinstance(cls, type):
         return repr(cls)
+    qualname = cls.__qualname__.replace("<locals>", "_locals_")
     if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
+        return qualname
+    return f"{cls.__module__}.{qualname}"
 
 
 _NUMERIC_WIDENING = {(int, float), (int, complex), (float, complex)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import networkx as nx
@@ -43,7 +44,10 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
         if len(set(inputs)) != len(inputs) or not all(inputs):
             raise PipelineValidationError(f"{where}.inputs: empty or duplicate input names")
         graph.add_node(s.id)
+        for j, o in enumerate(s.outputs):
+            _check_type(f"{where}.outputs[{j}] ({o.name!r}).type", o.type.expr)
         for j, inp in enumerate(s.inputs):
+            _check_type(f"{where}.inputs[{j}] ({inp.name!r}).type", inp.type.expr)
             for up in _check_binding(
                 f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, outputs, params
             ):
@@ -52,6 +56,40 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
     if not nx.is_directed_acyclic_graph(graph):
         raise PipelineValidationError("steps: the bindings form a cycle")
     return graph
+
+
+_TYPE_NODES = (
+    ast.Expression,
+    ast.Name,
+    ast.Attribute,
+    ast.Subscript,
+    ast.Tuple,
+    ast.BinOp,
+    ast.BitOr,
+    ast.Constant,
+    ast.Load,
+    ast.List,
+)
+
+
+def _check_type(where: str, expr: str) -> None:
+    """A type is a Python-style type expression: names, dotted names, subscripts, ``|``."""
+    if not expr:
+        return  # unset: any type
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise PipelineValidationError(f"{where}.expr: {expr!r} is not a type expression") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _TYPE_NODES) or (
+            isinstance(node, ast.Constant)
+            and node.value not in (None, Ellipsis)
+            and not isinstance(node.value, str)
+        ):
+            raise PipelineValidationError(
+                f"{where}.expr: {expr!r} is not a type expression (names, dotted names, "
+                f"subscripts and '|' only)"
+            )
 
 
 def _json(where: str, text: str) -> None:

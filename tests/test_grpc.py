@@ -288,6 +288,14 @@ def _spec_with(mutate: Any) -> ir_pb2.PipelineSpec:
             "steps[0] ('double').inputs[0] ('x').binding.output",
         ),
         (
+            lambda s: setattr(s.steps[0].outputs[0].type, "expr", "list["),
+            "steps[0] ('double').outputs[0] ('output').type.expr",
+        ),
+        (
+            lambda s: setattr(s.steps[0].inputs[0].type, "expr", "__import__('os')"),
+            "steps[0] ('double').inputs[0] ('x').type.expr",
+        ),
+        (
             lambda s: s.steps[0].inputs[0].ClearField("binding"),
             "steps[0] ('double').inputs[0] ('x').binding",
         ),
@@ -300,6 +308,8 @@ def _spec_with(mutate: Any) -> ir_pb2.PipelineSpec:
         "unknown-parameter",
         "bad-literal",
         "cycle",
+        "bad-output-type",
+        "bad-input-type",
         "no-binding",
     ],
 )

@@ -409,3 +409,24 @@ def test_step_context_outside_a_step() -> None:
         plait.get_step_context()
     with pytest.raises(plait.NotInStepError):
         plait.log_metadata({"a": 1})
+
+
+def test_type_expressions_are_always_valid_python() -> None:
+    import ast
+
+    from plait._types import type_expr
+
+    class Local:
+        pass
+
+    for tp, want in [
+        (int, "int"),
+        (list[int], "list[int]"),
+        (int | None, "int | None"),
+        (dict[str, list[float]], "dict[str, list[float]]"),
+        (tuple[int, ...], "tuple[int, ...]"),
+    ]:
+        assert type_expr(tp) == want
+    local = type_expr(Local)
+    assert "_locals_" in local
+    ast.parse(local, mode="eval")
