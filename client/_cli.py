@@ -893,11 +893,20 @@ def token_revoke(token_id: str, database_url: str) -> None:
 _KINDS = ("runner", "artifact_store", "image_builder", "container_registry", "secrets")
 
 
-def _stack_api() -> Any:
-    from plait._client import Client
+def _stack_pb() -> Any:
     from plait.api.v1 import stack_service_pb2
 
-    return Client.default(), stack_service_pb2
+    return stack_service_pb2
+
+
+def _stack_call(method: str, request: Any) -> Any:
+    """Calls StackService; an error ends the command with its message."""
+    from plait._client import Client
+
+    try:
+        return Client.default().stacks(method, request)
+    except PlaitError as exc:
+        _fail(str(exc))
 
 
 def _component_row(c: Any, pb: Any) -> tuple[str, str, str, str]:
@@ -929,7 +938,7 @@ def component_register(name: str, kind: str, flavor: str, config: tuple[str, ...
     Example:
       plait component register gpu-docker --kind runner --flavor docker -c gpus=1
     """
-    client, pb = _stack_api()
+    pb = _stack_pb()
     req = pb.RegisterComponentRequest(
         component=pb.Component(
             name=f"components/{name}",
@@ -938,10 +947,7 @@ def component_register(name: str, kind: str, flavor: str, config: tuple[str, ...
             config_json=json.dumps(_parse_params(config)),
         )
     )
-    try:
-        c = client.stacks("RegisterComponent", req).component
-    except PlaitError as exc:
-        _fail(str(exc))
+    c = _stack_call("RegisterComponent", req).component
     click.echo(f"registered component {c.name.removeprefix('components/')} ({kind}, {flavor})")
 
 
@@ -951,12 +957,9 @@ def component_list(kind: str | None) -> None:
     """List components."""
     from rich.table import Table
 
-    client, pb = _stack_api()
+    pb = _stack_pb()
     value = pb.ComponentKind.Value(f"COMPONENT_KIND_{kind.upper()}") if kind else 0
-    try:
-        found = client.stacks("ListComponents", pb.ListComponentsRequest(kind=value)).components
-    except PlaitError as exc:
-        _fail(str(exc))
+    found = _stack_call("ListComponents", pb.ListComponentsRequest(kind=value)).components
     table = Table("component", "kind", "flavor", "config")
     for c in found:
         table.add_row(*_component_row(c, pb))
@@ -967,16 +970,13 @@ def component_list(kind: str | None) -> None:
 @click.argument("name")
 def component_describe(name: str) -> None:
     """Show one component and the stacks that use it."""
-    client, pb = _stack_api()
-    try:
-        found = [
-            c
-            for c in client.stacks("ListComponents", pb.ListComponentsRequest()).components
-            if c.name == f"components/{name}"
-        ]
-        stacks = client.stacks("ListStacks", pb.ListStacksRequest()).stacks
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    found = [
+        c
+        for c in _stack_call("ListComponents", pb.ListComponentsRequest()).components
+        if c.name == f"components/{name}"
+    ]
+    stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
     if not found:
         _fail(f"no component {name!r} (see `plait component list`)")
     cname, kind, flavor, config = _component_row(found[0], pb)
@@ -991,11 +991,8 @@ def component_describe(name: str) -> None:
 @click.argument("name")
 def component_delete(name: str) -> None:
     """Delete a component that no stack uses."""
-    client, pb = _stack_api()
-    try:
-        client.stacks("DeleteComponent", pb.DeleteComponentRequest(name=f"components/{name}"))
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    _stack_call("DeleteComponent", pb.DeleteComponentRequest(name=f"components/{name}"))
     click.echo(f"deleted component {name}")
 
 
@@ -1023,20 +1020,17 @@ def stack_register(name: str, components: tuple[str, ...], activate: bool) -> No
     Example:
       plait stack register gpu -c gpu-docker -c local-artifacts --set
     """
-    client, pb = _stack_api()
-    try:
-        s = client.stacks(
-            "RegisterStack",
-            pb.RegisterStackRequest(
-                stack=pb.Stack(
-                    name=f"stacks/{name}", components=[f"components/{c}" for c in components]
-                )
-            ),
-        ).stack
-        if activate:
-            s = client.stacks("SetActiveStack", pb.SetActiveStackRequest(name=s.name)).stack
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    s = _stack_call(
+        "RegisterStack",
+        pb.RegisterStackRequest(
+            stack=pb.Stack(
+                name=f"stacks/{name}", components=[f"components/{c}" for c in components]
+            )
+        ),
+    ).stack
+    if activate:
+        s = _stack_call("SetActiveStack", pb.SetActiveStackRequest(name=s.name)).stack
     click.echo(f"registered stack {name}{' (active)' if s.active else ''}")
 
 
@@ -1045,11 +1039,8 @@ def stack_list() -> None:
     """List stacks; the active one is marked."""
     from rich.table import Table
 
-    client, pb = _stack_api()
-    try:
-        stacks = client.stacks("ListStacks", pb.ListStacksRequest()).stacks
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
     table = Table("stack", "active", "components")
     for s in stacks:
         table.add_row(
@@ -1064,15 +1055,11 @@ def stack_list() -> None:
 @click.argument("name", required=False)
 def stack_describe(name: str | None) -> None:
     """Show a stack's components (the active stack when NAME is left out)."""
-    client, pb = _stack_api()
-    try:
-        stacks = client.stacks("ListStacks", pb.ListStacksRequest()).stacks
-        comps = {
-            c.name: c
-            for c in client.stacks("ListComponents", pb.ListComponentsRequest()).components
-        }
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
+    comps = {
+        c.name: c for c in _stack_call("ListComponents", pb.ListComponentsRequest()).components
+    }
     chosen = [s for s in stacks if (s.active if name is None else s.name == f"stacks/{name}")]
     if not chosen:
         _fail(f"no stack {name!r} (see `plait stack list`)")
@@ -1087,11 +1074,8 @@ def stack_describe(name: str | None) -> None:
 @click.argument("name")
 def stack_set(name: str) -> None:
     """Make NAME the active stack: new runs use it, and record it."""
-    client, pb = _stack_api()
-    try:
-        client.stacks("SetActiveStack", pb.SetActiveStackRequest(name=f"stacks/{name}"))
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    _stack_call("SetActiveStack", pb.SetActiveStackRequest(name=f"stacks/{name}"))
     click.echo(f"active stack: {name}")
 
 
@@ -1099,11 +1083,8 @@ def stack_set(name: str) -> None:
 @click.argument("name")
 def stack_delete(name: str) -> None:
     """Delete a stack that is not active."""
-    client, pb = _stack_api()
-    try:
-        client.stacks("DeleteStack", pb.DeleteStackRequest(name=f"stacks/{name}"))
-    except PlaitError as exc:
-        _fail(str(exc))
+    pb = _stack_pb()
+    _stack_call("DeleteStack", pb.DeleteStackRequest(name=f"stacks/{name}"))
     click.echo(f"deleted stack {name}")
 
 
