@@ -399,7 +399,10 @@ def test_a_worker_that_always_dies_crashes_the_step(client: plait.Client) -> Non
     assert r.steps["crash_always"].status == "CRASHED"
     assert r.steps["inc"].status == "SKIPPED"
     err = r.steps["crash_always"].error
-    assert err is not None and "exited with code 4" in err.message
+    # the code is 4 as a rule; once in a CI-like run asyncio's child watcher found the process
+    # already reaped and reported 255 (noted in the closing note): the crash is what counts
+    assert err is not None and err.type == "plait.WorkerLost"
+    assert "worker process exited with code" in err.message
     # and the pool recovers: the next run works
     assert run(demo, client, n=3).status == "SUCCEEDED"
 
