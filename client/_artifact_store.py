@@ -1,14 +1,21 @@
-"""The local, content-addressed artifact store: bytes stored once under their sha256."""
+"""The local, content-addressed artifact store: bytes stored once under their sha256.
+
+Layout: ``<root>/sha256/<first 2 hex digits>/<64 hex digits>``. Blobs are written to a
+temporary file in their final folder and renamed into place, so a reader never sees half a
+blob and concurrent writers of the same bytes leave one whole file. Reads are verified.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+__all__ = ["ArtifactCorruptedError", "BlobWriter", "LocalArtifactStore", "StoredBlob"]
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -19,22 +26,40 @@ class ArtifactCorruptedError(ValueError):
 
 @dataclass(frozen=True)
 class StoredBlob:
-    """Where ``put`` stored some bytes."""
+    """Where :meth:`LocalArtifactStore.put` stored some bytes."""
 
     digest: str
     """Hex sha256 of the bytes."""
     size: int
-    """Their length."""
+    """Their length in bytes."""
     uri: str
-    """A file URI of the blob."""
+    """A ``file://`` URI of the blob."""
+
+
+def _create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new, empty file in ``folder``, opened for writing.
+
+    Not ``tempfile.mkstemp``: that creates files readable by their owner only, and a store may
+    be shared by a server and workers that run as other users. ``os.open`` with 0o666 lets the
+    umask decide, as for any other file.
+    """
+    path = folder / f"{prefix}{secrets.token_hex(8)}.tmp"
+    return os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+    ), path
 
 
 class LocalArtifactStore:
     """Blobs under ``root/sha256/<2 hex>/<digest>``, written atomically, read verified.
 
-    Writes are not fsynced: an output counts only once the metadata commit that names it is
-    done, and a blob torn by a crash fails verification on read (and a cache hit on it is
-    then a miss, since the step runs again).
+    Writes are not fsynced, on purpose: an output counts only once the metadata commit that
+    names its digest is done, and a blob torn by a machine crash fails verification when it is
+    read. :meth:`get` then moves the torn blob aside, so that the next :meth:`put` of the same
+    bytes (the step run again) writes it anew instead of trusting a file of the right size.
+
+    Attributes:
+        root: the store's folder (absolute); created by the first :meth:`put`.
+        uri: the ``file://`` URI of ``root``.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -43,70 +68,103 @@ class LocalArtifactStore:
 
     @classmethod
     def from_uri(cls, uri: str) -> LocalArtifactStore:
-        """A store for ``file:///path`` or a plain path."""
+        """A store for ``file:///path`` or a plain path.
+
+        Raises:
+            ValueError: another scheme, or a ``file://`` URI that names another host.
+        """
         parsed = urlparse(uri)
         if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(
+                    f"artifact store {uri!r} names the host {parsed.netloc!r}: only local "
+                    f"folders are supported for now (file:///path or a path)"
+                )
             return cls(unquote(parsed.path))
         if parsed.scheme == "" or len(parsed.scheme) == 1:  # a path (or a Windows drive)
             return cls(uri)
         raise ValueError(
-            f"artifact store {uri!r}: only local folders (file:// or a path) are supported for now"
+            f"artifact store {uri!r}: only local folders are supported for now "
+            f"(file:///path or a path), not {parsed.scheme}://"
         )
 
     def path_for(self, digest: str) -> Path:
-        """The blob's path; refuses anything but 64 lowercase hex digits (no path tricks)."""
-        if not _DIGEST.fullmatch(digest):
-            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        """The blob's path.
+
+        Raises:
+            ValueError: ``digest`` is not 64 lowercase hex digits (so no digest can name a
+                path outside the store).
+        """
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a sha256 hex digest (64 lowercase hex digits): {digest!r}")
         return self.root / "sha256" / digest[:2] / digest
 
     def put(self, data: bytes) -> StoredBlob:
-        """Stores ``data`` once; storing the same bytes again is a no-op."""
+        """Stores ``data`` once; storing the same bytes again finds them and writes nothing."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path_for(digest)
+        blob = StoredBlob(digest, len(data), path.as_uri())
         try:
             if path.stat().st_size == len(data):
-                return StoredBlob(digest, len(data), path.as_uri())
+                return blob
         except FileNotFoundError:
             pass
         path.parent.mkdir(parents=True, exist_ok=True)
         # a temporary file in the same folder, then an atomic rename: concurrent writers of
         # the same content leave one whole file and no debris
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:8]}.", suffix=".tmp")
+        fd, tmp = _create_temp(path.parent, f".{digest[:8]}.")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
-        return StoredBlob(digest, len(data), path.as_uri())
+        return blob
 
     def writer(self) -> BlobWriter:
-        """A writer for bytes that arrive in pieces (an upload); commit() stores them."""
+        """A writer for bytes that arrive in pieces (an upload); its ``commit()`` stores them."""
         return BlobWriter(self)
 
     def get(self, digest: str) -> bytes:
-        """The bytes stored under ``digest``, verified.
+        """The bytes stored under ``digest``, verified against it.
 
         Raises:
+            ValueError: ``digest`` is not a sha256 hex digest.
             FileNotFoundError: no such blob.
-            ArtifactCorruptedError: the blob's bytes do not match the digest.
+            ArtifactCorruptedError: the blob's bytes do not match the digest (the blob is moved
+                aside, so that storing the right bytes again repairs it).
         """
         path = self.path_for(digest)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as fh:
+                data = fh.read()
+                identity = os.fstat(fh.fileno())
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"artifact bytes {digest} are not in the store at {self.root}"
             ) from None
         if hashlib.sha256(data).hexdigest() != digest:
+            self._quarantine(path, identity)
             raise ArtifactCorruptedError(
                 f"artifact bytes at {path} do not match their digest {digest}"
             )
         return data
 
+    def _quarantine(self, path: Path, identity: os.stat_result) -> None:
+        # only the file that was read: a writer may have just renamed the right bytes into place
+        try:
+            now = path.stat()
+            if (now.st_ino, now.st_dev) == (identity.st_ino, identity.st_dev):
+                os.replace(path, path.with_name(f"{path.name}.corrupt"))
+        except OSError:
+            pass  # best effort (a read-only store, say): the error is raised either way
+
     def exists(self, digest: str) -> bool:
-        """Whether a blob with that digest is stored (a stat, no read)."""
+        """Whether a blob with that digest is stored (a stat, no read; not verified).
+
+        Anything that is not a sha256 hex digest names no blob: False.
+        """
         try:
             return self.path_for(digest).is_file()
         except ValueError:
@@ -114,24 +172,34 @@ class LocalArtifactStore:
 
 
 class BlobWriter:
-    """Writes a blob piece by piece into a temporary file, then stores it under its digest."""
+    """Writes a blob piece by piece into a temporary file, then stores it under its digest.
+
+    Attributes:
+        size: the number of bytes written so far.
+    """
 
     def __init__(self, store: LocalArtifactStore) -> None:
         self._store = store
         tmp_dir = store.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".upload")
+        fd, self._tmp = _create_temp(tmp_dir, "upload.")
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        """Appends ``data``."""
         self._file.write(data)
         self._hash.update(data)
         self.size += len(data)
 
     def commit(self, expected_sha256: str = "") -> StoredBlob:
-        """Stores the bytes; refuses them (ValueError) when ``expected_sha256`` differs."""
+        """Stores the bytes written.
+
+        Raises:
+            ValueError: ``expected_sha256`` is given and is not the bytes' digest (nothing is
+                stored then).
+        """
         self._file.close()
         digest = self._hash.hexdigest()
         if expected_sha256 and expected_sha256 != digest:
@@ -143,5 +211,6 @@ class BlobWriter:
         return StoredBlob(digest, self.size, path.as_uri())
 
     def abort(self) -> None:
+        """Drops the bytes written; nothing is stored."""
         self._file.close()
-        Path(self._tmp).unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
