@@ -176,16 +176,12 @@ def _run_with_progress(client: Any, pipe: Any, parameters: dict[str, Any], no_ca
         line.append(f"  {time.monotonic() - started:.1f}s", style="dim")
         return line
 
-    from plait.api.v1 import resources_pb2
-
     with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
 
         def on_events(events: list[Any]) -> None:
             for e in events:
-                if e.step_id:
-                    statuses[e.step_id] = resources_pb2.StepStatus.Name(e.step_status).removeprefix(
-                        "STEP_STATUS_"
-                    )
+                if e.step_id and e.step_status is not None:
+                    statuses[e.step_id] = str(e.step_status)
             live.update(render())
 
         return client.run_pipeline(pipe, parameters, no_cache=no_cache, on_events=on_events)
@@ -360,7 +356,6 @@ def runs_watch(run_id: str) -> None:
     Exits with status 1 when the run does not succeed.
     """
     from plait._client import Client
-    from plait.api.v1 import resources_pb2
 
     try:
         client = Client.default()
@@ -368,15 +363,11 @@ def runs_watch(run_id: str) -> None:
         console = _console()
         for events in client.watch(run.run_id):
             for e in events:
-                when = e.time.ToDatetime().astimezone().strftime("%H:%M:%S.%f")[:-3]
+                when = e.time.astimezone().strftime("%H:%M:%S.%f")[:-3]
                 if e.step_id:
-                    status = resources_pb2.StepStatus.Name(e.step_status).removeprefix(
-                        "STEP_STATUS_"
-                    )
-                    what = f"step {e.step_id} {_styled(status)}"
+                    what = f"step {e.step_id} {_styled(str(e.step_status))}"
                 else:
-                    status = resources_pb2.RunStatus.Name(e.run_status).removeprefix("RUN_STATUS_")
-                    what = f"run {_styled(status)}"
+                    what = f"run {_styled(str(e.run_status))}"
                 detail = f"  [dim]{e.message}[/]" if e.message else ""
                 console.print(f"{when}  {what}{detail}")
         run = client.get_run(run.run_id)
@@ -468,28 +459,9 @@ def _server_pid() -> tuple[int, str] | None:
 
 
 def _healthy(address: str, timeout: float = 2.0) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from plait._channel import ChannelConfig, is_serving
 
-    try:
-        ca = os.environ.get("PLAIT_TLS_CA")
-        if ca:
-            cert, key = os.environ.get("PLAIT_TLS_CERT"), os.environ.get("PLAIT_TLS_KEY")
-            creds = grpc.ssl_channel_credentials(
-                Path(ca).read_bytes(),
-                Path(key).read_bytes() if key else None,
-                Path(cert).read_bytes() if cert else None,
-            )
-            channel = grpc.secure_channel(address, creds)
-        else:
-            channel = grpc.insecure_channel(address)
-        with channel:
-            resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
+    return is_serving(ChannelConfig.from_env(address), timeout)
 
 
 @cli.group(epilog=EPILOG)

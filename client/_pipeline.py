@@ -21,7 +21,8 @@ from plait.ir.v1 import ir_pb2
 if TYPE_CHECKING:
     import networkx as nx
 
-    from plait._client import Client, Run
+    from plait._client import Client
+    from plait._models import Run
 
 P = ParamSpec("P")
 

@@ -1,0 +1,76 @@
+"""The in-process control plane: the client's only door into the engine.
+
+Nothing else in the client imports :mod:`plait.engine`; this module does so only when an
+embedded control plane is started, so ``import plait`` and a client of a remote server never
+load the engine, SQLAlchemy or Alembic.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class EmbeddedControlPlane:
+    """A control plane on its own thread and event loop, for the process's life."""
+
+    def __init__(self, home: Path) -> None:
+        from anyio.from_thread import start_blocking_portal
+
+        from plait.engine import ControlPlane, ControlPlaneConfig
+
+        workers = os.environ.get("PLAIT_WORKERS")
+        self.control_plane: Any = ControlPlane(
+            ControlPlaneConfig(
+                home=home,
+                database_url=os.environ.get("PLAIT_DATABASE_URL", ""),
+                max_workers=int(workers) if workers else None,
+            )
+        )
+        self._portal_cm = start_blocking_portal("asyncio", name="plait-engine")
+        self.portal = self._portal_cm.__enter__()
+        try:
+            self._future, port = self.portal.start_task(
+                self.control_plane.serve, "127.0.0.1:0", name="plait-control-plane"
+            )
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+        self.address = f"127.0.0.1:{port}"
+        self._closed = False
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(BaseException):
+            self.portal.call(self.control_plane.stop)
+            self._future.result(timeout=30)
+        # shutting down at exit: there is nobody left to report a failure to
+        with contextlib.suppress(BaseException):
+            self._portal_cm.__exit__(None, None, None)
+
+
+_running: dict[Path, EmbeddedControlPlane] = {}
+_lock = threading.Lock()
+
+
+def embedded_address(home: Path) -> str:
+    """The address of this process's control plane for ``home``, started on first use."""
+    with _lock:
+        if home not in _running:
+            _running[home] = EmbeddedControlPlane(home)
+        return _running[home].address
+
+
+def stop_embedded(home: Path) -> None:
+    """Stops this process's control plane for ``home``, if one runs."""
+    with _lock:
+        embedded = _running.pop(home, None)
+    if embedded is not None:
+        embedded.close()

@@ -1,0 +1,585 @@
+"""The domain records: one type per concept, shared by the client, the engine and the workers.
+
+Each record converts to and from its API message at the boundary (``to_proto`` /
+``from_proto``); ``from_proto(to_proto(x)) == x`` holds for every record (a property test checks
+it). Records that the metadata store keeps as JSON also have ``to_json`` / ``from_json``.
+
+Statuses are enums tied to the API's enums by name (``StepStatus.CACHED`` is
+``STEP_STATUS_CACHED``); a test checks both sides list the same names. Which statuses are final
+is said here, once.
+
+This module imports no grpc and nothing of the engine: workers and remote clients load it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlparse
+
+from plait import errors
+from plait.api.v1 import resources_pb2 as res
+from plait.ir.canonical import canonical_json
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+__all__ = [
+    "FINAL_RUN_STATUSES",
+    "FINAL_STEP_STATUSES",
+    "ArtifactInfo",
+    "ArtifactReader",
+    "LogEntry",
+    "Run",
+    "RunEvent",
+    "RunStatus",
+    "StepError",
+    "StepRun",
+    "StepStatus",
+    "from_timestamp",
+    "to_timestamp",
+]
+
+
+class RunStatus(StrEnum):
+    """A run's state; compares equal to its name (``run.status == "SUCCEEDED"``)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        """True once the run has ended (it changes no more)."""
+        return self in FINAL_RUN_STATUSES
+
+    def to_proto(self) -> res.RunStatus.ValueType:
+        return _RUN_TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> RunStatus:
+        try:
+            return _RUN_FROM_PROTO[value]
+        except KeyError:
+            raise ValueError(f"no run status numbered {value}") from None
+
+
+class StepStatus(StrEnum):
+    """A step's state in a run; compares equal to its name (``step.status == "CACHED"``)."""
+
+    PENDING = "PENDING"
+    """Waiting for its upstream steps."""
+    QUEUED = "QUEUED"
+    """Handed to a runner, not started yet."""
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    """The user's code failed, for good (no retries left)."""
+    CACHED = "CACHED"
+    """Served from the cache: its outputs are an earlier run's."""
+    SKIPPED = "SKIPPED"
+    """Not run: an upstream step did not succeed."""
+    CANCELLED = "CANCELLED"
+    RETRYING = "RETRYING"
+    """An attempt failed and another will follow."""
+    CRASHED = "CRASHED"
+    """The attempt's infrastructure died (worker lost), not the user's code."""
+
+    @property
+    def is_final(self) -> bool:
+        """True once the step has ended in this run (it changes no more)."""
+        return self in FINAL_STEP_STATUSES
+
+    @property
+    def is_success(self) -> bool:
+        """True for a step whose outputs exist (it ran and succeeded, or was cached)."""
+        return self is StepStatus.SUCCEEDED or self is StepStatus.CACHED
+
+    def to_proto(self) -> res.StepStatus.ValueType:
+        return _STEP_TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> StepStatus:
+        try:
+            return _STEP_FROM_PROTO[value]
+        except KeyError:
+            raise ValueError(f"no step status numbered {value}") from None
+
+
+FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+FINAL_STEP_STATUSES = frozenset(
+    {
+        StepStatus.SUCCEEDED,
+        StepStatus.FAILED,
+        StepStatus.CACHED,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+        StepStatus.CRASHED,
+    }
+)
+
+_RUN_TO_PROTO = {s: res.RunStatus.Value(f"RUN_STATUS_{s.name}") for s in RunStatus}
+_RUN_FROM_PROTO: dict[int, RunStatus] = {v: s for s, v in _RUN_TO_PROTO.items()}
+_STEP_TO_PROTO = {s: res.StepStatus.Value(f"STEP_STATUS_{s.name}") for s in StepStatus}
+_STEP_FROM_PROTO: dict[int, StepStatus] = {v: s for s, v in _STEP_TO_PROTO.items()}
+
+
+# ---- time at the boundary ----------------------------------------------------------------------
+
+
+def to_timestamp(t: datetime, ts: Timestamp) -> None:
+    """Writes an aware datetime into a Timestamp field (microsecond precision, exact)."""
+    ts.FromDatetime(t)
+
+
+def from_timestamp(msg: Any, name: str) -> datetime | None:
+    """A Timestamp field as an aware UTC datetime, None when it is not set."""
+    if not msg.HasField(name):
+        return None
+    ts = getattr(msg, name)
+    return datetime.fromtimestamp(ts.seconds, UTC).replace(microsecond=ts.nanos // 1000)
+
+
+def from_epoch(t: float | None) -> datetime | None:
+    """Seconds since the epoch (as the store keeps them) as an aware UTC datetime."""
+    return None if t is None else datetime.fromtimestamp(t, UTC)
+
+
+def _json_or_empty(text: str) -> dict[str, Any]:
+    return json.loads(text) if text else {}
+
+
+def _canonical_or_empty(value: dict[str, Any]) -> str:
+    return canonical_json(value) if value else ""
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+class ArtifactReader(Protocol):
+    """What can fetch an artifact's bytes when this machine cannot read its store directly
+    (a :class:`plait.Client` connected to a remote control plane)."""
+
+    embedded: bool
+
+    def download_artifact(self, artifact_id: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """A stored output: where its bytes are and how to read them."""
+
+    artifact_id: str
+    output: str
+    """The name of the step output it is."""
+    digest: str
+    """sha256 of the stored bytes: the artifact store's key."""
+    size: int
+    uri: str
+    materializer: str
+    data_type: str
+    unsafe: bool
+    """True when loading it runs code (pickle)."""
+    run_id: str
+    step_id: str
+    created_at: datetime | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """What the step logged for this output (``log_metadata(..., output=...)``)."""
+    _reader: ArtifactReader | None = field(default=None, repr=False, compare=False)
+
+    def to_proto(self) -> res.Artifact:
+        msg = res.Artifact(
+            name=f"artifacts/{self.artifact_id}",
+            artifact_id=self.artifact_id,
+            output=self.output,
+            digest=self.digest,
+            size_bytes=self.size,
+            uri=self.uri,
+            materializer=self.materializer,
+            data_type=self.data_type,
+            unsafe=self.unsafe,
+            run_id=self.run_id,
+            step_id=self.step_id,
+            metadata_json=_canonical_or_empty(self.metadata),
+        )
+        if self.created_at is not None:
+            to_timestamp(self.created_at, msg.create_time)
+        return msg
+
+    @classmethod
+    def from_proto(cls, a: res.Artifact, reader: ArtifactReader | None = None) -> ArtifactInfo:
+        return cls(
+            artifact_id=a.artifact_id,
+            output=a.output,
+            digest=a.digest,
+            size=a.size_bytes,
+            uri=a.uri,
+            materializer=a.materializer,
+            data_type=a.data_type,
+            unsafe=a.unsafe,
+            run_id=a.run_id,
+            step_id=a.step_id,
+            created_at=from_timestamp(a, "create_time"),
+            metadata=_json_or_empty(a.metadata_json),
+            _reader=reader,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The form the store keeps in a step's outputs and in cache entries (the metadata is
+        kept with the artifact's own row, not here)."""
+        return {
+            "artifact_id": self.artifact_id,
+            "output": self.output,
+            "digest": self.digest,
+            "size": self.size,
+            "uri": self.uri,
+            "materializer": self.materializer,
+            "data_type": self.data_type,
+            "unsafe": self.unsafe,
+            "run_id": self.run_id,
+            "step_id": self.step_id,
+            "created_at": None if self.created_at is None else self.created_at.timestamp(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], metadata: dict[str, Any] | None = None) -> ArtifactInfo:
+        return cls(
+            artifact_id=d["artifact_id"],
+            output=d["output"],
+            digest=d["digest"],
+            size=d["size"],
+            uri=d["uri"],
+            materializer=d["materializer"],
+            data_type=d["data_type"],
+            unsafe=d["unsafe"],
+            run_id=d["run_id"],
+            step_id=d["step_id"],
+            created_at=from_epoch(d.get("created_at")),
+            metadata=metadata or {},
+        )
+
+    def read_bytes(self) -> bytes:
+        """The stored bytes, checked against the digest: from the store when this machine
+        reaches it, else streamed from the control plane."""
+        from plait._artifact_store import LocalArtifactStore
+
+        parsed = urlparse(self.uri)
+        path = Path(unquote(parsed.path))
+        local = parsed.scheme in ("", "file") and path.is_file()
+        if not local and self._reader is not None and not self._reader.embedded:
+            return self._reader.download_artifact(self.artifact_id)
+        if parsed.scheme not in ("", "file"):
+            raise errors.ArtifactError(f"cannot read artifact at {self.uri}: not a local file")
+        try:
+            return LocalArtifactStore(path.parents[2]).get(self.digest)
+        except FileNotFoundError as exc:
+            raise errors.ArtifactNotFoundError(
+                f"artifact {self.artifact_id}: its bytes are gone from the store ({exc})"
+            ) from None
+        except ValueError as exc:
+            raise errors.ArtifactError(f"artifact {self.artifact_id}: {exc}") from None
+
+    def load(self) -> Any:
+        """The value, read with the materializer that wrote it."""
+        from plait._materializers import get_materializer
+
+        data = self.read_bytes()
+        try:
+            materializer = get_materializer(self.materializer)
+        except LookupError as exc:
+            raise errors.ArtifactError(str(exc)) from None
+        return materializer.load(data)
+
+
+@dataclass(frozen=True)
+class StepError:
+    """What a failed step raised (or what killed its attempt)."""
+
+    type: str
+    """The qualified name of the exception type (``builtins.ValueError``)."""
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def of(cls, exc: BaseException, traceback: str = "") -> StepError:
+        """The record of an exception."""
+        return cls(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), traceback)
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+    def to_proto(self) -> res.StepError:
+        return res.StepError(type=self.type, message=self.message, traceback=self.traceback)
+
+    @classmethod
+    def from_proto(cls, e: res.StepError) -> StepError:
+        return cls(e.type, e.message, e.traceback)
+
+    def to_json(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StepError:
+        return cls(d.get("type", ""), d.get("message", ""), d.get("traceback", ""))
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One step of a run."""
+
+    step_id: str
+    status: StepStatus
+    attempt: int = 0
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    outputs: dict[str, ArtifactInfo] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """What the step logged with ``log_metadata()``."""
+    error: StepError | None = None
+    cache_key: str = ""
+    upstream: list[str] = field(default_factory=list)
+    """The ids of the steps whose outputs it reads."""
+
+    @property
+    def cached(self) -> bool:
+        return self.status == StepStatus.CACHED
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from start to end, when both are known."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time).total_seconds()
+
+    def output(self, name: str | None = None) -> Any:
+        """Loads an output's value; ``name`` may be left out when the step has one output."""
+        if name is None:
+            if len(self.outputs) != 1:
+                raise errors.PlaitError(
+                    f"step {self.step_id!r} has {len(self.outputs)} outputs "
+                    f"({', '.join(self.outputs) or 'none'}): name one"
+                )
+            return next(iter(self.outputs.values())).load()
+        if name not in self.outputs:
+            if not self.status.is_success:
+                raise errors.PlaitError(
+                    f"step {self.step_id!r} is {self.status}: it has no outputs"
+                )
+            raise errors.PlaitError(
+                f"step {self.step_id!r} has no output {name!r}; outputs: "
+                f"{', '.join(self.outputs) or 'none'}"
+            )
+        return self.outputs[name].load()
+
+    def to_proto(self) -> res.StepRun:
+        msg = res.StepRun(
+            step_id=self.step_id,
+            status=self.status.to_proto(),
+            attempt=self.attempt,
+            cache_key=self.cache_key,
+            upstream=self.upstream,
+            metadata_json=_canonical_or_empty(self.metadata),
+            outputs=[a.to_proto() for a in self.outputs.values()],
+        )
+        if self.start_time is not None:
+            to_timestamp(self.start_time, msg.start_time)
+        if self.end_time is not None:
+            to_timestamp(self.end_time, msg.end_time)
+        if self.error is not None:
+            msg.error.CopyFrom(self.error.to_proto())
+        return msg
+
+    @classmethod
+    def from_proto(cls, s: res.StepRun, reader: ArtifactReader | None = None) -> StepRun:
+        return cls(
+            step_id=s.step_id,
+            status=StepStatus.from_proto(s.status),
+            attempt=s.attempt,
+            start_time=from_timestamp(s, "start_time"),
+            end_time=from_timestamp(s, "end_time"),
+            outputs={a.output: ArtifactInfo.from_proto(a, reader) for a in s.outputs},
+            metadata=_json_or_empty(s.metadata_json),
+            error=StepError.from_proto(s.error) if s.HasField("error") else None,
+            cache_key=s.cache_key,
+            upstream=list(s.upstream),
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run of a pipeline: its state, its steps, their outputs."""
+
+    run_id: str
+    pipeline: str
+    pipeline_version: str
+    status: RunStatus
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """Every parameter's value, defaults included."""
+    create_time: datetime | None = None
+    end_time: datetime | None = None
+    steps: dict[str, StepRun] = field(default_factory=dict)
+    """Step runs by step id, in topological order (empty in listings)."""
+    no_cache: bool = False
+    stack: str = ""
+    """The stack the run used."""
+    request_id: str = ""
+    """The client's idempotency key of the CreateRun that made it."""
+    last_sequence: int = 0
+    """The sequence number of the run's newest event, to resume watching after it."""
+    _client: Any = field(default=None, repr=False, compare=False)
+    """The :class:`plait.Client` it was read through."""
+
+    def to_proto(self) -> res.Run:
+        msg = res.Run(
+            name=f"runs/{self.run_id}",
+            run_id=self.run_id,
+            pipeline=self.pipeline,
+            pipeline_version=self.pipeline_version,
+            status=self.status.to_proto(),
+            no_cache=self.no_cache,
+            request_id=self.request_id,
+            stack=f"stacks/{self.stack}" if self.stack else "",
+            last_sequence=self.last_sequence,
+            steps=[s.to_proto() for s in self.steps.values()],
+        )
+        for k, v in self.parameters.items():
+            msg.parameters.add(name=k, json=canonical_json(v))
+        if self.create_time is not None:
+            to_timestamp(self.create_time, msg.create_time)
+        if self.end_time is not None:
+            to_timestamp(self.end_time, msg.end_time)
+        return msg
+
+    @classmethod
+    def from_proto(cls, r: res.Run, client: Any = None) -> Run:
+        return cls(
+            run_id=r.run_id,
+            pipeline=r.pipeline,
+            pipeline_version=r.pipeline_version,
+            status=RunStatus.from_proto(r.status),
+            parameters={p.name: json.loads(p.json) for p in r.parameters},
+            create_time=from_timestamp(r, "create_time"),
+            end_time=from_timestamp(r, "end_time"),
+            steps={s.step_id: StepRun.from_proto(s, client) for s in r.steps},
+            no_cache=r.no_cache,
+            stack=r.stack.removeprefix("stacks/"),
+            request_id=r.request_id,
+            last_sequence=r.last_sequence,
+            _client=client,
+        )
+
+    def raise_for_status(self) -> Run:
+        """Raises StepFailedError naming the first failed step when the run did not succeed."""
+        if self.status == RunStatus.SUCCEEDED:
+            return self
+        for s in self.steps.values():
+            if s.status in (StepStatus.FAILED, StepStatus.CRASHED):
+                err = s.error or StepError("", "", "")
+                raise errors.StepFailedError(s.step_id, err.type, err.message, err.traceback)
+        raise errors.PlaitError(f"run {self.run_id} is {self.status}")
+
+    def refresh(self) -> Run:
+        """A fresh copy of this run from the control plane."""
+        return self._client_or_default().get_run(self.run_id)  # type: ignore[no-any-return]
+
+    def wait(self) -> Run:
+        """Blocks until the run ends; returns the final state."""
+        return self._client_or_default().wait(self.run_id)  # type: ignore[no-any-return]
+
+    def logs(self, step: str | None = None) -> str:
+        """The captured output of the run's steps (or one step), as text."""
+        return "".join(e.text for e in self._client_or_default().logs(self.run_id, step))
+
+    def _client_or_default(self) -> Any:
+        if self._client is not None:
+            return self._client
+        from plait._client import Client
+
+        return Client.default()
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """A change of a run or of one of its steps, numbered in commit order."""
+
+    run_id: str
+    step_id: str
+    """Empty for an event of the run itself."""
+    run_status: RunStatus | None
+    """The run's new status, on a run event."""
+    step_status: StepStatus | None
+    """The step's new status, on a step event."""
+    attempt: int
+    message: str
+    time: datetime
+    sequence: int = 0
+    """Assigned when the event is committed; increases within a run."""
+
+    def to_proto(self) -> res.RunEvent:
+        msg = res.RunEvent(
+            sequence=self.sequence,
+            run_id=self.run_id,
+            step_id=self.step_id,
+            attempt=self.attempt,
+            message=self.message,
+        )
+        if self.run_status is not None:
+            msg.run_status = self.run_status.to_proto()
+        if self.step_status is not None:
+            msg.step_status = self.step_status.to_proto()
+        to_timestamp(self.time, msg.time)
+        return msg
+
+    @classmethod
+    def from_proto(cls, e: res.RunEvent) -> RunEvent:
+        return cls(
+            run_id=e.run_id,
+            step_id=e.step_id,
+            run_status=RunStatus.from_proto(e.run_status) if e.run_status else None,
+            step_status=StepStatus.from_proto(e.step_status) if e.step_status else None,
+            attempt=e.attempt,
+            message=e.message,
+            time=from_timestamp(e, "time") or datetime.fromtimestamp(0, UTC),
+            sequence=e.sequence,
+        )
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """A chunk of what a step wrote to stdout or stderr."""
+
+    step_id: str
+    attempt: int
+    stream: str
+    """``stdout`` or ``stderr``."""
+    text: str
+    time: datetime
+    sequence: int = 0
+
+    def to_proto(self) -> res.LogEntry:
+        msg = res.LogEntry(
+            sequence=self.sequence,
+            step_id=self.step_id,
+            attempt=self.attempt,
+            stream=self.stream,
+            text=self.text,
+        )
+        to_timestamp(self.time, msg.time)
+        return msg
+
+    @classmethod
+    def from_proto(cls, e: res.LogEntry) -> LogEntry:
+        return cls(
+            step_id=e.step_id,
+            attempt=e.attempt,
+            stream=e.stream,
+            text=e.text,
+            time=from_timestamp(e, "time") or datetime.fromtimestamp(0, UTC),
+            sequence=e.sequence,
+        )
