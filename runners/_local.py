@@ -84,7 +84,7 @@ class LocalRunner:
             [
                 sys.executable,
                 "-m",
-                "plait.runners._worker",
+                "plait.runners.worker",
                 "--address",
                 self._ctx.address,
                 "--worker-id",

@@ -1,0 +1,25 @@
+"""The worker: one step-execution core, several transports around it.
+
+`StepExecutor` runs one task in this process: it imports the step's code (and re-imports it
+when its digest changed), resolves the inputs, sets the step's environment variables and
+context, captures fds 1 and 2, calls the function (async ones on its own event loop), checks and
+stores the outputs, and turns an exception into a StepError. It reports what happens to a
+`Reporter` and never learns where the task came from or where the reports go.
+
+A transport gets tasks and carries reports. Today there is one:
+
+- the TaskService.Connect stream (`serve`, `StreamReporter`), one per process of the local
+  warm pool, run as ``python -m plait.runners.worker --address HOST:PORT --worker-id ID``.
+
+Remote workers (the unary WorkerService long-poll) and the one-shot container entrypoint
+(``python -m plait.runners.step``) are to be further transports around the same core, so every
+transport runs a step the same way and reports the same messages with the same lease token.
+
+A worker holds no state the control plane cannot recover: if it dies, its attempt is CRASHED
+and retried. It never imports the engine.
+"""
+
+from plait.runners.worker._execute import Reporter, StepExecutor
+from plait.runners.worker._stream import STARTED_DELAY, StreamReporter, serve
+
+__all__ = ["STARTED_DELAY", "Reporter", "StepExecutor", "StreamReporter", "serve"]
