@@ -128,10 +128,15 @@ def test_concurrent_writer_processes(tmp_path: Path) -> None:
         "s = S(sys.argv[1]); [s.put(b'same' * 10000) for _ in range(200)]"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env) for _ in range(4)
-    ]
-    assert all(p.wait(timeout=60) == 0 for p in procs)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(4):
+            procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env))
+        assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    finally:
+        for p in procs:  # stopped even when one failed or hung
+            p.kill()
+            p.wait()
     files = files_under(tmp_path)
     assert len(files) == 1 and files[0].read_bytes() == b"same" * 10000
 

@@ -3,21 +3,23 @@ and runs that survive a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import kill_group, run, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIT = str(Path(sys.executable).parent / "plait")
 
 PIPELINE = """
+import os
 import time
 import plait
 
@@ -33,6 +35,24 @@ def after(x: float) -> str:
 @plait.pipeline
 def slow(seconds: float = 0.2):
     after(wait(seconds))
+
+@plait.step(cache=False)
+def hold(gate: str) -> str:
+    # blocks until the test creates `gate`: the test, not the clock, decides when the step ends
+    deadline = time.monotonic() + 600  # a hang guard only
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nobody created {gate}")
+        time.sleep(0.05)
+    return gate
+
+@plait.step
+def released(gate: str) -> str:
+    return f"released {gate}"
+
+@plait.pipeline
+def held(gate: str):
+    released(hold(gate))
 """
 
 
@@ -56,27 +76,49 @@ class Server:
         }
         self.script = tmp / "slow_pipeline.py"
         self.script.write_text(PIPELINE)
+        self.gate = tmp / "gate"
+        # the process groups of the daemons started: killed at teardown, workers included
+        self.groups: list[int] = []
 
     def plait(
         self, *args: str, client: bool = True, ok: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        out = subprocess.run(
-            [PLAIT, *args],
-            env=self.client_env if client else self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
+        out = run(
+            [PLAIT, *args], env=self.client_env if client else self.env, timeout=120, cwd=ROOT
         )
         if ok:
             assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
         return out
 
-    def start(self) -> None:
-        self.plait("server", "start", "--port", str(self.port), client=False)
+    def start(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        try:
+            return self.plait("server", "start", *args, client=False, ok=ok)
+        finally:
+            self._remember_group()
+
+    def _remember_group(self) -> None:
+        # `plait server start` gives the daemon a session of its own: its pid is its group
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            self.groups.append(int((self.home / "server.pid").read_text().split()[0]))
 
     def stop(self) -> None:
         self.plait("server", "stop", client=False)
+
+    def kill(self) -> None:
+        """Teardown: a graceful stop, then SIGKILL whatever is left of every daemon started."""
+        try:
+            self.plait("server", "stop", client=False, ok=False)
+        finally:
+            for pgid in self.groups:
+                kill_group(pgid)
+
+    def run_status(self, run_id: str) -> str | None:
+        con = sqlite3.connect(self.home / "plait.db")
+        try:
+            row = con.execute("select status from runs where id=?", (run_id,)).fetchone()
+        finally:
+            con.close()
+        return row[0] if row else None
 
     def step_status(self, run_id: str, step: str) -> str | None:
         con = sqlite3.connect(self.home / "plait.db")
@@ -92,9 +134,11 @@ class Server:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     s = Server(tmp_path)
-    s.start()
-    yield s
-    s.plait("server", "stop", client=False, ok=False)
+    try:
+        s.start("--port", str(s.port))
+        yield s
+    finally:
+        s.kill()
 
 
 def test_clients_use_the_daemon(server: Server) -> None:
@@ -109,39 +153,42 @@ def test_clients_use_the_daemon(server: Server) -> None:
 
 
 def test_detach_then_watch(server: Server) -> None:
-    started = time.monotonic()
+    # the step cannot end before the gate exists: --detach must return while the run goes on
     rid = server.plait(
-        "run", f"{server.script}:slow", "-p", "seconds=1.5", "--detach"
+        "run", f"{server.script}:held", "-p", f"gate={server.gate}", "--detach"
     ).stdout.strip()
-    assert len(rid) == 32 and time.monotonic() - started < 1.4  # returned before the run ended
+    assert len(rid) == 32
+    assert server.run_status(rid) in ("PENDING", "RUNNING")
+    assert server.step_status(rid, "released") != "SUCCEEDED"
+    server.gate.touch()
     watched = server.plait("runs", "watch", rid)
-    assert "step wait RUNNING" in watched.stdout and "run SUCCEEDED" in watched.stdout
-    assert server.step_status(rid, "after") == "SUCCEEDED"
+    assert "step hold RUNNING" in watched.stdout and "run SUCCEEDED" in watched.stdout
+    assert server.step_status(rid, "released") == "SUCCEEDED"
 
 
 def test_cancel(server: Server) -> None:
-    rid = server.plait("run", f"{server.script}:slow", "-p", "seconds=60", "-d").stdout.strip()
-    deadline = time.monotonic() + 30
-    while server.step_status(rid, "wait") != "RUNNING":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # nobody creates the gate: only the cancel ends the step
+    rid = server.plait(
+        "run", f"{server.script}:held", "-p", f"gate={server.gate}", "-d"
+    ).stdout.strip()
+    wait_for(lambda: server.step_status(rid, "hold") == "RUNNING", "step hold reaching RUNNING")
     out = server.plait("runs", "cancel", rid[:10])
     assert "CANCELLED" in out.stdout
-    assert server.step_status(rid, "wait") == "CANCELLED"
-    assert server.step_status(rid, "after") == "CANCELLED"
+    assert server.step_status(rid, "hold") == "CANCELLED"
+    assert server.step_status(rid, "released") == "CANCELLED"
     # the pool recovers: the next run works
     assert "SUCCEEDED" in server.plait("run", f"{server.script}:slow").stdout
 
 
 def test_runs_resume_after_a_restart(server: Server) -> None:
-    rid = server.plait("run", f"{server.script}:slow", "-p", "seconds=2", "-d").stdout.strip()
-    deadline = time.monotonic() + 30
-    while server.step_status(rid, "wait") != "RUNNING":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    server.stop()  # SIGTERM mid-step: the attempt dies with the server
+    rid = server.plait(
+        "run", f"{server.script}:held", "-p", f"gate={server.gate}", "-d"
+    ).stdout.strip()
+    wait_for(lambda: server.step_status(rid, "hold") == "RUNNING", "step hold reaching RUNNING")
+    server.stop()  # SIGTERM mid-step (the gate is closed): the attempt dies with the server
     assert "no server" in server.plait("server", "status", client=False, ok=False).stdout
-    server.start()
+    server.start("--port", str(server.port))
+    server.gate.touch()  # the second attempt may finish
     watched = server.plait("runs", "watch", rid)
     assert "run SUCCEEDED" in watched.stdout
     assert "the control plane restarted" in watched.stdout
@@ -149,7 +196,7 @@ def test_runs_resume_after_a_restart(server: Server) -> None:
     try:
         attempts = con.execute(
             "select attempt, status from attempts where run_id=? and "
-            "step_id='wait' order by attempt",
+            "step_id='hold' order by attempt",
             (rid,),
         ).fetchall()
     finally:
@@ -159,6 +206,8 @@ def test_runs_resume_after_a_restart(server: Server) -> None:
 
 def test_server_refuses_non_loopback_and_detach_needs_a_server(tmp_path: Path) -> None:
     s = Server(tmp_path)
+    # s.plait runs each command in a process group of its own, killed when it returns: a
+    # foreground server that wrongly started does not outlive the test
     out = s.plait(
         "server",
         "start",
@@ -185,9 +234,7 @@ def test_login_and_logout(server: Server, tmp_path: Path) -> None:
     env.pop("PLAIT_SERVER", None)
 
     def plait(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [PLAIT, *args], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
-        )
+        return run([PLAIT, *args], env=env, timeout=120, cwd=ROOT)
 
     assert plait("login", "127.0.0.1:1").returncode == 2  # nothing answers there
     assert plait("login", server.address).returncode == 0
@@ -202,12 +249,13 @@ def test_settings_from_a_config_file(tmp_path: Path) -> None:
     s = Server(tmp_path)
     s.home.mkdir(parents=True, exist_ok=True)
     (s.home / "server.toml").write_text(f'port = {s.port}\nhost = "127.0.0.1"\n')
-    s.plait("server", "start", client=False)  # no --port: the file gives it
     try:
+        s.start()  # no --port: the file gives it
         status = s.plait("server", "status", client=False)
         assert s.address in status.stdout and "SERVING" in status.stdout
-    finally:
         s.stop()
-    (s.home / "server.toml").write_text("prot = 1\n")
-    out = s.plait("server", "start", client=False, ok=False)
-    assert out.returncode == 2 and "unknown setting(s) prot" in out.stderr
+        (s.home / "server.toml").write_text("prot = 1\n")
+        out = s.start(ok=False)
+        assert out.returncode == 2 and "unknown setting(s) prot" in out.stderr
+    finally:
+        s.kill()

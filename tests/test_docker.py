@@ -64,21 +64,21 @@ def test_the_server_image_serves_with_tokens_and_stops_gracefully(image: str) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     name = f"plait-test-{os.getpid()}"
-    docker(
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--network",
-        "host",
-        image,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--auth",
-    )
     try:
+        docker(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            image,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--auth",
+        )
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while "ready" not in docker("logs", name).stderr:

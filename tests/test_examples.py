@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,12 +29,6 @@ def test_there_are_examples() -> None:
 def test_example_runs(example: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_WORKERS": "2"}
     env.pop("PLAIT_SERVER", None)
-    out = subprocess.run(
-        [sys.executable, str(example)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # in a process group of its own, killed after: the embedded engine's workers included
+    out = processes.run([sys.executable, example], env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -438,31 +438,45 @@ def chatty(x: int) -> int:
     return x
 
 
-@plait.step
-def slow_tail(x: int) -> int:
+@plait.step(cache=False)
+def gated_tail(x: int, gate: str) -> int:
+    import os
     import time as _t
 
-    _t.sleep(1.0)
+    # blocks until the test creates `gate`; the deadline is a hang guard that fails the run
+    deadline = _t.monotonic() + 90
+    while not os.path.exists(gate):
+        if _t.monotonic() > deadline:
+            raise TimeoutError(f"nobody created {gate}")
+        _t.sleep(0.05)
     print("tail done")
     return x
 
 
 @plait.pipeline
-def talkative(x: int = 1) -> None:
-    slow_tail(chatty(x))
+def talkative(gate: str, x: int = 1) -> None:
+    gated_tail(chatty(x), gate)
 
 
-def test_stream_logs_follows_a_run_live(api: Api) -> None:
+def test_stream_logs_follows_a_run_live(api: Api, tmp_path: Path) -> None:
     version = api.register(talkative.compile().spec)
-    created = api.runs.CreateRun(runs.CreateRunRequest(pipeline_version=version))
-    arrivals: list[tuple[float, str]] = []
+    gate = tmp_path / "gate"
+    created = api.runs.CreateRun(
+        runs.CreateRunRequest(
+            pipeline_version=version,
+            parameters=[ir_pb2.NamedValue(name="gate", json=json.dumps(str(gate)))],
+        )
+    )
+    texts = ""
+    seen_while_blocked = False
     for resp in api.runs.StreamLogs(runs.StreamLogsRequest(name=created.run.name)):
-        arrivals.extend((time.monotonic(), e.text) for e in resp.entries)
-    texts = "".join(t for _, t in arrivals)
-    assert "chatty says 1" in texts and "tail done" in texts
-    first = next(t for t, text in arrivals if "chatty" in text)
-    last = next(t for t, text in arrivals if "tail done" in text)
-    assert last - first > 0.5  # chatty's output came while slow_tail was still running
+        texts += "".join(e.text for e in resp.entries)
+        if "chatty says 1" in texts and not gate.exists():
+            # gated_tail cannot end before the gate exists: this output came while it ran
+            seen_while_blocked = True
+            gate.touch()
+    assert seen_while_blocked, f"chatty's output did not stream while the run went on: {texts!r}"
+    assert "tail done" in texts
     only = [
         e.step_id
         for r in api.runs.StreamLogs(

@@ -4,11 +4,11 @@ are refused with a message a person can act on."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import anyio
+import processes
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -96,12 +96,10 @@ def test_a_newer_unknown_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PlaitError, match=r"revision '9999'.*newer Plait"):
         anyio.run(_open, url)
     env = {**os.environ, "PLAIT_HOME": str(home)}
-    out = subprocess.run(
+    # a group of its own, killed after: a server that wrongly starts does not outlive the test
+    out = processes.run(
         [sys.executable, "-m", "plait", "server", "start", "--foreground", "--port", "0"],
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert out.returncode == 2
     assert "newer Plait" in out.stderr and "Traceback" not in out.stderr

@@ -126,7 +126,7 @@ def retrying(marker: str) -> None:
 
 @plait.step(timeout=0.5)
 def sleepy() -> int:
-    time.sleep(30)
+    time.sleep(3600)  # only the timeout can end it: a run that ends proves the step was stopped
     return 1
 
 
@@ -370,16 +370,14 @@ def test_retries(client: plait.Client, tmp_path: Path) -> None:
     assert r.steps["flaky"].attempt == 3
     assert r.steps["flaky"].output() == "ok"
     events = [e for batch in client.watch(r.run_id) for e in batch if e.step_id == "flaky"]
-    from plait.api.v1 import resources_pb2 as res
-
-    names = [res.StepStatus.Name(e.step_status).removeprefix("STEP_STATUS_") for e in events]
+    names = [e.step_status for e in events]
     assert names.count("RETRYING") == 2 and names[-1] == "SUCCEEDED"
 
 
 def test_timeout_fails_the_step(client: plait.Client) -> None:
-    started = time.monotonic()
+    # sleepy never returns on its own: if the timeout did not stop it, the run would hang and the
+    # per-test timeout would fail this test; no assertion on how long it took
     r = run(too_slow, client)
-    assert time.monotonic() - started < 15
     assert r.status == "FAILED"
     s = r.steps["sleepy"]
     assert s.status == "FAILED" and s.error is not None

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 
 TEMPLATE = """
@@ -41,9 +41,7 @@ def _run(script: Path, home: Path, **parts: str) -> dict[str, list[object]]:
     values = {"first_comment": "", "second_settings": "", "second_body": "y * 2", **parts}
     script.write_text(TEMPLATE.format(**values))
     env = {**os.environ, "PLAIT_HOME": str(home)}
-    out = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60
-    )
+    out = processes.run([sys.executable, script], env=env, timeout=processes.DEADLINE)
     assert out.returncode == 0, out.stderr
     result: dict[str, list[object]] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -125,12 +123,6 @@ def test_workers_pick_up_code_edited_in_a_long_lived_process(tmp_path: Path) -> 
         "PLAIT_WORKERS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = processes.run([sys.executable, script, tmp_path], env=env, timeout=processes.DEADLINE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "2"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from processes import DEADLINE, kill_group, wait_for
 from test_runs import demo
 
 import plait
@@ -38,18 +39,25 @@ class Daemon:
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "foreground.log"
         with open(self.log, "wb") as log:
+            # a session of its own: stop() kills the group, the daemon's workers included
             self.proc = subprocess.Popen(
                 [PLAIT, "server", "start", "--foreground", "--port", str(self.port), *flags],
                 env=self.env,
                 stdout=log,
                 stderr=log,
+                start_new_session=True,
             )
-        deadline = time.monotonic() + 30
-        while not (home / "server.pid").exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(self.log.read_text())
-            assert time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.05)
+        try:
+
+            def started() -> bool:
+                if self.proc.poll() is not None:
+                    raise AssertionError(self.log.read_text())
+                return (home / "server.pid").exists()
+
+            wait_for(started, "the daemon writing server.pid")
+        except BaseException:
+            self.stop()
+            raise
 
     def token(self, *args: str) -> str:
         out = subprocess.run(
@@ -63,15 +71,23 @@ class Daemon:
         return out.stdout.strip()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        """SIGTERM, then SIGKILL to the whole group whatever happened."""
+        try:
+            self.proc.terminate()
+            self.proc.wait(timeout=DEADLINE)
+        finally:
+            kill_group(self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture
 def authed(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path / "home", "--auth")
-    yield d
-    d.stop()
+    try:
+        yield d
+    finally:
+        d.stop()
 
 
 def _code(fn: object) -> grpc.StatusCode:
