@@ -30,7 +30,7 @@ KEY_SCHEME = "plait.cache.v1"
 def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheKeyMaterial:
     """The key material of ``step`` given its resolved input values.
 
-    ``values`` maps input names to resolved values in the form :mod:`plait.engine._scheduler`
+    ``values`` maps input names to resolved values in the form :data:`plait.engine.scheduler.Value`
     uses: ``("json", text)``, ``("artifact", info)``, ``("list", [...])``, ``("map", {...})``.
     """
     material = ir_pb2.CacheKeyMaterial(

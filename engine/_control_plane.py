@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,29 +14,31 @@ from typing import Any
 import anyio
 import grpc
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sqlalchemy.engine import Connection
 
 from plait._artifact_store import LocalArtifactStore
-from plait.api.v1 import resources_pb2 as res
+from plait._models import RunStatus, StepError
 from plait.api.v1 import task_service_pb2 as tasks
-from plait.engine import _queries as q
-from plait.engine._scheduler import (
+from plait.engine._events import EventHub
+from plait.engine._validate import validate_pipeline
+from plait.engine.api._convert import task_to_proto, token_from_proto, token_to_proto
+from plait.engine.scheduler import (
     CancelRun,
+    Command,
     Completed,
     CreateRun,
-    Event,
+    Effects,
     Failed,
-    Input,
-    OutputInfo,
+    RunCreated,
     Scheduler,
     Started,
     TaskOrder,
-    TickResult,
     Token,
 )
-from plait.engine._store import Store
-from plait.engine._validate import validate_pipeline
-from plait.errors import PipelineValidationError, PlaitError
+from plait.engine.store import Store
+from plait.engine.store._pipelines import register_pipeline
+from plait.engine.store._scheduling import SqlLookups, load_unfinished_runs, write_effects
+from plait.errors import PlaitError
 from plait.ir.canonical import message_digest
 from plait.ir.v1 import ir_pb2
 from plait.runners import LocalRunner, Runner, RunnerContext
@@ -83,39 +82,6 @@ class ControlPlaneConfig:
         return self.artifact_store_uri or (self.home / "artifacts").as_uri()
 
 
-class EventHub:
-    """Fans committed events out to the watchers of each run."""
-
-    def __init__(self) -> None:
-        # run id -> id(receive stream) -> its send stream
-        self._subs: dict[str, dict[int, MemoryObjectSendStream[list[res.RunEvent]]]] = {}
-
-    def subscribe(self, run_id: str) -> MemoryObjectReceiveStream[list[res.RunEvent]]:
-        """A stream of the run's events, in batches, from now on; pass it to unsubscribe."""
-        send, recv = anyio.create_memory_object_stream[list[res.RunEvent]](math.inf)
-        self._subs.setdefault(run_id, {})[id(recv)] = send
-        return recv
-
-    def unsubscribe(self, run_id: str, recv: MemoryObjectReceiveStream[Any]) -> None:
-        subs = self._subs.get(run_id, {})
-        send = subs.pop(id(recv), None)
-        if send is not None:
-            send.close()
-        if not subs:
-            self._subs.pop(run_id, None)
-
-    def publish(self, events: list[Event]) -> None:
-        by_run: dict[str, list[Event]] = defaultdict(list)
-        for e in events:
-            if e.run_id in self._subs:
-                by_run[e.run_id].append(e)
-        for run_id, evs in by_run.items():
-            msgs = [q.event_to_proto(e) for e in evs]
-            for send in list(self._subs.get(run_id, {}).values()):
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    send.send_nowait(msgs)
-
-
 class ControlPlane:
     """The engine: owns the store, the scheduler loop, the runners and the gRPC server."""
 
@@ -128,14 +94,13 @@ class ControlPlane:
         self.runners: dict[str, Runner] = dict(
             runners or {"local": LocalRunner(config.max_workers)}
         )
-        self.scheduler = Scheduler(
-            runners=frozenset(self.runners),
-            dialect=self.store.dialect,
-            blob_exists=self.artifacts.exists,
-        )
+        self.scheduler = Scheduler(runners=frozenset(self.runners))
+        self._lookups = SqlLookups(self.artifacts.exists)
         self.hub = EventHub()
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Input](math.inf)
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Command](math.inf)
         self._replies: dict[int, anyio.Event] = {}
+        """Who waits for the answer to a CreateRun or CancelRun, by ``id(command)``."""
+        self._answers: dict[int, RunCreated | bool | Exception] = {}
         self._timeouts: dict[Token, tuple[float, str]] = {}
         """Attempts with a timeout that have not started yet: (seconds, runner)."""
         self._deadlines: dict[Token, tuple[float, str]] = {}
@@ -172,45 +137,60 @@ class ControlPlane:
 
     # ---- inputs from servicers ----
 
-    def submit(self, item: Input) -> None:
+    def submit(self, item: Command) -> None:
         self._inbox_send.send_nowait(item)
 
     async def register_pipeline(self, spec: ir_pb2.PipelineSpec) -> tuple[str, bool]:
         validate_pipeline(spec)
         version = message_digest(spec)
-        created = await self.store.write(q.register_pipeline, spec, version, time.time())
+        created = await self.store.write(register_pipeline, spec, version, time.time())
         return version, created
+
+    async def _ask(self, cmd: CreateRun | CancelRun) -> RunCreated | bool | Exception:
+        done = self._replies[id(cmd)] = anyio.Event()
+        self.submit(cmd)
+        await done.wait()
+        return self._answers.pop(id(cmd))
 
     async def create_run(
         self, version: str, parameters: dict[str, str], no_cache: bool, request_id: str
-    ) -> tuple[str, bool]:
-        cmd = CreateRun(version, parameters, no_cache, request_id)
-        done = self._replies[id(cmd)] = anyio.Event()
-        self.submit(cmd)
-        await done.wait()
-        if cmd.error is not None:
-            raise cmd.error
-        assert cmd.result is not None
-        return cmd.result
+    ) -> RunCreated:
+        answer = await self._ask(CreateRun(version, parameters, no_cache, request_id))
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, RunCreated)
+        return answer
 
     async def cancel_run(self, run_id: str) -> bool:
         """Cancels an active run; False when it was not active (already ended)."""
-        cmd = CancelRun(run_id)
-        done = self._replies[id(cmd)] = anyio.Event()
-        self.submit(cmd)
-        await done.wait()
-        return cmd.found
+        return bool(await self._ask(CancelRun(run_id)))
 
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
         self.submit(
-            Failed(
-                _token(token),
-                {"type": "plait.WorkerLost", "message": reason, "traceback": ""},
-                crashed=True,
-            )
+            Failed(token_from_proto(token), StepError("plait.WorkerLost", reason), crashed=True)
         )
 
     # ---- the loop ----
+
+    def _tick(self, conn: Connection, batch: list[Command], now: float) -> Effects:
+        """One batch in one transaction: the scheduler decides, the store writes."""
+        fx = self.scheduler.apply(batch, now, self._lookups.bind(conn))
+        fx.events = write_effects(conn, fx)
+        return fx
+
+    def _recover(self, conn: Connection, now: float) -> Effects:
+        fx = self.scheduler.recover(load_unfinished_runs(conn), now, self._lookups.bind(conn))
+        fx.events = write_effects(conn, fx)
+        return fx
+
+    def _write(self, conn: Connection, fx: Effects) -> Effects:
+        fx.events = write_effects(conn, fx)
+        return fx
+
+    def _answer(self, answers: dict[int, RunCreated | bool | Exception]) -> None:
+        for key, answer in answers.items():
+            self._answers[key] = answer
+            self._replies.pop(key).set()
 
     async def _loop(self) -> None:
         async for first in self._inbox:
@@ -230,68 +210,59 @@ class ControlPlane:
                     self._timeouts.pop(item.token, None)
                     self._deadlines.pop(item.token, None)
             try:
-                result = await self.store.write(
-                    self.scheduler.run_tick, batch, now, small=len(batch) <= SMALL_TICK
-                )
+                fx = await self.store.write(self._tick, batch, now, small=len(batch) <= SMALL_TICK)
             except Exception as exc:
                 await self._tick_failed(batch, exc)
                 continue
-            for item in batch:
-                if isinstance(item, CreateRun | CancelRun):
-                    self._replies.pop(id(item)).set()
-            await self._act(result)
+            self._answer(fx.replies)
+            await self._act(fx)
 
-    async def _act(self, result: TickResult) -> None:
-        """What a committed tick implies: publish its events, stop and start attempts."""
-        self.hub.publish(result.events)
-        for token in result.cancel:
+    async def _act(self, fx: Effects) -> None:
+        """What a committed batch implies: publish its events, stop and start attempts."""
+        self.hub.publish(fx.events)
+        for token in fx.cancels:
             for runner in self.runners.values():
                 await runner.cancel(token_to_proto(token))
-        for order in result.tasks:
+        for order in fx.tasks:
             await self._dispatch(order)
 
-    async def _tick_failed(self, batch: list[Input], exc: Exception) -> None:
-        """A tick's transaction failed and rolled back: nothing of it was committed, but its
-        in-memory view may be ahead of the store. The runs it touched are ended FAILED (with
+    async def _tick_failed(self, batch: list[Command], exc: Exception) -> None:
+        """A batch's transaction failed and rolled back: nothing of it was committed, but the
+        scheduler's view may be ahead of the store. The runs it touched are ended FAILED (with
         the error as the reason) so that nobody waits for them forever."""
         log.error("the scheduler tick failed", exc_info=exc)
-        for item in batch:
-            if isinstance(item, CreateRun):
-                item.error = PlaitError(f"the control plane failed to create the run: {exc}")
-            if isinstance(item, CreateRun | CancelRun):
-                self._replies.pop(id(item)).set()
+        self._answer(
+            {
+                id(item): PlaitError(f"the control plane failed to create the run: {exc}")
+                if isinstance(item, CreateRun)
+                else False
+                for item in batch
+                if isinstance(item, CreateRun | CancelRun)
+            }
+        )
         run_ids = sorted(
             {item.token.run_id for item in batch if not isinstance(item, CreateRun | CancelRun)}
         )
         if not run_ids:
             return
-        events, leases = await self.store.write(
-            self.scheduler.abort_runs,
+        fx = self.scheduler.abort(
             run_ids,
             time.time(),
             f"internal error in the control plane: {type(exc).__name__}: {exc}",
-            "FAILED",
+            RunStatus.FAILED,
         )
-        self.hub.publish(events)
-        for token in leases:
-            for runner in self.runners.values():
-                await runner.cancel(token_to_proto(token))
+        await self.store.write(self._write, fx)
+        await self._act(fx)
 
     async def _dispatch(self, order: TaskOrder) -> None:
         runner = self.runners.get(order.runner)
-        task = _task_proto(order, self.artifacts.uri)
+        task = task_to_proto(order, self.artifacts.uri)
         if runner is None:
-            self.submit(
-                Failed(
-                    order.token,
-                    {
-                        "type": "plait.errors.PipelineError",
-                        "message": f"no runner named {order.runner!r}; known: "
-                        f"{', '.join(self.runners)}",
-                        "traceback": "",
-                    },
-                )
+            known = ", ".join(self.runners)
+            error = StepError(
+                "plait.errors.PipelineError", f"no runner named {order.runner!r}; known: {known}"
             )
+            self.submit(Failed(order.token, error))
             return
         if order.timeout is not None:
             self._timeouts[order.token] = (order.timeout, order.runner)
@@ -299,18 +270,11 @@ class ControlPlane:
             await runner.submit(task)
         except Exception as exc:  # the runner could not take it: the attempt's infra failed
             log.exception("runner %r refused a task", order.runner)
-            self.submit(
-                Failed(
-                    order.token,
-                    {
-                        "type": "plait.RunnerError",
-                        "message": f"runner {order.runner!r} could "
-                        f"not start the step: {type(exc).__name__}: {exc}",
-                        "traceback": "",
-                    },
-                    crashed=True,
-                )
+            error = StepError(
+                "plait.RunnerError",
+                f"runner {order.runner!r} could not start the step: {type(exc).__name__}: {exc}",
             )
+            self.submit(Failed(order.token, error, crashed=True))
 
     async def _watch_deadlines(self) -> None:
         while True:
@@ -319,26 +283,13 @@ class ControlPlane:
             for token, (deadline, runner) in list(self._deadlines.items()):
                 if deadline < now:
                     del self._deadlines[token]
-                    self.submit(
-                        Failed(
-                            token,
-                            {
-                                "type": "builtins.TimeoutError",
-                                "message": "the attempt ran longer than its timeout",
-                                "traceback": "",
-                            },
-                        )
+                    error = StepError(
+                        "builtins.TimeoutError", "the attempt ran longer than its timeout"
                     )
+                    self.submit(Failed(token, error))
                     r = self.runners.get(runner)
                     if r is not None:
-                        await r.cancel(
-                            tasks.LeaseToken(
-                                run_id=token.run_id,
-                                step_id=token.step_id,
-                                attempt=token.attempt,
-                                epoch=token.epoch,
-                            )
-                        )
+                        await r.cancel(token_to_proto(token))
 
     # ---- serving ----
 
@@ -349,12 +300,13 @@ class ControlPlane:
         task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Opens the store, starts the runners and serves gRPC until cancelled."""
-        from plait.engine._servicers import add_servicers
+        from plait.engine.api import add_servicers
 
         await self.store.open()
         interceptors = []
         if self.config.auth:
-            from plait.engine._auth import AuthInterceptor, token_is_valid
+            from plait.engine.api._auth import AuthInterceptor
+            from plait.engine.store._tokens import token_is_valid
 
             async def check(token: str) -> bool:
                 return await self.store.read(token_is_valid, token)
@@ -391,7 +343,7 @@ class ControlPlane:
                 for runner in self.runners.values():
                     await tg.start(runner.run, ctx)
                 if self.config.resume:
-                    await self._act(await self.store.write(self.scheduler.recover, time.time()))
+                    await self._act(await self.store.write(self._recover, time.time()))
                 task_status.started(port)
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
@@ -401,90 +353,12 @@ class ControlPlane:
                     # nothing resumes an embedded engine's runs: say so rather than leave
                     # them RUNNING forever
                     try:
-                        events = await self.store.write(
-                            self.scheduler.cancel_all,
-                            time.time(),
-                            "the control plane stopped before the run ended",
+                        fx = self.scheduler.cancel_all(
+                            time.time(), "the control plane stopped before the run ended"
                         )
-                        self.hub.publish(events)
+                        await self.store.write(self._write, fx)
+                        self.hub.publish(fx.events)
                     except Exception:
                         log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
                 await self.store.aclose()
-
-
-def _token(t: tasks.LeaseToken) -> Token:
-    return Token(t.run_id, t.step_id, t.attempt, t.epoch)
-
-
-def token_to_proto(t: Token) -> tasks.LeaseToken:
-    return tasks.LeaseToken(run_id=t.run_id, step_id=t.step_id, attempt=t.attempt, epoch=t.epoch)
-
-
-def _value_proto(kind: str, value: Any) -> tasks.Value:
-    if kind == "json":
-        return tasks.Value(json=value)
-    if kind == "artifact":
-        o: OutputInfo = value
-        return tasks.Value(
-            artifact=res.Artifact(
-                artifact_id=o.artifact_id,
-                name=f"artifacts/{o.artifact_id}",
-                output=o.output,
-                digest=o.digest,
-                size_bytes=o.size,
-                uri=o.uri,
-                materializer=o.materializer,
-                data_type=o.data_type,
-                unsafe=o.unsafe,
-                run_id=o.run_id,
-                step_id=o.step_id,
-            )
-        )
-    if kind == "list":
-        return tasks.Value(list=tasks.ValueList(items=[_value_proto(k, v) for k, v in value]))
-    return tasks.Value(
-        map=tasks.ValueMap(
-            entries=[
-                tasks.ValueMapEntry(key=key, value=_value_proto(k, v))
-                for key, (k, v) in sorted(value.items())
-            ]
-        )
-    )
-
-
-def _task_proto(order: TaskOrder, store_uri: str) -> tasks.Task:
-    return tasks.Task(
-        token=token_to_proto(order.token),
-        pipeline=order.pipeline,
-        step=order.step,
-        inputs=[tasks.TaskInput(name=n, value=_value_proto(k, v)) for n, (k, v) in order.inputs],
-        outputs=[tasks.OutputLocation(name=n, artifact_id=a) for n, a in order.outputs],
-        artifact_store_uri=store_uri,
-    )
-
-
-def output_from_proto(a: res.Artifact) -> OutputInfo:
-    return OutputInfo(
-        artifact_id=a.artifact_id,
-        output=a.output,
-        digest=a.digest,
-        size=a.size_bytes,
-        uri=a.uri,
-        materializer=a.materializer,
-        data_type=a.data_type,
-        unsafe=a.unsafe,
-        run_id=a.run_id,
-        step_id=a.step_id,
-        created_at=a.create_time.ToNanoseconds() / 1e9,
-    )
-
-
-def metadata_from_json(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise PipelineValidationError(f"metadata is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise PipelineValidationError("metadata must be a JSON object")
-    return value

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import json_values
 
+from plait._models import ArtifactInfo
 from plait.engine._cache import KEY_SCHEME, cache_key, key_material
-from plait.engine._scheduler import OutputInfo
 from plait.ir.v1 import ir_pb2
 
 
@@ -29,7 +29,7 @@ def _step(**settings: Any) -> ir_pb2.StepSpec:
     return step
 
 
-def _artifact(digest: str = "d" * 64, materializer: str = "plait.json", **kw: Any) -> OutputInfo:
+def _artifact(digest: str = "d" * 64, materializer: str = "plait.json", **kw: Any) -> ArtifactInfo:
     base = {
         "artifact_id": "a",
         "output": "output",
@@ -41,13 +41,12 @@ def _artifact(digest: str = "d" * 64, materializer: str = "plait.json", **kw: An
         "unsafe": False,
         "run_id": "r",
         "step_id": "u",
-        "created_at": 0.0,
     }
     base.update(kw)
-    return OutputInfo(**base)
+    return ArtifactInfo(**base)
 
 
-def _key(step: ir_pb2.StepSpec, p: Any = 1, art: OutputInfo | None = None) -> str:
+def _key(step: ir_pb2.StepSpec, p: Any = 1, art: ArtifactInfo | None = None) -> str:
     values = {"p": ("json", json.dumps(p)), "x": ("artifact", art or _artifact())}
     return cache_key(key_material(step, values))
 

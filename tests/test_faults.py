@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import plait
-from plait.engine._scheduler import Completed, Scheduler
+from plait.engine._control_plane import ControlPlane
+from plait.engine.scheduler import Completed
 
 
 @plait.step
@@ -39,14 +40,14 @@ def test_a_failing_store_transaction_fails_the_run(
 ) -> None:
     # FAULT INJECTION (a fake, named as such): the tick that records a completion raises, as a
     # full disk or a broken database would make it. A healthy SQLite file cannot be made to.
-    real_tick = Scheduler.tick
+    real_tick = ControlPlane._tick
 
-    def faulty_tick(self: Scheduler, conn: Any, inputs: Any, now: float) -> Any:
+    def faulty_tick(self: ControlPlane, conn: Any, inputs: Any, now: float) -> Any:
         if any(isinstance(i, Completed) and i.token.step_id == "first" for i in inputs):
             raise OSError("disk full (injected)")
         return real_tick(self, conn, inputs, now)
 
-    monkeypatch.setattr(Scheduler, "tick", faulty_tick)
+    monkeypatch.setattr(ControlPlane, "_tick", faulty_tick)
     run = two.run(client=client)
     assert run.status == "FAILED"
     assert {k: s.status for k, s in run.steps.items()} == {
@@ -55,6 +56,6 @@ def test_a_failing_store_transaction_fails_the_run(
     }
     messages = [e.message for batch in client.watch(run.run_id) for e in batch]
     assert any("disk full (injected)" in m for m in messages)
-    monkeypatch.setattr(Scheduler, "tick", real_tick)
+    monkeypatch.setattr(ControlPlane, "_tick", real_tick)
     # the control plane keeps working
     assert two.run(client=client).status == "SUCCEEDED"

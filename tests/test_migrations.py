@@ -17,8 +17,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from plait.engine import _store
-from plait.engine._store import MIGRATIONS, SCHEMA_HEAD, Store, metadata
+from plait.engine.store import MIGRATIONS, SCHEMA_HEAD, Store, _engine
+from plait.engine.store._schema import metadata
 from plait.errors import PlaitError
 
 
@@ -92,7 +92,7 @@ def test_a_newer_unknown_schema_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{home / 'plait.db'}"
     anyio.run(_open, url)
     with sa.create_engine(url).begin() as conn:
-        conn.execute(_store.alembic_version.update().values(version_num="9999"))
+        conn.execute(_engine.alembic_version.update().values(version_num="9999"))
     with pytest.raises(PlaitError, match=r"revision '9999'.*newer Plait"):
         anyio.run(_open, url)
     env = {**os.environ, "PLAIT_HOME": str(home)}

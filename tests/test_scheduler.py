@@ -1,5 +1,5 @@
 """The scheduler on a real store, SQLite and PostgreSQL, driven directly: leases, idempotence,
-grouped commits, cache hits."""
+grouped commits, cache hits. (tests/test_state_machine.py drives it with no database.)"""
 
 from __future__ import annotations
 
@@ -14,18 +14,20 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from test_postgres import postgres_database
 
 import plait
-from plait.engine import _queries as q
-from plait.engine._scheduler import (
+from plait._models import ArtifactInfo, StepError
+from plait.engine.scheduler import (
     Completed,
     CreateRun,
+    Effects,
     Failed,
-    OutputInfo,
+    RunCreated,
     Scheduler,
     Started,
-    TickResult,
     Token,
 )
-from plait.engine._store import Store
+from plait.engine.store import Store
+from plait.engine.store._pipelines import register_pipeline
+from plait.engine.store._scheduling import SqlLookups, write_effects
 
 
 @plait.step
@@ -51,24 +53,30 @@ class Harness:
         self.store = Store(url)
         self.portal = portal
         self.blobs: set[str] = set()
-        self.scheduler = Scheduler(dialect=self.store.dialect, blob_exists=self.blobs.__contains__)
+        self.scheduler = Scheduler()
+        self.lookups = SqlLookups(self.blobs.__contains__)
         self.now = 1000.0
 
     def write(self, fn: Any, *args: Any) -> Any:
         return self.portal.call(self.store.write, fn, *args)
 
-    def tick(self, *inputs: Any) -> TickResult:
+    def _tick(self, conn: Any, inputs: list[Any], now: float) -> Effects:
+        fx = self.scheduler.apply(inputs, now, self.lookups.bind(conn))
+        fx.events = write_effects(conn, fx)
+        return fx
+
+    def tick(self, *inputs: Any) -> Effects:
         self.now += 1
-        result: TickResult = self.write(self.scheduler.run_tick, list(inputs), self.now)
+        result: Effects = self.write(self._tick, list(inputs), self.now)
         return result
 
     def read(self, sql: str) -> list[Any]:
         return self.write(lambda conn: conn.execute(sa.text(sql)).all())
 
-    def output(self, token: Token, value: int = 1) -> OutputInfo:
+    def output(self, token: Token, value: int = 1) -> ArtifactInfo:
         digest = f"{value:064x}"
         self.blobs.add(digest)
-        return OutputInfo(
+        return ArtifactInfo(
             "art-" + token.step_id + str(token.attempt),
             "output",
             digest,
@@ -79,7 +87,6 @@ class Harness:
             False,
             token.run_id,
             token.step_id,
-            self.now,
         )
 
 
@@ -94,7 +101,7 @@ def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
         try:
             portal.call(harness.store.open)
             spec = pair.compile().spec
-            harness.write(q.register_pipeline, spec, pair.compile().version, 0.0)
+            harness.write(register_pipeline, spec, pair.compile().version, 0.0)
             yield harness
         finally:
             portal.call(harness.store.aclose)
@@ -103,11 +110,12 @@ def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
 
 
 def start(h: Harness) -> tuple[str, dict[str, Token]]:
-    cmd = CreateRun(pair.compile().version, {}, False, "")
+    cmd = CreateRun(pair.compile().version, {})
     result = h.tick(cmd)
-    assert cmd.result is not None and cmd.error is None
+    created = result.replies[id(cmd)]
+    assert isinstance(created, RunCreated) and created.created
     tokens = {t.token.step_id: t.token for t in result.tasks}
-    return cmd.result[0], tokens
+    return created.run_id, tokens
 
 
 def test_ready_steps_are_queued_in_the_run_creating_commit(h: Harness) -> None:
@@ -146,11 +154,8 @@ def test_reports_that_arrive_together_commit_together(h: Harness) -> None:
     )
     assert sorted(t.token.step_id for t in result.tasks) == ["b", "b2"]
     statuses = [e.step_status for e in result.events if e.step_id == "a"]
-    assert statuses == [
-        "RUNNING",
-        "SUCCEEDED",
-    ] or statuses == ["RUNNING", "SUCCEEDED"]
-    seqs = [e.seq for e in result.events]
+    assert statuses == ["RUNNING", "SUCCEEDED"]
+    seqs = [e.sequence for e in result.events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > 0
 
 
@@ -161,9 +166,7 @@ def test_a_run_ends_when_its_last_step_does(h: Harness) -> None:
         Completed(tokens["a2"], (h.output(tokens["a2"]),)),
     )
     downstream = {t.token.step_id: t.token for t in nxt.tasks}
-    h.tick(
-        Failed(downstream["b"], {"type": "builtins.ValueError", "message": "x", "traceback": ""})
-    )
+    h.tick(Failed(downstream["b"], StepError("builtins.ValueError", "x")))
     assert h.read(f"select status from runs where id='{run_id}'") == [("RUNNING",)]
     end = h.tick(Completed(downstream["b2"], (h.output(downstream["b2"]),)))
     assert h.read(f"select status from runs where id='{run_id}'") == [("FAILED",)]
@@ -178,11 +181,12 @@ def test_cache_hits_chain_within_one_commit(h: Harness) -> None:
         Completed(tokens["a2"], (h.output(tokens["a2"]),)),
     )
     h.tick(*(Completed(t.token, (h.output(t.token),)) for t in nxt.tasks))
-    cmd = CreateRun(pair.compile().version, {}, False, "")
+    cmd = CreateRun(pair.compile().version, {})
     rerun = h.tick(cmd)
     assert rerun.tasks == []  # every step served from the cache in the creating commit
-    assert cmd.result is not None
-    rows = h.read(f"select status from step_runs where run_id='{cmd.result[0]}'")
+    created = rerun.replies[id(cmd)]
+    assert isinstance(created, RunCreated)
+    rows = h.read(f"select status from step_runs where run_id='{created.run_id}'")
     assert {r[0] for r in rows} == {"CACHED"}
     raw = h.read("select material from cache_entries limit 1")[0][0]
     material = json.loads(raw) if isinstance(raw, str) else raw  # asyncpg decodes JSON itself

@@ -1,0 +1,61 @@
+"""The gRPC API of the control plane: one thin servicer module per service.
+
+Servicers decode requests, call the control plane or a store repository, and encode the
+domain records they get back; errors go through one table (:mod:`._errors`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from plait.api.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    run_service_pb2,
+    run_service_pb2_grpc,
+    stack_service_pb2,
+    stack_service_pb2_grpc,
+    task_service_pb2,
+    task_service_pb2_grpc,
+)
+from plait.engine.api._artifacts import ArtifactServicer
+from plait.engine.api._pipelines import PipelineServicer
+from plait.engine.api._runs import RunServicer
+from plait.engine.api._stacks import StackServicer
+from plait.engine.api._tasks import TaskServicer
+
+if TYPE_CHECKING:
+    from plait.engine._control_plane import ControlPlane
+
+__all__ = ["add_servicers"]
+
+
+async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(PipelineServicer(cp), server)
+    run_service_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(cp), server)
+    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(ArtifactServicer(cp), server)
+    task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(cp), server)
+    stack_service_pb2_grpc.add_StackServiceServicer_to_server(StackServicer(cp), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        s.full_name
+        for s in (
+            pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"],
+            run_service_pb2.DESCRIPTOR.services_by_name["RunService"],
+            artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"],
+            task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
+            stack_service_pb2.DESCRIPTOR.services_by_name["StackService"],
+        )
+    ]
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
+    )

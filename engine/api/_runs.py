@@ -1,0 +1,122 @@
+"""RunService: create, read, watch and cancel runs; read their events and logs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from plait.api.v1 import run_service_pb2 as pb
+from plait.api.v1 import run_service_pb2_grpc
+from plait.engine._events import follow_logs, watch_events
+from plait.engine.api._convert import name_id, run_status_from_proto, version_id
+from plait.engine.api._errors import abort_on_plait_error
+from plait.engine.store import _runs
+from plait.errors import PipelineError, PipelineValidationError
+
+if TYPE_CHECKING:
+    from plait.engine._control_plane import ControlPlane
+
+Ctx = Any  # grpc.aio.ServicerContext: grpc ships no types
+
+DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE = 50, 1000
+DEFAULT_PAGE, MAX_PAGE = 1000, 10000
+"""Page sizes of ListRuns, and of ListRunEvents and ListLogs: 0 means the default, larger
+values are clamped to the maximum."""
+
+
+def _page_size(value: int, default: int, maximum: int) -> int:
+    if value < 0:
+        raise PipelineError("page_size must not be negative")
+    return min(value or default, maximum)
+
+
+class RunServicer(run_service_pb2_grpc.RunServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def _run_id(self, name: str) -> str:
+        return await self.cp.store.read(_runs.resolve_run_id, name_id(name, "runs"))
+
+    async def CreateRun(self, request: pb.CreateRunRequest, context: Ctx) -> pb.CreateRunResponse:
+        async with abort_on_plait_error(context):
+            params = {}
+            for p in request.parameters:
+                if p.name in params:
+                    raise PipelineValidationError(f"parameters: {p.name!r} given twice")
+                params[p.name] = p.json
+            created = await self.cp.create_run(
+                version_id(request.pipeline_version), params, request.no_cache, request.request_id
+            )
+            # a new run's steps are all PENDING: the response carries the run alone
+            run = await self.cp.store.read(_runs.get_run, created.run_id, False)
+        return pb.CreateRunResponse(run=run.to_proto(), created=created.created)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Ctx) -> pb.GetRunResponse:
+        async with abort_on_plait_error(context):
+            run = await self.cp.store.read(_runs.get_run, name_id(request.name, "runs"))
+        return pb.GetRunResponse(run=run.to_proto())
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Ctx) -> pb.ListRunsResponse:
+        async with abort_on_plait_error(context):
+            size = _page_size(request.page_size, DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE)
+            runs, token = await self.cp.store.read(
+                _runs.list_runs,
+                size,
+                request.page_token,
+                request.pipeline,
+                run_status_from_proto(request.status),
+            )
+        return pb.ListRunsResponse(runs=[r.to_proto() for r in runs], next_page_token=token)
+
+    async def WatchRunEvents(
+        self, request: pb.WatchRunEventsRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchRunEventsResponse]:
+        async with abort_on_plait_error(context):
+            run_id = await self._run_id(request.name)
+        async for events in watch_events(
+            self.cp.store, self.cp.hub, run_id, request.after_sequence, request.run_events_only
+        ):
+            yield pb.WatchRunEventsResponse(events=[e.to_proto() for e in events])
+
+    async def ListRunEvents(
+        self, request: pb.ListRunEventsRequest, context: Ctx
+    ) -> pb.ListRunEventsResponse:
+        async with abort_on_plait_error(context):
+            size = _page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+            run_id = await self._run_id(request.name)
+            events = await self.cp.store.read(
+                _runs.list_events, run_id, request.after_sequence, size
+            )
+        return pb.ListRunEventsResponse(
+            events=[e.to_proto() for e in events],
+            next_after_sequence=events[-1].sequence if len(events) == size else 0,
+        )
+
+    async def ListLogs(self, request: pb.ListLogsRequest, context: Ctx) -> pb.ListLogsResponse:
+        async with abort_on_plait_error(context):
+            size = _page_size(request.page_size, DEFAULT_PAGE, MAX_PAGE)
+            run_id = await self._run_id(request.name)
+            entries = await self.cp.store.read(
+                _runs.list_logs, run_id, request.step_id, request.after_sequence, size
+            )
+        return pb.ListLogsResponse(
+            entries=[e.to_proto() for e in entries],
+            next_after_sequence=entries[-1].sequence if len(entries) == size else 0,
+        )
+
+    async def CancelRun(self, request: pb.CancelRunRequest, context: Ctx) -> pb.CancelRunResponse:
+        async with abort_on_plait_error(context):
+            run_id = await self._run_id(request.name)
+            cancelled = await self.cp.cancel_run(run_id)
+            run = await self.cp.store.read(_runs.get_run, run_id)
+        return pb.CancelRunResponse(run=run.to_proto(), cancelled=cancelled)
+
+    async def StreamLogs(
+        self, request: pb.StreamLogsRequest, context: Ctx
+    ) -> AsyncIterator[pb.StreamLogsResponse]:
+        async with abort_on_plait_error(context):
+            run_id = await self._run_id(request.name)
+        async for entries in follow_logs(
+            self.cp.store, self.cp.hub, run_id, request.step_id, request.after_sequence
+        ):
+            yield pb.StreamLogsResponse(entries=[e.to_proto() for e in entries])

@@ -1,0 +1,105 @@
+"""TaskService: the local worker pool's stream. Each worker process keeps one Connect stream
+open; tasks go down it and every report about them comes back up it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import grpc
+
+from plait._models import ArtifactInfo, StepError
+from plait.api.v1 import task_service_pb2 as pb
+from plait.api.v1 import task_service_pb2_grpc
+from plait.engine.api._convert import metadata_from_json, token_from_proto
+from plait.engine.scheduler import Completed, Failed, Logs, Metadata, Report, Started
+from plait.errors import PipelineError
+from plait.runners import WorkerPool
+
+if TYPE_CHECKING:
+    from plait.engine._control_plane import ControlPlane
+
+Ctx = Any  # grpc.aio.ServicerContext: grpc ships no types
+
+
+def _start_time(report: Any) -> float | None:
+    if not report.HasField("start_time"):
+        return None
+    return float(report.start_time.ToNanoseconds() / 1e9)
+
+
+def report_from_proto(req: pb.ConnectRequest) -> Report | None:
+    """The scheduler's report for a worker's message; None for one that reports nothing."""
+    kind = req.WhichOneof("kind")
+    if kind == "started":
+        return Started(token_from_proto(req.started.token), _start_time(req.started))
+    if kind == "logs":
+        return Logs(token_from_proto(req.logs.token), req.logs.stream, req.logs.text)
+    if kind == "metadata":
+        try:
+            values = metadata_from_json(req.metadata.json)
+        except PipelineError:
+            return None
+        return Metadata(token_from_proto(req.metadata.token), req.metadata.output, values)
+    if kind == "completed":
+        return Completed(
+            token_from_proto(req.completed.token),
+            tuple(ArtifactInfo.from_proto(a) for a in req.completed.outputs),
+            _start_time(req.completed),
+        )
+    if kind == "failed":
+        return Failed(
+            token_from_proto(req.failed.token),
+            StepError.from_proto(req.failed.error),
+            start_time=_start_time(req.failed),
+        )
+    return None
+
+
+class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def Connect(  # type: ignore[override]  # reads and writes through the context
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Ctx
+    ) -> None:
+        hello = await context.read()
+        if hello is grpc.aio.EOF or not hello.HasField("hello"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message on Connect must be a hello"
+            )
+        runner = self.cp.runners.get(hello.hello.runner)
+        if not isinstance(runner, WorkerPool):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"no worker pool named {hello.hello.runner!r}"
+            )
+        assert isinstance(runner, WorkerPool)
+        worker_id = hello.hello.worker_id
+        idle = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def read() -> None:
+                    nonlocal idle
+                    while True:
+                        req = await context.read()
+                        if req is grpc.aio.EOF:
+                            break
+                        report = report_from_proto(req)
+                        if report is None:
+                            continue
+                        self.cp.submit(report)
+                        if isinstance(report, Completed | Failed):  # the worker is free again
+                            runner.task_done(worker_id)
+                            idle.set()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(read)
+                while True:
+                    task = await runner.next_task(worker_id)
+                    idle = anyio.Event()
+                    await context.write(pb.ConnectResponse(assign=task))
+                    await idle.wait()
+        finally:
+            runner.worker_gone(worker_id)

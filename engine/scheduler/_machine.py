@@ -1,0 +1,535 @@
+"""The scheduler's state machine: commands in, effects out, no SQL.
+
+:meth:`Scheduler.apply` takes a batch of commands (a new run, a cancellation, workers' reports),
+applies them to the in-memory view of the active runs, follows every consequence (steps become
+ready, cache hits propagate, failures skip their downstream, runs end) and returns all of it as
+:class:`Effects`: rows to write, tasks to start, attempts to stop, events to publish, answers.
+It reads what it does not hold (a pipeline's IR, the active stack, the cache) through a
+:class:`Lookups` port; the control plane binds that port to the transaction the effects are
+written in, and tests bind it to dictionaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from plait._models import ArtifactInfo, RunEvent, RunStatus, StepError, StepStatus
+from plait.engine._cache import cache_key, key_material, material_to_json
+from plait.engine._ir import resolve_parameters, upstream_ids
+from plait.engine.scheduler._commands import (
+    CancelRun,
+    Command,
+    Completed,
+    CreateRun,
+    Failed,
+    Logs,
+    Metadata,
+    Started,
+    Token,
+)
+from plait.engine.scheduler._effects import Effects, RunCreated, TaskOrder, Value
+from plait.engine.scheduler._state import RunState, StepState
+from plait.errors import PipelineError, PlaitError
+from plait.ir.canonical import canonical_json
+from plait.ir.v1 import ir_pb2
+
+Ready = list[tuple[RunState, StepState]]
+
+
+class Lookups(Protocol):
+    """What the scheduler reads but does not hold."""
+
+    def run_for_request(self, request_id: str) -> str | None:
+        """The id of the run created for a CreateRun request id, if any."""
+
+    def pipeline_spec(self, version: str) -> ir_pb2.PipelineSpec:
+        """A registered pipeline version's IR; raises PipelineNotFoundError."""
+
+    def active_stack(self) -> str:
+        """The name of the stack new runs use."""
+
+    def stack_runner(self, stack: str) -> str:
+        """The runner flavor of a stack."""
+
+    def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
+        """The outputs of the cache entry under ``key`` whose bytes are all still stored."""
+
+
+@dataclass(frozen=True)
+class StoredStep:
+    """A step of an unfinished run, as the store has it."""
+
+    step_id: str
+    status: StepStatus
+    attempt: int
+    cache_key: str | None
+    outputs: dict[str, ArtifactInfo] | None
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run a previous control plane left unfinished, as the store has it."""
+
+    run_id: str
+    version: str
+    parameters: dict[str, Any]
+    no_cache: bool
+    stack: str
+    steps: list[StoredStep]
+
+
+def artifact_id_for(token: Token, output: str) -> str:
+    """The id an attempt's output gets: known before the step runs, the same on a retry of a
+    report."""
+    raw = f"{token.run_id}/{token.step_id}/{token.attempt}/{output}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _when(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+class Scheduler:
+    """The in-memory view of active runs and the transition logic. Used from one thread."""
+
+    def __init__(self, runners: frozenset[str] = frozenset({"local"})) -> None:
+        self._runners = runners
+        self.runs: dict[str, RunState] = {}
+
+    # ---- the entry points ----
+
+    def apply(self, commands: Iterable[Command], now: float, lookups: Lookups) -> Effects:
+        """Applies a batch of commands; returns what to write and do."""
+        fx = Effects()
+        ready: Ready = []
+        for cmd in commands:
+            if isinstance(cmd, CancelRun):
+                found = cmd.run_id in self.runs
+                fx.replies[id(cmd)] = found
+                if found:
+                    self._abort(fx, [cmd.run_id], now, "cancelled on request", RunStatus.CANCELLED)
+                continue
+            if isinstance(cmd, CreateRun):
+                try:
+                    fx.replies[id(cmd)] = self._create_run(cmd, lookups, fx, now, ready)
+                except PlaitError as exc:
+                    fx.replies[id(cmd)] = exc
+                continue
+            run = self.runs.get(cmd.token.run_id)
+            st = run.steps.get(cmd.token.step_id) if run else None
+            if run is None or st is None or not self._current(st, cmd.token):
+                continue  # a stale report (lease lost): it changes nothing
+            if isinstance(cmd, Started):
+                self._mark_running(run, st, fx, cmd.start_time or now)
+            elif isinstance(cmd, Logs):
+                fx.logs.append(
+                    {
+                        "run_id": run.run_id,
+                        "step_id": st.spec.id,
+                        "attempt": st.attempt,
+                        "stream": cmd.stream,
+                        "text": cmd.text,
+                        "ts": now,
+                    }
+                )
+            elif isinstance(cmd, Metadata):
+                if cmd.output:
+                    st.output_metadata.setdefault(cmd.output, {}).update(cmd.values)
+                else:
+                    st.metadata.update(cmd.values)
+                    fx.step(run.run_id, st.spec.id, step_metadata=dict(st.metadata))
+            elif isinstance(cmd, Completed):
+                # a short step's completion implies its start: both transitions commit together
+                self._mark_running(run, st, fx, cmd.start_time or now)
+                self._complete(run, st, cmd, fx, now, ready)
+            elif isinstance(cmd, Failed):
+                if cmd.start_time is not None:
+                    self._mark_running(run, st, fx, cmd.start_time)
+                self._fail(run, st, cmd, fx, now, ready)
+        self._schedule(ready, fx, now, lookups)
+        self._forget_finished()
+        return fx
+
+    def abort(self, run_ids: list[str], now: float, reason: str, status: RunStatus) -> Effects:
+        """Ends active runs at once with ``status`` (their open steps CANCELLED) and forgets
+        them; the effects say which attempts to stop."""
+        fx = Effects()
+        self._abort(fx, run_ids, now, reason, status)
+        return fx
+
+    def cancel_all(self, now: float, reason: str) -> Effects:
+        """Cancels every active run (the control plane stops and will not resume them)."""
+        return self.abort(list(self.runs), now, reason, RunStatus.CANCELLED)
+
+    def recover(self, stored: list[StoredRun], now: float, lookups: Lookups) -> Effects:
+        """Rebuilds the view of the runs a previous control plane left unfinished, and goes on.
+
+        Attempts that were queued or running died with that control plane: they are marked
+        CRASHED and their steps queued again as new attempts, whatever their retry budget.
+        Outputs already stored stay; nothing that succeeded runs again.
+        """
+        fx = Effects()
+        ready: Ready = []
+        for row in stored:
+            spec = lookups.pipeline_spec(row.version)
+            steps = self._step_states(spec)
+            for s in row.steps:
+                st = steps[s.step_id]
+                st.status, st.attempt, st.epoch = s.status, s.attempt, 1
+                st.key = s.cache_key
+                st.outputs = s.outputs
+                st.metadata = dict(s.metadata)
+            run = RunState(
+                row.run_id,
+                spec.name,
+                row.version,
+                {k: canonical_json(v) for k, v in row.parameters.items()},
+                row.no_cache,
+                steps,
+                open_steps=sum(1 for s in steps.values() if not s.status.is_final),
+                status=RunStatus.RUNNING,
+                default_runner=lookups.stack_runner(row.stack or "default"),
+            )
+            self.runs[run.run_id] = run
+            for st in steps.values():
+                st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
+                if st.status in (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING):
+                    if st.status is not StepStatus.RETRYING:
+                        fx.attempt(
+                            run.run_id,
+                            st.spec.id,
+                            st.attempt,
+                            status=StepStatus.CRASHED,
+                            ended_at=now,
+                        )
+                    st.move(StepStatus.PENDING)
+                    self._event(fx, run, st, now, "the control plane restarted")
+                    fx.step(run.run_id, st.spec.id, status=StepStatus.PENDING)
+                if st.status is StepStatus.PENDING and st.waiting == 0:
+                    ready.append((run, st))
+            if run.open_steps == 0:  # everything ended, but the run's end was not written
+                self._end_run(run, fx, now)
+        self._schedule(ready, fx, now, lookups)
+        self._forget_finished()
+        return fx
+
+    # ---- runs ----
+
+    @staticmethod
+    def _step_states(spec: ir_pb2.PipelineSpec) -> dict[str, StepState]:
+        steps: dict[str, StepState] = {}
+        for pos, s in enumerate(spec.steps):
+            st = StepState(spec=s, position=pos)
+            for up in upstream_ids(s):
+                st.upstream.append(up)
+                steps[up].downstream.append(s.id)
+            steps[s.id] = st
+        return steps
+
+    def _create_run(
+        self, cmd: CreateRun, lookups: Lookups, fx: Effects, now: float, ready: Ready
+    ) -> RunCreated:
+        if cmd.request_id:
+            existing = fx.created_run(cmd.request_id) or lookups.run_for_request(cmd.request_id)
+            if existing is not None:
+                return RunCreated(existing, created=False)
+        spec = lookups.pipeline_spec(cmd.version)
+        params = resolve_parameters(spec, cmd.parameters)
+        stack = lookups.active_stack()
+        stack_runner = lookups.stack_runner(stack)
+        for s in spec.steps:
+            runner = s.settings.runner or stack_runner
+            if runner not in self._runners:
+                raise PipelineError(
+                    f"step {s.id!r} asks for runner {runner!r}, which this control plane does "
+                    f"not have (it has: {', '.join(sorted(self._runners))})"
+                )
+        run_id = uuid.uuid4().hex
+        steps = self._step_states(spec)
+        for st in steps.values():
+            st.waiting = len(st.upstream)
+        run = RunState(
+            run_id,
+            spec.name,
+            cmd.version,
+            params,
+            cmd.no_cache,
+            steps,
+            open_steps=len(steps),
+            default_runner=stack_runner,
+        )
+        run.move(RunStatus.RUNNING)
+        fx.run_inserts.append(
+            {
+                "id": run_id,
+                "pipeline": spec.name,
+                "version": cmd.version,
+                "status": RunStatus.RUNNING,
+                "parameters": {k: json.loads(v) for k, v in params.items()},
+                "no_cache": cmd.no_cache,
+                "request_id": cmd.request_id or None,
+                "created_at": now,
+                "ended_at": None,
+                "stack": stack,
+            }
+        )
+        fx.step_inserts.extend(
+            {
+                "run_id": run_id,
+                "step_id": st.spec.id,
+                "position": st.position,
+                "status": StepStatus.PENDING,
+                "attempt": 0,
+            }
+            for st in steps.values()
+        )
+        self.runs[run_id] = run
+        self._event(fx, run, None, now)
+        ready.extend((run, st) for st in steps.values() if st.waiting == 0)
+        return RunCreated(run_id, created=True)
+
+    def _end_run(self, run: RunState, fx: Effects, now: float) -> None:
+        failed = any(not s.status.is_success for s in run.steps.values())
+        run.move(RunStatus.FAILED if failed else RunStatus.SUCCEEDED)
+        fx.run_updates[run.run_id] = {"status": run.status, "ended_at": now}
+        self._event(fx, run, None, now)
+
+    def _forget_finished(self) -> None:
+        for run_id in [r for r, run in self.runs.items() if run.status.is_final]:
+            del self.runs[run_id]
+
+    def _abort(
+        self, fx: Effects, run_ids: list[str], now: float, reason: str, status: RunStatus
+    ) -> None:
+        for run_id in run_ids:
+            run = self.runs.pop(run_id, None)
+            if run is None:
+                continue
+            for st in run.steps.values():
+                if st.status.is_final:
+                    continue
+                if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
+                    fx.cancels.append(Token(run.run_id, st.spec.id, st.attempt, st.epoch))
+                    fx.attempt(
+                        run.run_id,
+                        st.spec.id,
+                        st.attempt,
+                        status=StepStatus.CANCELLED,
+                        ended_at=now,
+                    )
+                st.move(StepStatus.CANCELLED)
+                fx.step(run.run_id, st.spec.id, status=StepStatus.CANCELLED, ended_at=now)
+                self._event(fx, run, st, now, reason)
+            run.move(status)
+            fx.run_updates[run.run_id] = {"status": status, "ended_at": now}
+            self._event(fx, run, None, now, reason)
+
+    # ---- steps ----
+
+    @staticmethod
+    def _current(st: StepState, token: Token) -> bool:
+        return (
+            (st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING)
+            and st.attempt == token.attempt
+            and st.epoch == token.epoch
+        )
+
+    @staticmethod
+    def _event(
+        fx: Effects, run: RunState, st: StepState | None, t: float, message: str = ""
+    ) -> None:
+        if st is None:
+            fx.events.append(RunEvent(run.run_id, "", run.status, None, 0, message, _when(t)))
+        else:
+            fx.events.append(
+                RunEvent(run.run_id, st.spec.id, None, st.status, st.attempt, message, _when(t))
+            )
+
+    def _mark_running(self, run: RunState, st: StepState, fx: Effects, start: float) -> None:
+        if st.status is not StepStatus.QUEUED:
+            return
+        st.move(StepStatus.RUNNING)
+        fx.step(run.run_id, st.spec.id, status=StepStatus.RUNNING, started_at=start)
+        fx.attempt(run.run_id, st.spec.id, st.attempt, status=StepStatus.RUNNING, started_at=start)
+        self._event(fx, run, st, start)
+
+    def _resolve(self, run: RunState, b: ir_pb2.Binding) -> Value:
+        kind = b.WhichOneof("kind")
+        if kind == "output":
+            up = run.steps[b.output.step_id]
+            assert up.outputs is not None
+            return ("artifact", up.outputs[b.output.output])
+        if kind == "parameter":
+            return ("json", run.parameters[b.parameter])
+        if kind == "literal":
+            return ("json", b.literal.json)
+        if kind == "list":
+            return ("list", [self._resolve(run, i) for i in b.list.items])
+        return ("map", {e.key: self._resolve(run, e.value) for e in b.map.entries})
+
+    def _schedule(self, ready: Ready, fx: Effects, now: float, lookups: Lookups) -> None:
+        """Serves ready steps from the cache (following hits downstream) or queues them."""
+        while ready:
+            run, st = ready.pop()
+            if run.status.is_final or st.status is not StepStatus.PENDING:
+                continue
+            values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
+            st.material = key_material(st.spec, values)
+            st.key = cache_key(st.material)
+            cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
+            if cacheable and not run.no_cache:
+                outputs = fx.cached_outputs(st.key) or lookups.cached_outputs(st.key)
+                if outputs is not None:
+                    st.move(StepStatus.CACHED)
+                    st.outputs = outputs
+                    fx.step(
+                        run.run_id,
+                        st.spec.id,
+                        status=StepStatus.CACHED,
+                        cache_key=st.key,
+                        outputs={k: v.to_json() for k, v in outputs.items()},
+                        started_at=now,
+                        ended_at=now,
+                    )
+                    self._event(fx, run, st, now)
+                    self._close_step(run, st, fx, now, ready)
+                    continue
+            fx.step(run.run_id, st.spec.id, cache_key=st.key)
+            self._queue(run, st, fx, now, values)
+
+    def _queue(
+        self, run: RunState, st: StepState, fx: Effects, now: float, values: dict[str, Value]
+    ) -> None:
+        st.move(StepStatus.QUEUED)
+        st.attempt += 1
+        st.epoch = 1
+        token = Token(run.run_id, st.spec.id, st.attempt, st.epoch)
+        runner = st.spec.settings.runner or run.default_runner
+        fx.step(run.run_id, st.spec.id, status=StepStatus.QUEUED, attempt=st.attempt)
+        fx.attempt_inserts.append(
+            {
+                "run_id": run.run_id,
+                "step_id": st.spec.id,
+                "attempt": st.attempt,
+                "epoch": st.epoch,
+                "status": StepStatus.QUEUED,
+                "runner": runner,
+                "created_at": now,
+            }
+        )
+        self._event(fx, run, st, now)
+        settings = st.spec.settings
+        fx.tasks.append(
+            TaskOrder(
+                runner=runner,
+                token=token,
+                pipeline=run.pipeline,
+                step=st.spec,
+                inputs=[(i.name, values[i.name]) for i in st.spec.inputs],
+                outputs=[(o.name, artifact_id_for(token, o.name)) for o in st.spec.outputs],
+                timeout=settings.timeout_seconds if settings.HasField("timeout_seconds") else None,
+            )
+        )
+
+    def _complete(
+        self, run: RunState, st: StepState, cmd: Completed, fx: Effects, now: float, ready: Ready
+    ) -> None:
+        declared = [o.name for o in st.spec.outputs]
+        got = {o.output: o for o in cmd.outputs}
+        if sorted(got) != sorted(declared):
+            error = StepError(
+                "plait.errors.ArtifactError",
+                f"the worker reported outputs {sorted(got)}, not {declared}",
+            )
+            self._fail(run, st, Failed(cmd.token, error), fx, now, ready)
+            return
+        st.move(StepStatus.SUCCEEDED)
+        st.outputs = got
+        for o in cmd.outputs:
+            fx.artifacts.append(
+                {
+                    "id": o.artifact_id,
+                    "run_id": o.run_id,
+                    "step_id": o.step_id,
+                    "output": o.output,
+                    "digest": o.digest,
+                    "size": o.size,
+                    "uri": o.uri,
+                    "materializer": o.materializer,
+                    "data_type": o.data_type,
+                    "unsafe": o.unsafe,
+                    "artifact_metadata": st.output_metadata.get(o.output) or None,
+                    "created_at": o.created_at.timestamp() if o.created_at else now,
+                }
+            )
+        outputs_json = {k: v.to_json() for k, v in got.items()}
+        fx.step(
+            run.run_id, st.spec.id, status=StepStatus.SUCCEEDED, outputs=outputs_json, ended_at=now
+        )
+        fx.attempt(run.run_id, st.spec.id, st.attempt, status=StepStatus.SUCCEEDED, ended_at=now)
+        cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
+        if cacheable and st.key is not None and st.material is not None:
+            fx.cache_entries.append(
+                {
+                    "key": st.key,
+                    "material": material_to_json(st.material),
+                    "outputs": outputs_json,
+                    "run_id": run.run_id,
+                    "step_id": st.spec.id,
+                    "created_at": now,
+                }
+            )
+        self._event(fx, run, st, now)
+        self._close_step(run, st, fx, now, ready)
+
+    def _fail(
+        self, run: RunState, st: StepState, cmd: Failed, fx: Effects, now: float, ready: Ready
+    ) -> None:
+        final = StepStatus.CRASHED if cmd.crashed else StepStatus.FAILED
+        fx.attempt(run.run_id, st.spec.id, st.attempt, status=final, ended_at=now)
+        message = str(cmd.error)
+        if st.attempt <= st.spec.settings.retries:
+            st.move(StepStatus.RETRYING)
+            self._event(fx, run, st, now, message)
+            st.move(StepStatus.PENDING)
+            fx.step(run.run_id, st.spec.id, status=StepStatus.RETRYING, error=cmd.error.to_json())
+            ready.append((run, st))
+            return
+        st.move(final)
+        fx.step(run.run_id, st.spec.id, status=final, error=cmd.error.to_json(), ended_at=now)
+        self._event(fx, run, st, now, message)
+        self._close_step(run, st, fx, now, ready)
+
+    def _close_step(
+        self, run: RunState, st: StepState, fx: Effects, now: float, ready: Ready
+    ) -> None:
+        run.open_steps -= 1
+        if st.status.is_success:
+            for d in st.downstream:
+                ds = run.steps[d]
+                ds.waiting -= 1
+                if ds.waiting == 0:
+                    ready.append((run, ds))
+        else:
+            self._skip_downstream(run, st, fx, now)
+        if run.open_steps == 0:
+            self._end_run(run, fx, now)
+
+    def _skip_downstream(self, run: RunState, st: StepState, fx: Effects, now: float) -> None:
+        stack = list(st.downstream)
+        while stack:
+            ds = run.steps[stack.pop()]
+            if ds.status is not StepStatus.PENDING:
+                continue
+            ds.move(StepStatus.SKIPPED)
+            run.open_steps -= 1
+            fx.step(run.run_id, ds.spec.id, status=StepStatus.SKIPPED, ended_at=now)
+            self._event(fx, run, ds, now, f"upstream step {st.spec.id!r} {st.status.lower()}")
+            stack.extend(ds.downstream)

@@ -1,0 +1,88 @@
+"""The scheduler's view of active runs, and the transitions it may make.
+
+Every change of a step's or a run's status goes through :meth:`StepState.move` or
+:meth:`RunState.move`, which refuse a transition the tables below do not allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from plait._models import ArtifactInfo, RunStatus, StepStatus
+from plait.errors import PlaitError
+from plait.ir.v1 import ir_pb2
+
+S = StepStatus
+STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    # ready: queued for a runner, served from the cache, or never run
+    S.PENDING: frozenset({S.QUEUED, S.CACHED, S.SKIPPED, S.CANCELLED}),
+    # a failure before the start report (the runner could not start it, the worker died);
+    # PENDING: the attempt died with a previous control plane and the step is queued again
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CRASHED, S.RETRYING, S.CANCELLED, S.PENDING}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CRASHED, S.RETRYING, S.CANCELLED, S.PENDING}),
+    S.RETRYING: frozenset({S.PENDING, S.CANCELLED}),
+    **{final: frozenset() for final in S if final.is_final},
+}
+"""Which step status may follow which. Final statuses are left by nothing."""
+
+R = RunStatus
+RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    R.PENDING: frozenset({R.RUNNING, R.FAILED, R.CANCELLED}),
+    R.RUNNING: frozenset({R.SUCCEEDED, R.FAILED, R.CANCELLED}),
+    **{final: frozenset() for final in R if final.is_final},
+}
+
+
+class IllegalTransitionError(PlaitError):
+    """The scheduler tried a status change its transition table forbids (a bug)."""
+
+    reason = "ILLEGAL_TRANSITION"
+
+
+@dataclass(slots=True)
+class StepState:
+    spec: ir_pb2.StepSpec
+    position: int
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    epoch: int = 0
+    waiting: int = 0
+    """Upstream steps that have not succeeded yet."""
+    upstream: list[str] = field(default_factory=list)
+    downstream: list[str] = field(default_factory=list)
+    outputs: dict[str, ArtifactInfo] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    output_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    material: ir_pb2.CacheKeyMaterial | None = None
+    key: str | None = None
+
+    def move(self, to: StepStatus) -> None:
+        if to not in STEP_TRANSITIONS[self.status]:
+            raise IllegalTransitionError(
+                f"step {self.spec.id!r}: {self.status} -> {to} is not a legal transition"
+            )
+        self.status = to
+
+
+@dataclass(slots=True)
+class RunState:
+    run_id: str
+    pipeline: str
+    version: str
+    parameters: dict[str, str]
+    """Canonical JSON by name, every parameter."""
+    no_cache: bool
+    steps: dict[str, StepState]
+    open_steps: int
+    """Steps not final yet; the run ends when none is left."""
+    status: RunStatus = RunStatus.PENDING
+    default_runner: str = "local"
+    """The runner of the run's stack, for steps that name none."""
+
+    def move(self, to: RunStatus) -> None:
+        if to not in RUN_TRANSITIONS[self.status]:
+            raise IllegalTransitionError(
+                f"run {self.run_id}: {self.status} -> {to} is not a legal transition"
+            )
+        self.status = to

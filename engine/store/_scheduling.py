@@ -1,0 +1,205 @@
+"""The scheduler's side of the store: the reads it asks for (:class:`SqlLookups`), the writing
+of its effects (:func:`write_effects`) and the loading of unfinished runs at start-up.
+
+This is the hot path: a handful of statements per committed batch, each compiled once per shape
+and, on SQLite, run straight on the DBAPI cursor (see :func:`executemany`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from plait._models import ArtifactInfo, RunEvent, StepStatus
+from plait.engine.scheduler import Effects, StoredRun, StoredStep
+from plait.engine.store import _schema as db
+from plait.engine.store._engine import executemany, is_fast_sqlite
+from plait.engine.store._pipelines import get_pipeline_version
+from plait.engine.store._stacks import active_stack, stack_runner
+from plait.ir.v1 import ir_pb2
+
+
+class SqlLookups:
+    """The scheduler's :class:`~plait.engine.scheduler.Lookups`, read in the transaction its
+    effects are written in. Bind it to that transaction's connection first (:meth:`bind`)."""
+
+    def __init__(self, blob_exists: Callable[[str], bool]) -> None:
+        self._blob_exists = blob_exists
+        self._specs: dict[str, ir_pb2.PipelineSpec] = {}
+        self.conn: Connection | None = None
+
+    def bind(self, conn: Connection) -> SqlLookups:
+        self.conn = conn
+        return self
+
+    def _c(self) -> Connection:
+        assert self.conn is not None, "SqlLookups used outside a transaction"
+        return self.conn
+
+    def run_for_request(self, request_id: str) -> str | None:
+        found = (
+            self._c()
+            .execute(sa.select(db.runs.c.id).where(db.runs.c.request_id == request_id))
+            .scalar()
+        )
+        return None if found is None else str(found)
+
+    def pipeline_spec(self, version: str) -> ir_pb2.PipelineSpec:
+        spec = self._specs.get(version)  # versions never change: read each once
+        if spec is None:
+            spec = self._specs[version] = get_pipeline_version(self._c(), version)
+        return spec
+
+    def active_stack(self) -> str:
+        return active_stack(self._c())
+
+    def stack_runner(self, stack: str) -> str:
+        return stack_runner(self._c(), stack)
+
+    def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
+        row = (
+            self._c()
+            .execute(sa.select(db.cache_entries.c.outputs).where(db.cache_entries.c.key == key))
+            .scalar()
+        )
+        if row is None:
+            return None
+        outputs = {k: ArtifactInfo.from_json(v) for k, v in row.items()}
+        # a hit whose bytes are gone from the artifact store is a miss, not a broken run
+        if not all(self._blob_exists(o.digest) for o in outputs.values()):
+            return None
+        return outputs
+
+
+def load_unfinished_runs(conn: Connection) -> list[StoredRun]:
+    """Runs left PENDING or RUNNING, oldest first, with their steps."""
+    rows = conn.execute(
+        sa.select(db.runs)
+        .where(db.runs.c.status.in_(("PENDING", "RUNNING")))
+        .order_by(db.runs.c.created_at)
+    ).all()
+    out = []
+    for row in rows:
+        steps = [
+            StoredStep(
+                step_id=r.step_id,
+                status=StepStatus(r.status),
+                attempt=r.attempt,
+                cache_key=r.cache_key,
+                outputs={k: ArtifactInfo.from_json(v) for k, v in r.outputs.items()}
+                if r.outputs
+                else None,
+                metadata=dict(r.step_metadata or {}),
+            )
+            for r in conn.execute(sa.select(db.step_runs).where(db.step_runs.c.run_id == row.id))
+        ]
+        out.append(
+            StoredRun(
+                run_id=row.id,
+                version=row.version,
+                parameters=dict(row.parameters or {}),
+                no_cache=row.no_cache,
+                stack=row.stack or "default",
+                steps=steps,
+            )
+        )
+    return out
+
+
+def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
+    """Writes the effects' rows (in the caller's transaction); returns their events, numbered."""
+    dialect = conn.dialect.name
+    if fx.run_inserts:
+        conn.execute(db.runs.insert(), fx.run_inserts)
+    executemany(conn, _INSERTS["step_runs"], fx.step_inserts)
+    executemany(conn, _INSERTS["attempts"], fx.attempt_inserts)
+    _update_many(conn, db.step_runs, ("run_id", "step_id"), fx.step_updates)
+    _update_many(conn, db.attempts, ("run_id", "step_id", "attempt"), fx.attempt_updates)
+    _update_many(conn, db.runs, ("id",), {(k,): v for k, v in fx.run_updates.items()})
+    executemany(conn, _INSERTS["artifacts"], fx.artifacts)
+    executemany(conn, _insert_ignore(db.cache_entries, dialect), fx.cache_entries)
+    executemany(conn, _INSERTS["logs"], fx.logs)
+    if not fx.events:
+        return []
+    rows = [
+        {
+            "run_id": e.run_id,
+            "step_id": e.step_id,
+            "run_status": e.run_status,
+            "step_status": e.step_status,
+            "attempt": e.attempt,
+            "message": e.message,
+            "ts": e.time.timestamp(),
+        }
+        for e in fx.events
+    ]
+    if is_fast_sqlite(conn):
+        # this transaction holds SQLite's write lock (BEGIN IMMEDIATE): nobody else can take
+        # sequence numbers until it commits
+        last = conn.exec_driver_sql(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+        ).scalar()
+        seqs: Any = range((last or 0) + 1, (last or 0) + 1 + len(rows))
+        for seq, row in zip(seqs, rows, strict=True):
+            row["seq"] = seq
+        executemany(conn, _INSERTS["events"], rows)
+    else:
+        result = conn.execute(
+            db.events.insert().returning(db.events.c.seq, sort_by_parameter_order=True), rows
+        )
+        seqs = result.scalars().all()
+    return [dataclasses.replace(e, sequence=s) for e, s in zip(fx.events, seqs, strict=True)]
+
+
+_INSERTS = {
+    t.name: t.insert() for t in (db.step_runs, db.attempts, db.artifacts, db.logs, db.events)
+}
+_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
+
+
+def _insert_ignore(table: sa.Table, dialect: str) -> Any:
+    stmt = _INSERT_IGNORE.get((table.name, dialect))
+    if stmt is None:
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(table).on_conflict_do_nothing()
+        _INSERT_IGNORE[(table.name, dialect)] = stmt
+    return stmt
+
+
+_UPDATES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+def _update_stmt(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]) -> Any:
+    """UPDATE table SET cols WHERE keys, built once per shape (building costs more than running)."""
+    stmt = _UPDATES.get((table.name, keys, cols))
+    if stmt is None:
+        stmt = (
+            table.update()
+            .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
+            .values({c: sa.bindparam(c) for c in cols})
+        )
+        _UPDATES[(table.name, keys, cols)] = stmt
+    return stmt
+
+
+def _update_many(
+    conn: Connection, table: sa.Table, keys: tuple[str, ...], updates: dict[Any, dict[str, Any]]
+) -> None:
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for key, values in updates.items():
+        cols = tuple(sorted(values))
+        row = {f"k_{k}": v for k, v in zip(keys, key, strict=True)}
+        row.update(values)
+        groups.setdefault(cols, []).append(row)
+    for cols, rows in groups.items():
+        executemany(conn, _update_stmt(table, keys, cols), rows)
