@@ -1,5 +1,5 @@
 """``python -m plait``: the same as the ``plait`` command."""
 
-from plait._cli import main
+from plait.cli import main
 
 main()

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pytest
 
-from plait._cli import cli
+from plait.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIT = str(Path(sys.executable).parent / "plait")
@@ -189,8 +189,11 @@ def test_clear_errors_without_tracebacks(
 
 
 def _commands(group: click.Group, prefix: list[str]) -> list[list[str]]:
+    # list_commands/get_command, not .commands: the root group loads `server` and `token` lazily
+    ctx = click.Context(group, info_name=prefix[-1] if prefix else "plait")
     found = [prefix]
-    for name, cmd in group.commands.items():
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         if isinstance(cmd, click.Group):
             found.extend(_commands(cmd, [*prefix, name]))
         else:
@@ -217,3 +220,43 @@ def test_pipeline_list_status_filter_and_followed_logs(env: dict[str, str], tmp_
     rid = run_id_of(plait(env, "run", "examples/quickstart.py:demo", "--no-cache"))
     followed = plait(env, "runs", "logs", rid, "--follow")
     assert "loading 10 numbers" in followed.stdout
+
+
+# runs `plait ARGS` in a fresh interpreter (no ARGS: only imports the CLI), then names what of
+# the engine and its database stack got loaded
+ENGINE_LOADED = """
+import sys
+from plait.cli import cli
+if {args!r}:
+    try:
+        cli({args!r}, prog_name="plait")
+    except SystemExit:
+        pass
+loaded = [m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "alembic")
+          or m == "plait.engine" or m.startswith("plait.engine.")]
+print("loaded:", *sorted(loaded))
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["--help"], ["runs", "--help"]], ids=["import", "--help", "runs --help"]
+)
+def test_the_cli_does_not_load_the_engine(args: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", ENGINE_LOADED.format(args=args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "loaded:"
+
+
+def test_plait_help_lists_the_admin_commands_as_they_describe_themselves() -> None:
+    from plait.cli import _ADMIN
+
+    ctx = click.Context(cli, info_name="plait")
+    for name, (_, _, short_help) in _ADMIN.items():
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+        assert (command.help or "").split("\n\n")[0] == short_help, name

@@ -1,0 +1,340 @@
+"""``plait server …``, ``plait up`` and ``plait down``: run the control plane as a daemon.
+
+The daemon of a PLAIT_HOME writes ``server.pid`` (its pid and address, once it listens) and
+``server.log`` there; ``server.toml`` there holds default settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from plait.cli._common import EPILOG, fail, healthy
+from plait.errors import PlaitError
+
+
+def _server_files() -> tuple[Path, Path]:
+    """The pid file and the log file of this PLAIT_HOME's daemon."""
+    from plait._settings import plait_home
+
+    home = plait_home()
+    return home / "server.pid", home / "server.log"
+
+
+def _server_pid() -> tuple[int, str] | None:
+    """(pid, address) of the running server of this PLAIT_HOME, or None."""
+    pid_file, _ = _server_files()
+    try:
+        pid_text, address = pid_file.read_text().split()
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid, address
+
+
+@click.group("server", epilog=EPILOG)
+def server() -> None:
+    """Run the control plane as a daemon that clients share (PLAIT_SERVER=HOST:PORT)."""
+
+
+_CONFIG_KEYS = (
+    "host",
+    "port",
+    "database_url",
+    "artifact_store",
+    "auth",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+)
+
+
+def _server_config(path: str | None) -> dict[str, Any]:
+    """Settings from a TOML file: --config, else PLAIT_HOME/server.toml when it exists."""
+    import tomllib
+
+    from plait._settings import plait_home
+
+    file = Path(path) if path else plait_home() / "server.toml"
+    if not file.exists():
+        if path:
+            fail(f"no config file {path}")
+        return {}
+    try:
+        data = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{file}: {exc}")
+    unknown = sorted(set(data) - set(_CONFIG_KEYS))
+    if unknown:
+        fail(f"{file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CONFIG_KEYS)}")
+    return data
+
+
+_SERVER_OPTIONS = [
+    click.option(
+        "--config",
+        "config_file",
+        default=None,
+        envvar="PLAIT_SERVER_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="A TOML file of these settings (keys: host, port, database_url, "
+        "artifact_store, auth, tls_cert, tls_key, tls_client_ca) [default: "
+        "PLAIT_HOME/server.toml if it exists]; flags and variables win over it.",
+    ),
+    click.option(
+        "--host",
+        default=None,
+        envvar="PLAIT_SERVER_HOST",
+        help="Address to bind [default: 127.0.0.1; env PLAIT_SERVER_HOST].",
+    ),
+    click.option(
+        "--port",
+        type=int,
+        default=None,
+        envvar="PLAIT_SERVER_PORT",
+        help="Port [default: 7676; env PLAIT_SERVER_PORT].",
+    ),
+    click.option(
+        "--database-url",
+        default="",
+        envvar="PLAIT_DATABASE_URL",
+        help="SQLAlchemy URL of the store [default: SQLite in PLAIT_HOME].",
+    ),
+    click.option(
+        "--artifact-store",
+        default="",
+        envvar="PLAIT_ARTIFACT_STORE",
+        help="Artifact store URL [default: PLAIT_HOME/artifacts].",
+    ),
+    click.option(
+        "--foreground",
+        is_flag=True,
+        help="Run in this process (for containers and supervisors); logs go to stderr.",
+    ),
+    click.option(
+        "--auth/--no-auth",
+        default=None,
+        help="Require API tokens [default: on unless bound to loopback].",
+    ),
+    click.option(
+        "--tls-cert",
+        default="",
+        envvar="PLAIT_TLS_SERVER_CERT",
+        type=click.Path(dir_okay=False),
+        help="PEM certificate: serve TLS.",
+    ),
+    click.option(
+        "--tls-key",
+        default="",
+        envvar="PLAIT_TLS_SERVER_KEY",
+        type=click.Path(dir_okay=False),
+        help="PEM private key of --tls-cert.",
+    ),
+    click.option(
+        "--tls-client-ca",
+        default="",
+        envvar="PLAIT_TLS_CLIENT_CA",
+        type=click.Path(dir_okay=False),
+        help="PEM CA bundle: require client certificates it signed (mutual TLS).",
+    ),
+]
+
+
+def _server_options(fn: Any) -> Any:
+    """Adds the daemon's settings as options (``server start`` and ``up`` share them)."""
+    for option in reversed(_SERVER_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@server.command("start", epilog=EPILOG)
+@_server_options
+def server_start(
+    host: str | None,
+    port: int | None,
+    database_url: str,
+    artifact_store: str,
+    foreground: bool,
+    auth: bool | None = None,
+    tls_cert: str = "",
+    tls_key: str = "",
+    tls_client_ca: str = "",
+    config_file: str | None = None,
+) -> None:
+    """Start the control-plane daemon (in the background unless --foreground).
+
+    Unfinished runs of its store resume at start; SIGTERM (`plait server stop`) shuts it down
+    gracefully and leaves them resumable. PID and log files live in PLAIT_HOME.
+
+    \b
+    Example:
+      plait server start --port 7676
+      PLAIT_SERVER=127.0.0.1:7676 plait run examples/quickstart.py:demo
+    """
+    import subprocess
+    import time
+
+    from plait._settings import plait_home
+    from plait.engine._daemon import DEFAULT_PORT, run_daemon
+
+    cfg = _server_config(config_file)
+    host = host or str(cfg.get("host", "127.0.0.1"))
+    port = port if port is not None else int(cfg.get("port", DEFAULT_PORT))
+    database_url = database_url or str(cfg.get("database_url", ""))
+    artifact_store = artifact_store or str(cfg.get("artifact_store", ""))
+    auth = auth if auth is not None else cfg.get("auth")
+    tls_cert = tls_cert or str(cfg.get("tls_cert", ""))
+    tls_key = tls_key or str(cfg.get("tls_key", ""))
+    tls_client_ca = tls_client_ca or str(cfg.get("tls_client_ca", ""))
+    if foreground:
+        try:
+            run_daemon(
+                plait_home(),
+                host,
+                port,
+                database_url,
+                artifact_store,
+                auth=auth,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_client_ca=tls_client_ca,
+            )
+        except PlaitError as exc:
+            fail(str(exc))
+        return
+    running = _server_pid()
+    if running is not None:
+        fail(
+            f"a server is already running (pid {running[0]}, {running[1]}); "
+            f"`plait server stop` first"
+        )
+    _, log_file = _server_files()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "plait",
+        "server",
+        "start",
+        "--foreground",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    if artifact_store:
+        cmd += ["--artifact-store", artifact_store]
+    if auth is not None:
+        cmd += ["--auth" if auth else "--no-auth"]
+    for flag, value in (
+        ("--tls-cert", tls_cert),
+        ("--tls-key", tls_key),
+        ("--tls-client-ca", tls_client_ca),
+    ):
+        if value:
+            cmd += [flag, str(Path(value).resolve())]
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace").splitlines()[-5:]
+            fail("the server exited at start:\n" + "\n".join(tail))
+        found = _server_pid()
+        # the pid file is written once the server listens; TLS servers can't be probed here
+        if found is not None and (tls_cert or healthy(found[1], timeout=0.5)):
+            click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {log_file}")
+            click.echo(f"use it with: export PLAIT_SERVER={found[1]}  (or plait login {found[1]})")
+            return
+        time.sleep(0.1)
+    proc.kill()
+    fail(f"the server did not become healthy within 30 s; see {log_file}")
+
+
+@server.command("stop", epilog=EPILOG)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for a graceful stop before killing it.",
+)
+def server_stop(timeout: float) -> None:
+    """Stop the daemon gracefully (SIGTERM); its unfinished runs resume at the next start."""
+    import signal
+    import time
+
+    running = _server_pid()
+    if running is None:
+        click.echo("no server is running")
+        return
+    pid, address = running
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo(f"stopped the server at {address} (pid {pid})")
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    click.echo(f"the server did not stop within {timeout:g} s: killed pid {pid}", err=True)
+
+
+@server.command("status", epilog=EPILOG)
+def server_status() -> None:
+    """Say whether the daemon of this PLAIT_HOME runs and answers; exit 1 when it does not."""
+    running = _server_pid()
+    if running is None:
+        click.echo("no server is running")
+        sys.exit(1)
+    pid, address = running
+    serving = healthy(address)
+    click.echo(f"server at {address} (pid {pid}): {'SERVING' if serving else 'NOT SERVING'}")
+    if not serving:
+        sys.exit(1)
+
+
+@server.command("logs", epilog=EPILOG)
+@click.option("-n", "--lines", default=50, show_default=True, help="How many last lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+def server_logs(lines: int, follow: bool) -> None:
+    """Print the end of the daemon's log file."""
+    import time
+
+    _, log_file = _server_files()
+    if not log_file.exists():
+        fail(f"no server log at {log_file}")
+    with open(log_file, errors="replace") as fh:
+        for line in fh.readlines()[-lines:]:
+            click.echo(line, nl=False)
+        while follow:
+            line = fh.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+
+
+@click.command("up", epilog=EPILOG)
+@_server_options
+@click.pass_context
+def up(ctx: click.Context, /, **kwargs: Any) -> None:
+    """Start the daemon: the same as `plait server start`."""
+    ctx.invoke(server_start, **kwargs)
+
+
+@click.command("down", epilog=EPILOG)
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop the daemon: the same as `plait server stop`."""
+    ctx.invoke(server_stop)
