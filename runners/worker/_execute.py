@@ -14,14 +14,15 @@ import json
 import os
 import sys
 import tempfile
-import time
 import traceback
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, Protocol
 
 from plait import _context
 from plait._artifact_store import LocalArtifactStore
 from plait._materializers import get_materializer, materializer_for, type_name
+from plait._models import ArtifactInfo, StepError
 from plait._step import code_digest
 from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
@@ -170,11 +171,9 @@ class StepExecutor:
         reporter.failed(
             tasks.TaskFailed(
                 token=token,
-                error=res.StepError(
-                    type=f"{type(failure).__module__}.{type(failure).__qualname__}",
-                    message=str(failure),
-                    traceback="".join(traceback.format_exception(failure)),
-                ),
+                error=StepError.of(
+                    failure, "".join(traceback.format_exception(failure))
+                ).to_proto(),
                 start_time=start.start_time,
             )
         )
@@ -271,26 +270,25 @@ class StepExecutor:
             values = list(result)
         locations = {o.name: o.artifact_id for o in task.outputs}
         out = []
-        now = time.time()
+        now = datetime.now(UTC)
         for spec, value in zip(specs, values, strict=True):
             _check_type(task.step.id, spec, value)
             m = materializer_for(value, spec.materializer)
             blob = store.put(m.save(value))
-            artifact = res.Artifact(
+            artifact = ArtifactInfo(
                 artifact_id=locations[spec.name],
-                name=f"artifacts/{locations[spec.name]}",
                 output=spec.name,
                 digest=blob.digest,
-                size_bytes=blob.size,
+                size=blob.size,
                 uri=blob.uri,
                 materializer=m.name,
                 data_type=type_name(value),
                 unsafe=m.unsafe,
                 run_id=task.token.run_id,
                 step_id=task.token.step_id,
+                created_at=now,
             )
-            artifact.create_time.FromNanoseconds(int(now * 1e9))
-            out.append(artifact)
+            out.append(artifact.to_proto())
         return out
 
 

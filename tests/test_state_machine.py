@@ -1,0 +1,359 @@
+"""The scheduler's state machine alone: no database, no processes. Commands go in, effects come
+out; the lookups it needs are dictionaries. (tests/test_scheduler.py runs it on real stores.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import networkx as nx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import dags
+
+from plait._models import ArtifactInfo, RunStatus, StepError, StepStatus
+from plait.engine.scheduler import (
+    RUN_TRANSITIONS,
+    STEP_TRANSITIONS,
+    CancelRun,
+    Completed,
+    CreateRun,
+    Effects,
+    Failed,
+    IllegalTransitionError,
+    Logs,
+    RunCreated,
+    Scheduler,
+    Started,
+    StepState,
+    StoredRun,
+    StoredStep,
+    TaskOrder,
+    Token,
+)
+from plait.errors import ParameterError, PipelineNotFoundError
+from plait.ir.v1 import ir_pb2
+
+VERSION = "v1"
+
+
+def spec_of(g: nx.DiGraph, retries: int = 0, cache: bool = True) -> ir_pb2.PipelineSpec:
+    """A pipeline with one step per node, each reading the outputs of its predecessors."""
+    spec = ir_pb2.PipelineSpec(name="p")
+    for j in sorted(g.nodes):
+        step = spec.steps.add(id=f"n{j}", name=f"n{j}")
+        step.code.module, step.code.qualname, step.code.code_digest = "m", f"n{j}", f"code{j}"
+        for i in sorted(g.predecessors(j)):
+            step.inputs.add(
+                name=f"x{i}",
+                binding=ir_pb2.Binding(output=ir_pb2.OutputRef(step_id=f"n{i}", output="output")),
+            )
+        step.outputs.add(name="output", type=ir_pb2.TypeSpec(expr="int"))
+        step.settings.retries = retries
+        step.settings.cache = cache
+    return spec
+
+
+class MemoryLookups:
+    """The scheduler's Lookups port over dictionaries, updated from committed effects."""
+
+    def __init__(self, *specs: ir_pb2.PipelineSpec) -> None:
+        self.specs = {VERSION if i == 0 else f"v{i + 1}": s for i, s in enumerate(specs)}
+        self.cache: dict[str, dict[str, ArtifactInfo]] = {}
+        self.requests: dict[str, str] = {}
+
+    def run_for_request(self, request_id: str) -> str | None:
+        return self.requests.get(request_id)
+
+    def pipeline_spec(self, version: str) -> ir_pb2.PipelineSpec:
+        if version not in self.specs:
+            raise PipelineNotFoundError(f"no pipeline version {version!r} is registered")
+        return self.specs[version]
+
+    def active_stack(self) -> str:
+        return "default"
+
+    def stack_runner(self, stack: str) -> str:
+        return "local"
+
+    def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
+        return self.cache.get(key)
+
+    def commit(self, fx: Effects) -> Effects:
+        for e in fx.cache_entries:
+            outputs = {k: ArtifactInfo.from_json(v) for k, v in e["outputs"].items()}
+            self.cache.setdefault(e["key"], outputs)
+        for row in fx.run_inserts:
+            if row["request_id"]:
+                self.requests[row["request_id"]] = row["id"]
+        return fx
+
+
+class Machine:
+    """A scheduler, its lookups and a clock."""
+
+    def __init__(self, *specs: ir_pb2.PipelineSpec) -> None:
+        self.scheduler = Scheduler()
+        self.lookups = MemoryLookups(*specs)
+        self.now = 1000.0
+
+    def apply(self, *commands: Any) -> Effects:
+        self.now += 1
+        return self.lookups.commit(self.scheduler.apply(commands, self.now, self.lookups))
+
+    def create(self, version: str = VERSION, **kw: Any) -> tuple[str, Effects]:
+        cmd = CreateRun(version, {}, **kw)
+        fx = self.apply(cmd)
+        created = fx.replies[id(cmd)]
+        assert isinstance(created, RunCreated), created
+        return created.run_id, fx
+
+
+def output(token: Token, value: int = 1) -> ArtifactInfo:
+    return ArtifactInfo(
+        f"art-{token.step_id}-{token.attempt}",
+        "output",
+        f"{value:064x}",
+        1,
+        "file:///x",
+        "plait.json",
+        "builtins.int",
+        False,
+        token.run_id,
+        token.step_id,
+    )
+
+
+def done(task: TaskOrder, value: int = 1) -> Completed:
+    return Completed(task.token, (output(task.token, value),))
+
+
+def by_step(tasks: Iterable[TaskOrder]) -> dict[str, TaskOrder]:
+    return {t.token.step_id: t for t in tasks}
+
+
+CHAIN = nx.DiGraph([(0, 1), (1, 2)])
+
+
+# ---- the tables ----
+
+
+def test_the_tables_cover_every_status_and_final_ones_are_left_by_nothing() -> None:
+    assert set(STEP_TRANSITIONS) == set(StepStatus)
+    assert set(RUN_TRANSITIONS) == set(RunStatus)
+    for status, nexts in STEP_TRANSITIONS.items():
+        assert (not nexts) == status.is_final, status
+    for run_status, run_nexts in RUN_TRANSITIONS.items():
+        assert (not run_nexts) == run_status.is_final, run_status
+
+
+def test_an_illegal_transition_is_refused() -> None:
+    st = StepState(spec=ir_pb2.StepSpec(id="s"), position=0, status=StepStatus.SUCCEEDED)
+    with pytest.raises(IllegalTransitionError, match="SUCCEEDED -> RUNNING"):
+        st.move(StepStatus.RUNNING)
+    assert st.status is StepStatus.SUCCEEDED
+    pending = StepState(spec=ir_pb2.StepSpec(id="s"), position=0)
+    with pytest.raises(IllegalTransitionError):
+        pending.move(StepStatus.SUCCEEDED)  # never without being queued and run
+
+
+# ---- commands and their effects ----
+
+
+def test_a_new_run_queues_its_roots_in_the_same_effects() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 2), (1, 2)])))
+    run_id, fx = m.create()
+    assert sorted(by_step(fx.tasks)) == ["n0", "n1"]
+    assert [r["id"] for r in fx.run_inserts] == [run_id]
+    assert {r["step_id"] for r in fx.step_inserts} == {"n0", "n1", "n2"}
+    assert fx.run_updates == {}
+    statuses = {(e.step_id, e.step_status) for e in fx.events if e.step_id}
+    assert statuses == {("n0", StepStatus.QUEUED), ("n1", StepStatus.QUEUED)}
+    assert [e.run_status for e in fx.events if not e.step_id] == [RunStatus.RUNNING]
+
+
+def test_a_chain_runs_step_by_step_and_the_run_ends() -> None:
+    m = Machine(spec_of(CHAIN))
+    run_id, fx = m.create()
+    for expected in ("n1", "n2"):
+        (task,) = fx.tasks
+        fx = m.apply(done(task))
+        assert [t.token.step_id for t in fx.tasks] == [expected]
+        # the upstream's output is handed to the next step
+        (_, (kind, info)) = fx.tasks[0].inputs[0]
+        assert kind == "artifact" and info.step_id == task.token.step_id
+    fx = m.apply(done(fx.tasks[0]))
+    assert fx.run_updates[run_id]["status"] == RunStatus.SUCCEEDED
+    assert run_id not in m.scheduler.runs
+
+
+def test_a_second_run_is_served_from_the_cache_without_a_task() -> None:
+    m = Machine(spec_of(CHAIN))
+    _, fx = m.create()
+    while fx.tasks:
+        fx = m.apply(*(done(t) for t in fx.tasks))
+    run_id, fx = m.create()
+    assert fx.tasks == []
+    assert fx.run_updates[run_id]["status"] == RunStatus.SUCCEEDED
+    cached = [e.step_id for e in fx.events if e.step_status is StepStatus.CACHED]
+    assert sorted(cached) == ["n0", "n1", "n2"]
+    _, fx = m.create(no_cache=True)
+    assert [t.token.step_id for t in fx.tasks] == ["n0"]
+
+
+def test_a_stale_or_repeated_report_changes_nothing() -> None:
+    m = Machine(spec_of(CHAIN))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    stale = Token(run_id, "n0", task.token.attempt, task.token.epoch + 1)
+    quiet = m.apply(
+        Completed(stale, (output(stale),)),
+        Started(Token(run_id, "n0", 9, 1)),
+        Logs(Token("no-such-run", "n0", 1, 1), "stdout", "x"),
+    )
+    assert quiet == Effects()
+    first = m.apply(done(task))
+    assert len(first.tasks) == 1
+    assert m.apply(done(task)) == Effects()  # the first completion of an attempt wins
+
+
+def test_a_failure_with_retries_left_queues_a_new_attempt() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 1)]), retries=1))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    fx = m.apply(Failed(task.token, StepError("builtins.ValueError", "boom")))
+    (retry,) = fx.tasks
+    assert retry.token.attempt == 2
+    assert [e.step_status for e in fx.events] == [StepStatus.RETRYING, StepStatus.QUEUED]
+    assert fx.attempt_updates[(run_id, "n0", 1)]["status"] == StepStatus.FAILED
+    fx = m.apply(Failed(retry.token, StepError("builtins.ValueError", "again"), crashed=True))
+    assert fx.tasks == []
+    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.CRASHED
+    assert fx.step_updates[(run_id, "n1")]["status"] == StepStatus.SKIPPED
+    assert fx.run_updates[run_id]["status"] == RunStatus.FAILED
+
+
+def test_cancelling_stops_what_runs_and_ends_the_run_once() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 2), (1, 2)])))
+    run_id, fx = m.create()
+    m.apply(Started(fx.tasks[0].token))
+    cancel = CancelRun(run_id)
+    fx2 = m.apply(cancel)
+    assert fx2.replies[id(cancel)] is True
+    assert sorted(t.step_id for t in fx2.cancels) == ["n0", "n1"]
+    assert {v["status"] for v in fx2.step_updates.values()} == {StepStatus.CANCELLED}
+    assert fx2.run_updates[run_id]["status"] == RunStatus.CANCELLED
+    again = CancelRun(run_id)
+    assert m.apply(again).replies[id(again)] is False
+    assert m.apply(done(fx.tasks[1])) == Effects()  # a report after the end: nothing
+
+
+def test_a_request_id_makes_one_run_within_and_across_batches() -> None:
+    m = Machine(spec_of(CHAIN))
+    a, b = CreateRun(VERSION, {}, request_id="r1"), CreateRun(VERSION, {}, request_id="r1")
+    fx = m.apply(a, b)
+    first, second = fx.replies[id(a)], fx.replies[id(b)]
+    assert isinstance(first, RunCreated) and isinstance(second, RunCreated)
+    assert first.created and not second.created and first.run_id == second.run_id
+    later = CreateRun(VERSION, {}, request_id="r1")
+    assert m.apply(later).replies[id(later)] == RunCreated(first.run_id, created=False)
+
+
+def test_a_bad_create_fails_only_itself() -> None:
+    m = Machine(spec_of(CHAIN))
+    bad, unknown, good = (
+        CreateRun(VERSION, {"nope": "1"}),
+        CreateRun("missing", {}),
+        CreateRun(VERSION, {}),
+    )
+    fx = m.apply(bad, unknown, good)
+    assert isinstance(fx.replies[id(bad)], ParameterError)
+    assert isinstance(fx.replies[id(unknown)], PipelineNotFoundError)
+    assert isinstance(fx.replies[id(good)], RunCreated)
+    assert len(fx.run_inserts) == 1
+
+
+def test_recovery_crashes_lost_attempts_and_queues_them_again() -> None:
+    m = Machine(spec_of(CHAIN))
+    finished = output(Token("r", "n0", 1, 1))
+    stored = StoredRun(
+        run_id="r",
+        version=VERSION,
+        parameters={},
+        no_cache=False,
+        stack="default",
+        steps=[
+            StoredStep("n0", StepStatus.SUCCEEDED, 1, "k0", {"output": finished}, {}),
+            StoredStep("n1", StepStatus.RUNNING, 1, "k1", None, {}),
+            StoredStep("n2", StepStatus.PENDING, 0, None, None, {}),
+        ],
+    )
+    fx = m.scheduler.recover([stored], m.now, m.lookups)
+    assert fx.attempt_updates[("r", "n1", 1)]["status"] == StepStatus.CRASHED
+    (task,) = fx.tasks
+    assert (task.token.step_id, task.token.attempt) == ("n1", 2)
+    (_, (kind, info)) = task.inputs[0]
+    assert kind == "artifact" and info == finished  # nothing that succeeded runs again
+
+
+# ---- properties over random DAGs, failures and cancellations ----
+
+
+@settings(max_examples=60, deadline=None)
+@given(g=dags(max_steps=10), data=st.data(), retries=st.integers(0, 2))
+def test_every_run_ends_and_no_step_starts_before_its_upstreams(
+    g: nx.DiGraph, data: st.DataObject, retries: int
+) -> None:
+    m = Machine(spec_of(g, retries=retries, cache=data.draw(st.booleans(), label="cache")))
+    runs = [m.create()[1] for _ in range(data.draw(st.integers(1, 3), label="runs"))]
+    outstanding: list[TaskOrder] = [t for fx in runs for t in fx.tasks]
+    status: dict[tuple[str, str], StepStatus] = {}
+    ended: dict[str, RunStatus] = {}
+
+    def record(fx: Effects) -> None:
+        for e in fx.events:
+            if e.step_id:
+                assert e.step_status is not None
+                status[(e.run_id, e.step_id)] = e.step_status
+            else:
+                assert e.run_status is not None
+                assert e.run_id not in ended, "a run ended twice"
+                if e.run_status.is_final:
+                    ended[e.run_id] = e.run_status
+        for task in fx.tasks:  # queued only once every upstream has its outputs
+            for up in g.predecessors(int(task.token.step_id[1:])):
+                assert status[(task.token.run_id, f"n{up}")].is_success
+        stopped = set(fx.cancels)
+        outstanding[:] = [t for t in outstanding if t.token not in stopped] + fx.tasks
+
+    for fx in runs:
+        record(fx)
+    for _ in range(200):
+        if not outstanding:
+            break
+        task = outstanding.pop(data.draw(st.integers(0, len(outstanding) - 1), label="pick"))
+        what = data.draw(
+            st.sampled_from(["done", "done", "done", "fail", "crash", "start", "cancel"]),
+            label="outcome",
+        )
+        if what == "start":
+            record(m.apply(Started(task.token)))
+            outstanding.append(task)
+        elif what == "cancel":
+            record(m.apply(CancelRun(task.token.run_id)))
+            assert m.apply(done(task)) == Effects()  # its report comes too late
+        elif what == "done":
+            record(m.apply(done(task, data.draw(st.integers(0, 3), label="value"))))
+        else:
+            error = StepError("builtins.RuntimeError", what)
+            record(m.apply(Failed(task.token, error, crashed=what == "crash")))
+    assert outstanding == []
+    assert m.scheduler.runs == {}, "every run reached a final status"
+    assert len(ended) == len(runs)
+    for (run_id, step_id), s in status.items():
+        assert s.is_final, (run_id, step_id, s)
+    for run_id, run_status in ended.items():
+        steps = [s for (r, _), s in status.items() if r == run_id]
+        if run_status is RunStatus.SUCCEEDED:
+            assert len(steps) == len(g) and all(s.is_success for s in steps)
