@@ -27,7 +27,25 @@ CONTRACTS = [
     (
         "plait.engine",
         "import plait.engine",
-        ["plait._pipeline", "plait._step", "plait.cli", "plait._cli", "click"],
+        ["plait._pipeline", "plait._step", "plait.cli", "click"],
+    ),
+    # the whole control plane, loaded as a daemon or an embedded engine loads it
+    (
+        "plait.engine-control-plane",
+        "from plait.engine import ControlPlane",
+        ["plait._pipeline", "plait._step", "plait.cli", "click", "plait.runners.worker"],
+    ),
+    # the store stands alone: no scheduler loop, no runners, no gRPC
+    (
+        "plait.engine.store",
+        "import plait.engine.store",
+        ["plait.engine._control_plane", "plait.engine.api", "plait.runners", "grpc"],
+    ),
+    # the state machine: no SQL, no gRPC
+    (
+        "plait.engine.scheduler",
+        "import plait.engine.scheduler",
+        ["sqlalchemy", "grpc", "plait.engine.store", "plait.engine.api"],
     ),
     ("plait.errors", "import plait.errors", ["grpc"]),
 ]

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from plait._models import StepStatus
 from plait.cli._common import EPILOG, fail, get_console, load_pipeline, parse_params, print_run
 from plait.errors import PlaitError
 
@@ -80,19 +81,19 @@ def _run_with_progress(client: Any, pipe: Any, parameters: dict[str, Any], no_ca
 
     compiled = pipe.compile()
     total = len(compiled.spec.steps)
-    statuses: dict[str, str] = {}
+    statuses: dict[str, StepStatus] = {}
     console = get_console(stderr=True)
     started = time.monotonic()
 
     def render() -> Text:
         counts = Counter(statuses.values())
-        done = sum(counts[s] for s in ("SUCCEEDED", "CACHED", "FAILED", "SKIPPED", "CRASHED"))
+        done = sum(n for s, n in counts.items() if s.is_final)
         parts = [
             f"{counts[s]} {s.lower()}"
-            for s in ("RUNNING", "SUCCEEDED", "CACHED", "FAILED", "SKIPPED", "CRASHED")
-            if counts[s]
+            for s in StepStatus
+            if counts[s] and s not in (StepStatus.PENDING, StepStatus.QUEUED)
         ]
-        running = [k for k, v in statuses.items() if v == "RUNNING"][:3]
+        running = [k for k, v in statuses.items() if v is StepStatus.RUNNING][:3]
         line = Text(f"{pipe.name}: {done}/{total} steps  ", style="bold")
         line.append(", ".join(parts))
         if running:
@@ -105,7 +106,7 @@ def _run_with_progress(client: Any, pipe: Any, parameters: dict[str, Any], no_ca
         def on_events(events: list[Any]) -> None:
             for e in events:
                 if e.step_id and e.step_status is not None:
-                    statuses[e.step_id] = str(e.step_status)
+                    statuses[e.step_id] = e.step_status
             live.update(render())
 
         return client.run_pipeline(pipe, parameters, no_cache=no_cache, on_events=on_events)

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from plait._models import RunStatus
 from plait.cli._common import EPILOG, fail, get_console, print_run, styled
 from plait.errors import PlaitError
 
@@ -21,9 +22,7 @@ def runs() -> None:
 @click.option("--pipeline", default="", help="Only runs of this pipeline.")
 @click.option(
     "--status",
-    type=click.Choice(
-        ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"], case_sensitive=False
-    ),
+    type=click.Choice([s.name for s in RunStatus], case_sensitive=False),
     help="Only runs in this state.",
 )
 def runs_list(limit: int, pipeline: str, status: str | None) -> None:
