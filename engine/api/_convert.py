@@ -119,34 +119,38 @@ def token_to_proto(t: Token) -> tasks.LeaseToken:
     return tasks.LeaseToken(run_id=t.run_id, step_id=t.step_id, attempt=t.attempt, epoch=t.epoch)
 
 
-def value_to_proto(value: Value) -> tasks.Value:
+def value_to_proto(value: Value, msg: tasks.Value | None = None) -> tasks.Value:
+    """A resolved input value as the message a worker reads (filled in place when given)."""
+    msg = tasks.Value() if msg is None else msg
     kind, v = value
     if kind == "json":
-        return tasks.Value(json=v)
-    if kind == "artifact":
+        msg.json = v
+    elif kind == "artifact":
         info: ArtifactInfo = v
-        return tasks.Value(artifact=info.to_proto())
-    if kind == "list":
-        return tasks.Value(list=tasks.ValueList(items=[value_to_proto(i) for i in v]))
-    return tasks.Value(
-        map=tasks.ValueMap(
-            entries=[
-                tasks.ValueMapEntry(key=key, value=value_to_proto(item))
-                for key, item in sorted(v.items())
-            ]
-        )
-    )
+        info.fill_proto(msg.artifact)
+    elif kind == "list":
+        items = msg.list.items
+        for item in v:
+            value_to_proto(item, items.add())
+    else:
+        entries = msg.map.entries
+        for key, item in sorted(v.items()):
+            entry = entries.add(key=key)
+            value_to_proto(item, entry.value)
+    return msg
 
 
 def task_to_proto(order: TaskOrder, store_uri: str) -> tasks.Task:
-    return tasks.Task(
+    task = tasks.Task(
         token=token_to_proto(order.token),
         pipeline=order.pipeline,
         step=order.step,
-        inputs=[tasks.TaskInput(name=n, value=value_to_proto(v)) for n, v in order.inputs],
         outputs=[tasks.OutputLocation(name=n, artifact_id=a) for n, a in order.outputs],
         artifact_store_uri=store_uri,
     )
+    for name, value in order.inputs:
+        value_to_proto(value, task.inputs.add(name=name).value)
+    return task
 
 
 def metadata_from_json(text: str) -> dict[str, Any]:

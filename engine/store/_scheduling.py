@@ -7,7 +7,6 @@ and, on SQLite, run straight on the DBAPI cursor (see :func:`executemany`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +151,11 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
             db.events.insert().returning(db.events.c.seq, sort_by_parameter_order=True), rows
         )
         seqs = result.scalars().all()
-    return [dataclasses.replace(e, sequence=s) for e, s in zip(fx.events, seqs, strict=True)]
+    # the constructor, not dataclasses.replace: this runs for every event of every step
+    return [
+        RunEvent(e.run_id, e.step_id, e.run_status, e.step_status, e.attempt, e.message, e.time, s)
+        for e, s in zip(fx.events, seqs, strict=True)
+    ]
 
 
 _INSERTS = {
