@@ -108,7 +108,7 @@ log_entries = st.builds(
 
 def test_statuses_are_the_apis_enums_by_name() -> None:
     def names_of(enum: Any, prefix: str) -> set[str]:
-        return {n.removeprefix(prefix) for n in enum.keys()} - {"UNSPECIFIED"}
+        return {n.removeprefix(prefix) for n in enum.DESCRIPTOR.values_by_name} - {"UNSPECIFIED"}
 
     assert {s.name for s in RunStatus} == names_of(res.RunStatus, "RUN_STATUS_")
     assert {s.name for s in StepStatus} == names_of(res.StepStatus, "STEP_STATUS_")
