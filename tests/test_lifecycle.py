@@ -30,6 +30,14 @@ if __name__ == "__main__":
 """
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """Runs in the child before it execs: SIGINT back to its default. A shell that starts a job
+    in the background (as CI runners may) leaves SIGINT ignored in every process below it, and
+    Python installs no KeyboardInterrupt handler for an ignored SIGINT; a Ctrl-C at a terminal
+    reaches a process whose SIGINT is the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _status(db: Path) -> tuple[str | None, str | None]:
     if not db.exists():
         return None, None
@@ -56,7 +64,12 @@ def test_ctrl_c_cancels_the_run_and_stops_the_workers(tmp_path: Path) -> None:
     # stderr to a file, not a pipe nobody reads while waiting: a full pipe would block the engine
     with (
         open(stderr_file, "wb") as err,
-        spawned([sys.executable, script], env=env, stderr=err) as p,
+        spawned(
+            [sys.executable, script],
+            env=env,
+            stderr=err,
+            preexec_fn=_sigint_as_at_a_terminal,  # sets one signal: safe before exec
+        ) as p,
     ):
 
         def step_running() -> bool:
