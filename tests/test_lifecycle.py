@@ -30,12 +30,15 @@ if __name__ == "__main__":
 """
 
 
-def _sigint_as_at_a_terminal() -> None:
-    """Runs in the child before it execs: SIGINT back to its default. A shell that starts a job
-    in the background (as CI runners may) leaves SIGINT ignored in every process below it, and
-    Python installs no KeyboardInterrupt handler for an ignored SIGINT; a Ctrl-C at a terminal
-    reaches a process whose SIGINT is the default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Puts SIGINT back to its default, then execs the script. A shell that starts a job in the
+# background (as CI runners may) leaves SIGINT ignored in every process below it, an ignored
+# signal stays ignored across exec, and Python installs no KeyboardInterrupt handler for it; a
+# Ctrl-C at a terminal reaches a process whose SIGINT is the default. (Not Popen's preexec_fn:
+# forking a process with gRPC threads and running Python in the child can crash it.)
+AS_AT_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
 
 
 def _status(db: Path) -> tuple[str | None, str | None]:
@@ -64,12 +67,7 @@ def test_ctrl_c_cancels_the_run_and_stops_the_workers(tmp_path: Path) -> None:
     # stderr to a file, not a pipe nobody reads while waiting: a full pipe would block the engine
     with (
         open(stderr_file, "wb") as err,
-        spawned(
-            [sys.executable, script],
-            env=env,
-            stderr=err,
-            preexec_fn=_sigint_as_at_a_terminal,  # sets one signal: safe before exec
-        ) as p,
+        spawned([sys.executable, "-c", AS_AT_A_TERMINAL, script], env=env, stderr=err) as p,
     ):
 
         def step_running() -> bool:
