@@ -4,7 +4,7 @@
 #   pip wheel '.[postgres]' -w wheelhouse
 #   docker build -t plait-server .                       (--build-arg BASE=... for another base)
 #   docker run -d --name plait -p 7676:7676 -v plait-data:/var/lib/plait plait-server
-#   docker exec plait plait token create me              (off loopback, calls need a token)
+#   docker exec plait plait token create me              (every call needs a token)
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 COPY wheelhouse/ /tmp/wheels/

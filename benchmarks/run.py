@@ -199,7 +199,9 @@ def bench_daemon(repeat: int, database_url: str = "") -> dict[str, Any]:
             while not Path(home, "server.pid").exists():
                 assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
                 time.sleep(0.05)
-            client = plait.Client(f"127.0.0.1:{port}")
+            # the daemon's local admin credential: every call needs a token
+            token = json.loads(Path(home, "credentials.json").read_text())["token"]
+            client = plait.Client(f"127.0.0.1:{port}", token=token)
             out = measure(client, repeat, cached=False)
             out["runs_per_s"] = runs_per_second(client)
             client.close()

@@ -37,16 +37,15 @@ class StoredBlob:
 
 
 def _create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
-    """A new, empty file in ``folder``, opened for writing.
+    """A new, empty, owner-only file in ``folder``, opened for writing.
 
-    Not ``tempfile.mkstemp``: that creates files readable by their owner only, and a store may
-    be shared by a server and workers that run as other users. ``os.open`` with 0o666 lets the
-    umask decide, as for any other file.
+    Artifacts are the user's data: readable by their owner only, whatever the umask. Workers
+    elsewhere, or of other users, read them through the control plane's ArtifactService.
     """
     path = folder / f"{prefix}{secrets.token_hex(8)}.tmp"
-    return os.open(
-        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
-    ), path
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    os.fchmod(fd, 0o600)
+    return fd, path
 
 
 class LocalArtifactStore:
@@ -65,6 +64,16 @@ class LocalArtifactStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        self._private = False
+
+    def _make_private(self) -> None:
+        """Makes the store's root owner-only (0700) before the first write: nothing below it
+        is then reachable by other users, whatever modes its subfolders got."""
+        if not self._private:
+            from plait._settings import private_dir
+
+            private_dir(self.root)
+            self._private = True
 
     @classmethod
     def from_uri(cls, uri: str) -> LocalArtifactStore:
@@ -109,6 +118,7 @@ class LocalArtifactStore:
                 return blob
         except FileNotFoundError:
             pass
+        self._make_private()
         path.parent.mkdir(parents=True, exist_ok=True)
         # a temporary file in the same folder, then an atomic rename: concurrent writers of
         # the same content leave one whole file and no debris
@@ -180,6 +190,7 @@ class BlobWriter:
 
     def __init__(self, store: LocalArtifactStore) -> None:
         self._store = store
+        store._make_private()
         tmp_dir = store.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = _create_temp(tmp_dir, "upload.")

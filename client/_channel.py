@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from plait import errors
+from plait._settings import saved_token
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The largest message a client sends or accepts (the control plane's limit too)."""
@@ -44,9 +45,14 @@ class ChannelConfig:
     def from_env(
         cls, address: str, *, token: str | None = None, tls_ca: str | None = None
     ) -> ChannelConfig:
+        """The token is ``token``, else ``$PLAIT_TOKEN``, else one saved for ``address``
+        (:func:`plait._settings.saved_token`: ``plait login``, or the local daemon's credential
+        file)."""
+        if token is None:
+            token = os.environ.get("PLAIT_TOKEN") or saved_token(address)
         return cls(
             address=address,
-            token=token if token is not None else os.environ.get("PLAIT_TOKEN", ""),
+            token=token,
             tls_ca=tls_ca if tls_ca is not None else os.environ.get("PLAIT_TLS_CA", ""),
             tls_cert=os.environ.get("PLAIT_TLS_CERT", ""),
             tls_key=os.environ.get("PLAIT_TLS_KEY", ""),

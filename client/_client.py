@@ -22,6 +22,7 @@ from plait.api.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
     stack_service_pb2_grpc,
+    token_service_pb2_grpc,
 )
 from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
@@ -73,7 +74,9 @@ class Client:
     starts in this process (one per home, shared by the clients that use it), with its store
     under ``home`` (default ``$PLAIT_HOME``).
 
-    A server that requires a token gets ``token`` (default ``$PLAIT_TOKEN``). TLS is used when
+    Every call carries a token: ``token``, else ``$PLAIT_TOKEN``, else the one ``plait login``
+    saved for the address, else, for the daemon of this ``PLAIT_HOME`` on loopback, the
+    credential it wrote there. An embedded engine gets its own secret. TLS is used when
     ``tls_ca`` (default ``$PLAIT_TLS_CA``) names the CA bundle that signed the server's
     certificate; ``$PLAIT_TLS_CERT`` and ``$PLAIT_TLS_KEY`` add a client certificate for mutual
     TLS.
@@ -94,7 +97,7 @@ class Client:
             from plait._embedded import embedded_address
 
             self.home = Path(home).resolve() if home is not None else plait_home()
-            address = embedded_address(self.home)
+            address, token = embedded_address(self.home)
             # the embedded engine serves loopback in the clear; TLS is for remote servers
             tls_ca = ""
         self.address = address
@@ -105,6 +108,12 @@ class Client:
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
         self._stacks = stack_service_pb2_grpc.StackServiceStub(self._channel)
+        self._tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
+
+    @property
+    def token(self) -> str:
+        """The token this client sends (the embedded engine's secret for an embedded one)."""
+        return self._config.token
 
     @classmethod
     def default(cls) -> Client:
@@ -256,6 +265,10 @@ class Client:
     def stacks(self, method: str, request: Any) -> Any:
         """Calls a StackService method (``"ListStacks"``, ...) with this client's credentials."""
         return self._call(getattr(self._stacks, method), request)
+
+    def tokens(self, method: str, request: Any) -> Any:
+        """Calls a TokenService method (``"CreateToken"``, ...); it needs an admin token."""
+        return self._call(getattr(self._tokens, method), request)
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancels a run (a no-op for one that already ended) and returns it."""

@@ -3,6 +3,13 @@
 Nothing else in the client imports :mod:`plait.engine`; this module does so only when an
 embedded control plane is started, so ``import plait`` and a client of a remote server never
 load the engine, SQLAlchemy or Alembic.
+
+Who may call it: only this process and the workers it starts. The engine listens on loopback
+and accepts no stored API token, only two secrets that live in this process's memory (one it
+hands to its clients here, one to its worker processes through their environment, which other
+OS users cannot read). We chose a per-process secret over an owner-only Unix socket because it
+keeps one transport (TCP on loopback) for the embedded engine, the daemon, and the containers
+and cluster jobs that later report to it, and the secret never touches the disk.
 """
 
 from __future__ import annotations
@@ -29,8 +36,11 @@ class EmbeddedControlPlane:
                 home=home,
                 database_url=os.environ.get("PLAIT_DATABASE_URL", ""),
                 max_workers=int(workers) if workers else None,
+                auth=True,
+                api_tokens=False,
             )
         )
+        self.token: str = self.control_plane.owner_secret
         self._portal_cm = start_blocking_portal("asyncio", name="plait-engine")
         self.portal = self._portal_cm.__enter__()
         try:
@@ -60,12 +70,13 @@ _running: dict[Path, EmbeddedControlPlane] = {}
 _lock = threading.Lock()
 
 
-def embedded_address(home: Path) -> str:
-    """The address of this process's control plane for ``home``, started on first use."""
+def embedded_address(home: Path) -> tuple[str, str]:
+    """The address of this process's control plane for ``home`` (started on first use) and the
+    secret its clients send."""
     with _lock:
         if home not in _running:
             _running[home] = EmbeddedControlPlane(home)
-        return _running[home].address
+        return _running[home].address, _running[home].token
 
 
 def stop_embedded(home: Path) -> None:

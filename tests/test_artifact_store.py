@@ -67,20 +67,21 @@ def test_a_blob_already_there_is_not_written_again(tmp_path: Path) -> None:
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-def test_blobs_get_the_permissions_the_umask_allows(tmp_path: Path) -> None:
-    """Not owner-only as tempfile.mkstemp would make them: servers and workers share stores."""
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_blobs_are_owner_only_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """Artifacts are the user's data: other users read them through the control plane."""
+    old = os.umask(umask)
     try:
-        store = LocalArtifactStore(tmp_path)
-        blob = store.put(b"shared")
+        store = LocalArtifactStore(tmp_path / "store")
+        blob = store.put(b"private")
         writer = store.writer()
         writer.write(b"uploaded")
         uploaded = writer.commit()
     finally:
         os.umask(old)
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
     for b in (blob, uploaded):
-        assert stat.S_IMODE(store.path_for(b.digest).stat().st_mode) == 0o644
+        assert stat.S_IMODE(store.path_for(b.digest).stat().st_mode) == 0o600
 
 
 def test_a_failed_write_leaves_no_temporary_file(

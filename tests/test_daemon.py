@@ -79,6 +79,7 @@ class Server:
         self.gate = tmp / "gate"
         # the process groups of the daemons started: killed at teardown, workers included
         self.groups: list[int] = []
+        self.token = ""
 
     def plait(
         self, *args: str, client: bool = True, ok: bool = True
@@ -136,6 +137,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
     s = Server(tmp_path)
     try:
         s.start("--port", str(s.port))
+        # clients live in another PLAIT_HOME: no local credential there, they need a token,
+        # made through the server's TokenService with the daemon's own credential
+        s.token = s.plait("token", "create", "test-client", client=False).stdout.strip()
+        s.client_env["PLAIT_TOKEN"] = s.token
         yield s
     finally:
         s.kill()
@@ -237,7 +242,7 @@ def test_login_and_logout(server: Server, tmp_path: Path) -> None:
         return run([PLAIT, *args], env=env, timeout=120, cwd=ROOT)
 
     assert plait("login", "127.0.0.1:1").returncode == 2  # nothing answers there
-    assert plait("login", server.address).returncode == 0
+    assert plait("login", server.address, "--token", server.token).returncode == 0
     rid = plait("run", f"{server.script}:slow", "-d").stdout.strip()
     assert len(rid) == 32  # detached: the saved server is used
     assert plait("logout").returncode == 0

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 import plait
+from plait import _embedded
 from plait.api.v1 import (
     artifact_service_pb2 as arts,
 )
@@ -56,10 +57,21 @@ def needs_x(x: int) -> None:
     double(x)
 
 
+def authorized_channel(address: str, token: str) -> grpc.Channel:
+    """A channel to a control plane on loopback whose every call carries ``token``."""
+    credentials = grpc.composite_channel_credentials(
+        grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP),
+        grpc.access_token_call_credentials(token),
+    )
+    return grpc.secure_channel(address, credentials)
+
+
 class Api:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address)
+        self.token = token
+        self.worker_secret = ""
+        self.channel = authorized_channel(address, token)
         self.pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self.channel)
         self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
         self.artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self.channel)
@@ -86,7 +98,9 @@ class Api:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     client = plait.Client(home=Path(tmp_path_factory.mktemp("grpc")))
-    api = Api(client.address)
+    api = Api(client.address, client.token)
+    assert client.home is not None
+    api.worker_secret = _embedded._running[client.home].control_plane.worker_secret
     yield api
     api.channel.close()
     client.shutdown()
@@ -329,12 +343,17 @@ def test_oversized_messages_are_refused_and_the_server_lives_on(api: Api) -> Non
 
 
 def test_task_stream_needs_a_hello_for_a_known_pool(api: Api) -> None:
+    # the worker-facing service takes the engine's worker secret, not its owner's
+    code, details, _ = error_of(api.tasks.Connect, iter([]))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "worker token" in details
+    worker = Api(api.address, api.worker_secret)
     started = tasks.ConnectRequest(started=tasks.TaskStarted())
-    code, details, _ = error_of(api.tasks.Connect, iter([started]))
+    code, details, _ = error_of(worker.tasks.Connect, iter([started]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "hello" in details
     hello = tasks.ConnectRequest(hello=tasks.WorkerHello(worker_id="w", runner="nowhere"))
-    code, details, _ = error_of(api.tasks.Connect, iter([hello]))
+    code, details, _ = error_of(worker.tasks.Connect, iter([hello]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "nowhere" in details
+    worker.channel.close()
 
 
 def test_health_and_reflection(api: Api) -> None:
@@ -415,7 +434,7 @@ def test_upload_is_content_addressed_and_checked(api: Api) -> None:
 
 
 def test_a_remote_client_streams_artifacts(api: Api, tmp_path: Path) -> None:
-    client = plait.Client(api.address)
+    client = plait.Client(api.address, token=api.token)
     try:
         assert not client.embedded
         run = client.get_run(api.run_to_end(api.register(doubler.compile().spec), x="4").run_id)

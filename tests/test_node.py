@@ -4,6 +4,7 @@ the npm registry, runs a pipeline registered from Python, follows it, downloads 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -56,11 +57,14 @@ def client(tmp_path: Path) -> Iterator[plait.Client]:
 
 def test_node_runs_follows_and_downloads(node_client: Path, client: plait.Client) -> None:
     version = client.register(loud)
+    # the embedded engine accepts only its own process's secret: this test hands it to Node
+    env = {**os.environ, "PLAIT_TOKEN": client.token}
     out = subprocess.run(
         ["node", str(node_client), client.address, version],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

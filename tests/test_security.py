@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -58,6 +59,11 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def credential(self) -> str:
+        """The local admin token the daemon wrote for its own account."""
+        return str(json.loads((self.home / "credentials.json").read_text())["token"])
 
     def token(self, *args: str) -> str:
         out = subprocess.run(
@@ -182,15 +188,15 @@ def test_tls_and_mutual_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     try:
         monkeypatch.setenv("PLAIT_TLS_CERT", str(client_cert))
         monkeypatch.setenv("PLAIT_TLS_KEY", str(client_key))
-        secure = plait.Client(d.address, tls_ca=str(server_cert))
+        secure = plait.Client(d.address, tls_ca=str(server_cert), token=d.credential)
         assert demo.run({"n": 3}, client=secure).status == "SUCCEEDED"
         # without a client certificate the handshake fails
         monkeypatch.delenv("PLAIT_TLS_CERT")
         monkeypatch.delenv("PLAIT_TLS_KEY")
-        anonymous = plait.Client(d.address, tls_ca=str(server_cert))
+        anonymous = plait.Client(d.address, tls_ca=str(server_cert), token=d.credential)
         assert _code(anonymous.list_runs) == grpc.StatusCode.UNAVAILABLE
         # and a plaintext client gets nowhere
-        plaintext = plait.Client(d.address, tls_ca="")
+        plaintext = plait.Client(d.address, tls_ca="", token=d.credential)
         assert _code(plaintext.list_runs) == grpc.StatusCode.UNAVAILABLE
     finally:
         d.stop()

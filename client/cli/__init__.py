@@ -42,7 +42,7 @@ _ADMIN = {
     "token": (
         "plait.engine.admin._tokens",
         "token",
-        "Manage the API tokens a server accepts (run these where the server's store is).",
+        "Manage the API tokens a server accepts: roles admin, user and worker.",
     ),
 }
 

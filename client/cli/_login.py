@@ -1,4 +1,5 @@
-"""``plait login`` and ``plait logout``: choose the server commands use by default."""
+"""``plait login`` and ``plait logout``: choose the server commands use by default, and the
+token to send it."""
 
 from __future__ import annotations
 
@@ -9,22 +10,43 @@ from plait.cli._common import EPILOG, fail, healthy
 
 @click.command("login", epilog=EPILOG)
 @click.argument("address")
-def login(address: str) -> None:
+@click.option(
+    "--token",
+    default=None,
+    help="The API token to send to ADDRESS; saved owner-only (0600) beside the server's address.",
+)
+def login(address: str, token: str | None) -> None:
     """Use the server at ADDRESS (HOST:PORT) from now on, when PLAIT_SERVER is not set."""
     from plait._settings import config_path, read_config, write_config
 
     if not healthy(address):
         fail(f"no Plait server answers at {address}")
-    write_config({**read_config(), "server": address})
-    click.echo(f"using the server at {address} (saved in {config_path()})")
+    config = read_config()
+    config["server"] = address
+    if token is not None:
+        from plait._client import Client
+        from plait.errors import PlaitError
+
+        try:
+            Client(address, token=token).list_runs(limit=1)
+        except PlaitError as exc:
+            fail(f"the server at {address} refuses that token: {exc}")
+        tokens = config.get("tokens")
+        config["tokens"] = {**(tokens if isinstance(tokens, dict) else {}), address: token}
+    write_config(config)
+    saved = " and its token" if token is not None else ""
+    click.echo(f"using the server at {address}{saved} (saved in {config_path()})")
 
 
 @click.command("logout", epilog=EPILOG)
 def logout() -> None:
-    """Forget the server saved by `plait login`: back to the embedded engine."""
+    """Forget the server saved by `plait login` (and its token): back to the embedded engine."""
     from plait._settings import read_config, write_config
 
     config = read_config()
-    config.pop("server", None)
+    server = config.pop("server", None)
+    tokens = config.get("tokens")
+    if isinstance(tokens, dict) and server in tokens:
+        del tokens[server]
     write_config(config)
     click.echo("using the embedded engine")

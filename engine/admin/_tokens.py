@@ -1,10 +1,16 @@
-"""``plait token …``: the API tokens a server accepts, kept in its metadata store.
+"""``plait token …``: the API tokens a server accepts.
 
-These commands open the store themselves, so they run where the server's database is.
+Against a server (``PLAIT_SERVER``, the one ``plait login`` saved, or this PLAIT_HOME's running
+daemon) the commands call its TokenService, with an admin token. With no server to talk to, or
+with ``--database-url``, they open the store themselves: that is how the first tokens of a
+server are made before it runs.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import click
@@ -12,88 +18,144 @@ import click
 from plait.cli._common import EPILOG, fail, get_console
 from plait.errors import PlaitError
 
+ROLES = ("user", "worker", "admin")
+
 
 @click.group("token", epilog=EPILOG)
 def token() -> None:
-    """Manage the API tokens a server accepts (run these where the server's store is)."""
+    """Manage the API tokens a server accepts: roles admin, user and worker."""
 
 
-def _token_store(database_url: str) -> Any:
-    """The metadata store at ``database_url`` (default: SQLite in PLAIT_HOME), not yet open."""
-    # engine internals are imported here, not at the top: the engine is reorganized around this
+def _server() -> str | None:
+    """The server to manage: PLAIT_SERVER or the saved one, else the daemon of this
+    PLAIT_HOME when it runs (its credential file names its port)."""
+    import json
+
+    from plait._settings import CREDENTIAL_FILE, plait_home, server_address
+    from plait.cli._common import healthy
+
+    address = server_address()
+    if address:
+        return address
+    try:
+        port = json.loads((plait_home() / CREDENTIAL_FILE).read_text())["port"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    local = f"127.0.0.1:{port}"
+    return local if healthy(local) else None
+
+
+def _store_call(database_url: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``fn(conn, *args)`` in a write transaction of the store itself."""
+    import anyio
+
     from plait._settings import plait_home
     from plait.engine._control_plane import ControlPlaneConfig
     from plait.engine.store import Store
 
-    return Store(ControlPlaneConfig(home=plait_home(), database_url=database_url).db_url())
-
-
-_DB_OPTION = click.option(
-    "--database-url",
-    default="",
-    envvar="PLAIT_DATABASE_URL",
-    help="The server's store [default: SQLite in PLAIT_HOME].",
-)
-
-
-def _with_store(database_url: str, fn: Any, *args: Any) -> Any:
-    """Runs ``fn(*args)`` in a write transaction of the store; an error ends the command."""
-    import anyio
-
     async def go() -> Any:
-        store = _token_store(database_url)
+        store = Store(ControlPlaneConfig(home=plait_home(), database_url=database_url).db_url())
         try:
             await store.open()
             return await store.write(fn, *args)
         finally:
             await store.aclose()
 
-    try:
-        return anyio.run(go)
-    except PlaitError as exc:
-        fail(str(exc))
+    return anyio.run(go)
+
+
+def _api_call(address: str, method: str, request: Any) -> Any:
+    from plait._client import Client
+
+    return Client(address).tokens(method, request)
+
+
+_DB_OPTION = click.option(
+    "--database-url",
+    default="",
+    help="Work on this store directly, not through a server (to make a server's first tokens).",
+)
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
 @token.command("create", epilog=EPILOG)
 @click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default="user",
+    show_default=True,
+    help="user: pipelines, runs, artifacts, stacks (so: can run code); worker: only the "
+    "worker-facing service; admin: tokens too.",
+)
 @_DB_OPTION
-def token_create(name: str, database_url: str) -> None:
+def token_create(name: str, role: str, database_url: str) -> None:
     """Create a token called NAME and print it (once: only its hash is stored).
 
-    Clients send it with PLAIT_TOKEN=<token>.
+    Clients send it with PLAIT_TOKEN=<token>, or save it with `plait login HOST:PORT --token`.
     """
-    import time
+    address = None if database_url else _server()
+    try:
+        if address is None:
+            from plait.engine.store._tokens import Role, create_token
 
-    from plait.engine.store._tokens import create_token
+            _, secret = _store_call(database_url, create_token, name, Role(role), time.time())
+        else:
+            from plait.api.v1 import token_service_pb2 as pb
 
-    click.echo(_with_store(database_url, create_token, name, time.time()))
-    click.echo("store it now: it is not shown again", err=True)
+            resp = _api_call(
+                address,
+                "CreateToken",
+                pb.CreateTokenRequest(
+                    display_name=name, role=pb.TokenRole.Value(f"TOKEN_ROLE_{role.upper()}")
+                ),
+            )
+            secret = resp.secret
+    except PlaitError as exc:
+        fail(str(exc))
+    click.echo(secret)
+    click.echo(f"a {role} token: store it now, it is not shown again", err=True)
 
 
 @token.command("list", epilog=EPILOG)
 @_DB_OPTION
 def token_list(database_url: str) -> None:
-    """List tokens: id, name, created, revoked."""
-    from datetime import datetime
-
+    """List tokens: id, name, role, created, revoked."""
     from rich.table import Table
 
-    from plait.engine.store._tokens import list_tokens
+    address = None if database_url else _server()
+    rows: list[tuple[str, str, str, str, str]] = []
+    try:
+        if address is None:
+            from plait.engine.store._tokens import list_tokens
 
-    tokens = _with_store(database_url, list_tokens)
-    if not tokens:
+            for t in _store_call(database_url, list_tokens):
+                rows.append((t.id, t.name, t.role, _when(t.created_at), _when(t.revoked_at)))
+        else:
+            from plait.api.v1 import token_service_pb2 as pb
+
+            for m in _api_call(address, "ListTokens", pb.ListTokensRequest()).tokens:
+                revoked = m.revoke_time.ToNanoseconds() / 1e9 if m.HasField("revoke_time") else None
+                rows.append(
+                    (
+                        m.token_id,
+                        m.display_name,
+                        pb.TokenRole.Name(m.role).removeprefix("TOKEN_ROLE_").lower(),
+                        _when(m.create_time.ToNanoseconds() / 1e9),
+                        _when(revoked),
+                    )
+                )
+    except PlaitError as exc:
+        fail(str(exc))
+    if not rows:
         click.echo("no tokens: create one with `plait token create NAME`")
         return
-    table = Table("id", "name", "created", "revoked")
-    for t in tokens:
-        table.add_row(
-            t.id,
-            t.name,
-            datetime.fromtimestamp(t.created_at).strftime("%Y-%m-%d %H:%M:%S"),
-            datetime.fromtimestamp(t.revoked_at).strftime("%Y-%m-%d %H:%M:%S")
-            if t.revoked_at
-            else "",
-        )
+    table = Table("id", "name", "role", "created", "revoked")
+    for row in rows:
+        table.add_row(*row)
     get_console().print(table)
 
 
@@ -102,9 +164,16 @@ def token_list(database_url: str) -> None:
 @_DB_OPTION
 def token_revoke(token_id: str, database_url: str) -> None:
     """Revoke the token TOKEN_ID (see `plait token list`); servers refuse it within seconds."""
-    import time
+    address = None if database_url else _server()
+    try:
+        if address is None:
+            from plait.engine.store._tokens import revoke_token
 
-    from plait.engine.store._tokens import revoke_token
+            _store_call(database_url, revoke_token, token_id, time.time())
+        else:
+            from plait.api.v1 import token_service_pb2 as pb
 
-    _with_store(database_url, revoke_token, token_id, time.time())
+            _api_call(address, "RevokeToken", pb.RevokeTokenRequest(name=f"tokens/{token_id}"))
+    except PlaitError as exc:
+        fail(str(exc))
     click.echo(f"revoked token {token_id}")

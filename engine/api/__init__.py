@@ -23,12 +23,15 @@ from plait.api.v1 import (
     stack_service_pb2_grpc,
     task_service_pb2,
     task_service_pb2_grpc,
+    token_service_pb2,
+    token_service_pb2_grpc,
 )
 from plait.engine.api._artifacts import ArtifactServicer
 from plait.engine.api._pipelines import PipelineServicer
 from plait.engine.api._runs import RunServicer
 from plait.engine.api._stacks import StackServicer
 from plait.engine.api._tasks import TaskServicer
+from plait.engine.api._tokens import TokenServicer
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -42,6 +45,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
     artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(ArtifactServicer(cp), server)
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(cp), server)
     stack_service_pb2_grpc.add_StackServiceServicer_to_server(StackServicer(cp), server)
+    token_service_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(cp), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -52,6 +56,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
             artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"],
             task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
             stack_service_pb2.DESCRIPTOR.services_by_name["StackService"],
+            token_service_pb2.DESCRIPTOR.services_by_name["TokenService"],
         )
     ]
     for name in names:

@@ -1,17 +1,34 @@
-"""The server's authentication interceptor.
+"""Who may call what: the server's authentication and authorization interceptor.
 
-Clients send a token as gRPC metadata ``authorization: Bearer <token>``. Health checking and
-reflection stay open, so probes and tools work without a token.
+Clients send a token as gRPC metadata ``authorization: Bearer <token>``. A call without a valid
+token is refused UNAUTHENTICATED; a valid token whose role may not call the method is refused
+PERMISSION_DENIED. Health checking and reflection stay open, so probes and tools work without a
+token. The rules, by service:
+
+=====================  ===============================
+service                roles that may call it
+=====================  ===============================
+TaskService            worker
+TokenService           admin
+every other service    user, admin
+=====================  ===============================
+
+Besides the stored tokens (roles in :mod:`plait.engine.store._tokens`), the control plane
+holds secrets that live only in its memory: one for the local workers it starts (worker) and,
+in an embedded engine, one for the process that embeds it (admin). An embedded engine accepts
+only those.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+
+from plait.engine.store._tokens import Role
 
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",
@@ -22,59 +39,101 @@ CACHE_SECONDS = 2.0
 """How long a verified token is trusted without asking the store again (bounds how late a
 revocation takes effect)."""
 
+_BY_SERVICE: dict[str, frozenset[Role]] = {
+    "/plait.api.v1.TaskService/": frozenset({Role.WORKER}),
+    "/plait.api.v1.TokenService/": frozenset({Role.ADMIN}),
+}
+_DEFAULT = frozenset({Role.USER, Role.ADMIN})
+
+
+def roles_for(method: str) -> frozenset[Role]:
+    """The roles that may call a method (``/package.Service/Method``)."""
+    for prefix, roles in _BY_SERVICE.items():
+        if method.startswith(prefix):
+            return roles
+    return _DEFAULT
+
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without a valid bearer token (UNAUTHENTICATED), except open services.
+    """Refuses calls without a valid token (UNAUTHENTICATED) and calls a token's role may not
+    make (PERMISSION_DENIED); open services pass.
 
-    ``internal`` is a token the control plane gives its own local workers at start; it lives
-    only in memory.
+    Args:
+        lookup: the role of a stored token, None when it is unknown or revoked; None to accept
+            no stored tokens (an embedded engine).
+        internal: secrets that live in memory only, with their roles.
     """
 
-    def __init__(self, check: Callable[[str], Awaitable[bool]], internal: str) -> None:
-        self._check = check
-        self._internal = internal
-        self._ok: dict[str, float] = {}
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[Role | None]] | None,
+        internal: Mapping[str, Role],
+    ) -> None:
+        self._lookup = lookup
+        self._internal = dict(internal)
+        self._ok: dict[str, tuple[float, Role]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
-        if details.method.startswith(OPEN_SERVICES):
+        method = details.method
+        if method.startswith(OPEN_SERVICES):
             return await continuation(details)
         token = ""
         for key, value in details.invocation_metadata or ():
             if key == "authorization" and value.startswith("Bearer "):
                 token = value[len("Bearer ") :]
-        if token and (hmac.compare_digest(token, self._internal) or await self._valid(token)):
-            return await continuation(details)
-        message = (
-            "a valid API token is required: send 'authorization: Bearer <token>' "
-            "(set PLAIT_TOKEN; create one with `plait token create NAME` on the server)"
-        )
-        if token:
-            message = "the API token is unknown or revoked"
-        return _deny(details.method, message)
+        role = await self._role(token) if token else None
+        if role is None:
+            message = (
+                "a valid API token is required: send 'authorization: Bearer <token>' "
+                "(set PLAIT_TOKEN, or `plait login HOST:PORT --token TOKEN`; an admin makes "
+                "tokens with `plait token create NAME`)"
+            )
+            if token:
+                message = "the API token is unknown or revoked"
+            return _deny(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, message)
+        allowed = roles_for(method)
+        if role not in allowed:
+            service = method.strip("/").split("/")[0].rsplit(".", 1)[-1]
+            need = " or ".join(sorted(allowed))
+            return _deny(
+                await continuation(details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a {role} token may not call {service}: it needs a {need} token",
+            )
+        return await continuation(details)
 
-    async def _valid(self, token: str) -> bool:
+    async def _role(self, token: str) -> Role | None:
+        for secret, internal_role in self._internal.items():
+            if hmac.compare_digest(token, secret):
+                return internal_role
+        if self._lookup is None:
+            return None
         now = time.monotonic()
-        if self._ok.get(token, 0) > now:
-            return True
-        if await self._check(token):
-            self._ok[token] = now + CACHE_SECONDS
-            return True
-        self._ok.pop(token, None)
-        return False
+        cached = self._ok.get(token)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        role = await self._lookup(token)
+        if role is None:
+            self._ok.pop(token, None)
+        else:
+            self._ok[token] = (now + CACHE_SECONDS, role)
+        return role
 
 
-def _deny(method: str, message: str) -> Any:
+def _deny(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same kind as ``handler`` that refuses the call."""
+
     async def unary(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def stream(request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    streaming_responses = method.endswith(("/WatchRunEvents", "/DownloadArtifact", "/Connect"))
-    streaming_requests = method.endswith(("/UploadArtifact", "/Connect"))
+    streaming_requests = bool(handler and handler.request_streaming)
+    streaming_responses = bool(handler and handler.response_streaming)
     if streaming_requests and streaming_responses:
         return grpc.stream_stream_rpc_method_handler(stream)
     if streaming_requests:

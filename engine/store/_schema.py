@@ -196,4 +196,6 @@ api_tokens = sa.Table(
     sa.Column("secret_hash", sa.String, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float),
+    # admin, user or worker (plait.engine.store._tokens.ROLES)
+    sa.Column("role", sa.String, nullable=False, server_default="admin"),
 )

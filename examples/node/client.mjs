@@ -1,7 +1,9 @@
 // Starts a run of a registered pipeline, follows it to its end, downloads an output.
 //
-//   npm install && node client.mjs HOST:PORT pipelines/NAME/versions/VERSION [STEP [OUTPUT]]
+//   npm install && PLAIT_TOKEN=... node client.mjs HOST:PORT pipelines/NAME/versions/VERSION [STEP [OUTPUT]]
 //
+// Every call carries the token in PLAIT_TOKEN as "authorization: Bearer <token>": the control
+// plane refuses calls without one.
 // Prints one JSON line: the run's status, its steps, and the chosen output's bytes as text.
 import { fileURLToPath } from "node:url";
 import path from "node:path";
@@ -24,10 +26,12 @@ const api = grpc.loadPackageDefinition(definition).plait.api.v1;
 const credentials = grpc.credentials.createInsecure();
 const runs = new api.RunService(address, credentials);
 const artifacts = new api.ArtifactService(address, credentials);
+const metadata = new grpc.Metadata();
+if (process.env.PLAIT_TOKEN) metadata.add("authorization", `Bearer ${process.env.PLAIT_TOKEN}`);
 
 const call = (client, method, request) =>
   new Promise((resolve, reject) =>
-    client[method](request, (err, response) => (err ? reject(err) : resolve(response))));
+    client[method](request, metadata, (err, response) => (err ? reject(err) : resolve(response))));
 
 const { run } = await call(runs, "CreateRun", {
   pipeline_version: version,
@@ -37,7 +41,7 @@ const { run } = await call(runs, "CreateRun", {
 // follow the run: the stream ends with the event that ends the run
 const transitions = [];
 await new Promise((resolve, reject) => {
-  const stream = runs.WatchRunEvents({ name: run.name });
+  const stream = runs.WatchRunEvents({ name: run.name }, metadata);
   stream.on("data", ({ events }) => {
     for (const e of events) transitions.push(e.step_id ? `${e.step_id}:${e.step_status}` : e.run_status);
   });
@@ -52,7 +56,7 @@ const artifact = step.outputs.find((o) => o.output === outputName);
 // download the output's bytes in chunks
 const chunks = [];
 await new Promise((resolve, reject) => {
-  const stream = artifacts.DownloadArtifact({ name: artifact.name });
+  const stream = artifacts.DownloadArtifact({ name: artifact.name }, metadata);
   stream.on("data", (msg) => chunks.push(msg.data));
   stream.on("end", resolve);
   stream.on("error", reject);
