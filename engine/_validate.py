@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ast
-import json
+import math
 
 import networkx as nx
 
+from plait.engine._ir import load_json, name_problem, valid_name
 from plait.errors import PipelineValidationError
 from plait.ir.v1 import ir_pb2
 
@@ -17,6 +18,8 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
     """Checks a PipelineSpec and returns its step graph; errors name the offending field."""
     if not spec.name:
         raise PipelineValidationError("name: a pipeline needs a name")
+    if not valid_name(spec.name):
+        raise PipelineValidationError(f"name: {name_problem(spec.name)}")
     if not spec.steps:
         raise PipelineValidationError("steps: a pipeline needs at least one step")
     if len(spec.steps) > MAX_STEPS:
@@ -37,6 +40,11 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
             raise PipelineValidationError(f"{where}.id: empty or duplicate step id")
         if not s.code.module or not s.code.qualname:
             raise PipelineValidationError(f"{where}.code: module and qualname are required")
+        timeout = s.settings.timeout_seconds
+        if s.settings.HasField("timeout_seconds") and not (math.isfinite(timeout) and timeout >= 0):
+            raise PipelineValidationError(
+                f"{where}.settings.timeout_seconds: {timeout} is not a finite number >= 0"
+            )
         names = [o.name for o in s.outputs]
         if len(set(names)) != len(names) or not all(names):
             raise PipelineValidationError(f"{where}.outputs: empty or duplicate output names")
@@ -78,8 +86,9 @@ def _check_type(where: str, expr: str) -> None:
         return  # unset: any type
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        raise PipelineValidationError(f"{where}.expr: {expr!r} is not a type expression") from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: too deep
+        shown = repr(expr[:64]) + ("..." if len(expr) > 64 else "")
+        raise PipelineValidationError(f"{where}.expr: {shown} is not a type expression") from None
     for node in ast.walk(tree):
         if not isinstance(node, _TYPE_NODES) or (
             isinstance(node, ast.Constant)
@@ -93,8 +102,9 @@ def _check_type(where: str, expr: str) -> None:
 
 
 def _json(where: str, text: str) -> None:
+    """Literal and default values: JSON, without NaN or Infinity (they have no JSON form)."""
     try:
-        json.loads(text)
+        load_json(text)
     except ValueError as exc:
         raise PipelineValidationError(f"{where}.json: not JSON ({exc})") from None
 

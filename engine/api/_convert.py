@@ -4,12 +4,12 @@ tasks, names). The shared records (:mod:`plait._models`) carry their own ``to_pr
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from plait._models import ArtifactInfo, RunStatus
 from plait.api.v1 import stack_service_pb2 as stack_pb
 from plait.api.v1 import task_service_pb2 as tasks
+from plait.engine._ir import load_json, name_problem, valid_name
 from plait.engine.scheduler import TaskOrder, Token, Value
 from plait.engine.store._stacks import Component, Stack
 from plait.errors import PipelineError, PipelineNotFoundError, PipelineValidationError
@@ -28,11 +28,12 @@ def name_id(name: str, collection: str) -> str:
     return name
 
 
-def strict_name(resource: str, collection: str) -> str:
-    """The NAME in ``collection/NAME`` (or a bare NAME), non-empty and without a slash."""
+def strict_name(resource: str, collection: str, field: str = "name") -> str:
+    """The NAME in ``collection/NAME`` (or a bare NAME); NAME must match
+    :data:`~plait.engine._ir.NAME_PATTERN`, so what is registered can be named again."""
     name = resource.removeprefix(f"{collection}/")
-    if not name or "/" in name:
-        raise PipelineError(f"expected '{collection}/NAME', got {resource!r}")
+    if not valid_name(name):
+        raise PipelineError(f"{field}: {name_problem(name)}; expected '{collection}/NAME'")
     return name
 
 
@@ -86,13 +87,13 @@ def component_to_proto(c: Component) -> stack_pb.Component:
 
 
 def component_from_proto(c: stack_pb.Component) -> Component:
-    name = strict_name(c.name, "components")
+    name = strict_name(c.name, "components", "component.name")
     if not c.kind:
         raise PipelineError("component.kind is required")
     if not c.flavor:
         raise PipelineError("component.flavor is required")
     try:
-        config = json.loads(c.config_json or "{}")
+        config = load_json(c.config_json or "{}")
     except ValueError as exc:
         raise PipelineError(f"component.config_json: not JSON ({exc})") from None
     if not isinstance(config, dict):
@@ -140,13 +141,14 @@ def value_to_proto(value: Value, msg: tasks.Value | None = None) -> tasks.Value:
     return msg
 
 
-def task_to_proto(order: TaskOrder, store_uri: str) -> tasks.Task:
+def task_to_proto(order: TaskOrder, store_uri: str, log_limit_bytes: int = 0) -> tasks.Task:
     task = tasks.Task(
         token=token_to_proto(order.token),
         pipeline=order.pipeline,
         step=order.step,
         outputs=[tasks.OutputLocation(name=n, artifact_id=a) for n, a in order.outputs],
         artifact_store_uri=store_uri,
+        log_limit_bytes=log_limit_bytes,
     )
     for name, value in order.inputs:
         value_to_proto(value, task.inputs.add(name=name).value)
@@ -154,8 +156,9 @@ def task_to_proto(order: TaskOrder, store_uri: str) -> tasks.Task:
 
 
 def metadata_from_json(text: str) -> dict[str, Any]:
+    """Metadata: a JSON object, without NaN or Infinity (they have no JSON form)."""
     try:
-        value = json.loads(text)
+        value = load_json(text)
     except ValueError as exc:
         raise PipelineValidationError(f"metadata is not JSON: {exc}") from None
     if not isinstance(value, dict):
