@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from plait._artifact_store import LocalArtifactStore
 from plait._models import RunStatus, StepError
+from plait._settings import private_dir
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.engine._events import EventHub
 from plait.engine._validate import validate_pipeline
@@ -36,8 +38,14 @@ from plait.engine.scheduler import (
     Token,
 )
 from plait.engine.store import Store
+from plait.engine.store._engine import Backoff, is_transient
 from plait.engine.store._pipelines import register_pipeline
-from plait.engine.store._scheduling import SqlLookups, load_unfinished_runs, write_effects
+from plait.engine.store._scheduling import (
+    SqlLookups,
+    load_active_runs,
+    load_unfinished_runs,
+    write_effects,
+)
 from plait.errors import PlaitError
 from plait.ir.canonical import message_digest
 from plait.ir.v1 import ir_pb2
@@ -47,8 +55,26 @@ log = logging.getLogger("plait.engine")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+DEFAULT_MAX_LOG_BYTES = 4 * 1024 * 1024
+"""The stdout and stderr kept per attempt, unless PLAIT_MAX_LOG_BYTES or a setting says."""
+
 SMALL_TICK = 16
 """Ticks of at most this many inputs run on the event loop's thread (see Store.write)."""
+
+
+def max_log_bytes_setting(value: str | int | None = None) -> int:
+    """The log limit: `value` (a flag or a config key), else ``PLAIT_MAX_LOG_BYTES``, else
+    DEFAULT_MAX_LOG_BYTES; a positive number of bytes, or PlaitError."""
+    raw = value if value is not None else os.environ.get("PLAIT_MAX_LOG_BYTES") or None
+    if raw is None:
+        return DEFAULT_MAX_LOG_BYTES
+    try:
+        limit = int(raw)
+    except (TypeError, ValueError):
+        limit = 0
+    if isinstance(raw, bool) or limit < 1:
+        raise PlaitError(f"max_log_bytes: expected a positive number of bytes, got {raw!r}")
+    return limit
 
 
 @dataclass(frozen=True)
@@ -63,8 +89,15 @@ class ControlPlaneConfig:
     """Empty means ``home/artifacts``."""
     max_workers: int | None = None
     """The local runner's pool size; None means the number of CPUs."""
-    auth: bool = False
-    """Require an API token on every call (health and reflection excepted)."""
+    auth: bool = True
+    """Require a credential on every call (health and reflection excepted). Off only for a
+    daemon started with ``--no-auth`` on loopback."""
+    api_tokens: bool = True
+    """Accept the API tokens of the store. An embedded engine does not: it accepts only the
+    secrets it holds in memory (its own process's and its workers')."""
+    credential_file: Path | None = None
+    """Where a daemon keeps the local admin credential (owner-only) that the CLI and SDK of
+    the same account pick up; None writes none."""
     tls_cert: str = ""
     """PEM server certificate: serve TLS when set (with tls_key)."""
     tls_key: str = ""
@@ -74,6 +107,9 @@ class ControlPlaneConfig:
     resume: bool = False
     """Resume unfinished runs at start and leave them resumable at stop (a daemon that owns its
     store). Otherwise (the embedded engine) runs still active at stop are CANCELLED."""
+    max_log_bytes: int = field(default_factory=max_log_bytes_setting)
+    """The most bytes of stdout and stderr stored per attempt (workers cut there and say how
+    much they dropped; the scheduler enforces it too)."""
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'plait.db'}"
@@ -89,13 +125,19 @@ class ControlPlane:
         self, config: ControlPlaneConfig, runners: Mapping[str, Runner] | None = None
     ) -> None:
         self.config = config
+        private_dir(config.home)  # PLAIT_HOME and all in it: the owner's only
         self.store = Store(config.db_url())
         self.artifacts = LocalArtifactStore.from_uri(config.artifacts())
         self.runners: dict[str, Runner] = dict(
             runners or {"local": LocalRunner(config.max_workers)}
         )
-        self.scheduler = Scheduler(runners=frozenset(self.runners))
+        self.scheduler = Scheduler(
+            runners=frozenset(self.runners), log_limit_bytes=config.max_log_bytes
+        )
         self._lookups = SqlLookups(self.artifacts.exists)
+        self._missing: set[str] = set()
+        """Runs rolled back out of the scheduler's view by a failed transaction, to restore
+        from the store before the next one (see _commit)."""
         self.hub = EventHub()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Command](math.inf)
         self._replies: dict[int, anyio.Event] = {}
@@ -107,7 +149,10 @@ class ControlPlane:
         """Started attempts with a timeout: (deadline, runner)."""
         self.address = ""
         self._stop = anyio.Event()
-        self._internal_token = secrets.token_urlsafe(32)
+        # secrets that live in this process's memory only: one for the local workers this
+        # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
+        self.worker_secret = secrets.token_urlsafe(32)
+        self.owner_secret = secrets.token_urlsafe(32)
 
     def _listen(self, server: Any, address: str) -> int:
         if self.config.tls_cert or self.config.tls_key:
@@ -130,6 +175,18 @@ class ControlPlane:
         if port == 0:
             raise PlaitError(f"cannot listen on {address} (in use, or not an address here)")
         return int(port)
+
+    def _auth_interceptor(self) -> Any:
+        from plait.engine.api._auth import AuthInterceptor
+        from plait.engine.store._tokens import Role, token_role
+
+        async def lookup(token: str) -> Role | None:
+            return await self.store.read(token_role, token)
+
+        return AuthInterceptor(
+            lookup if self.config.api_tokens else None,
+            {self.worker_secret: Role.WORKER, self.owner_secret: Role.ADMIN},
+        )
 
     def stop(self) -> None:
         """Asks :meth:`serve` to shut down (gracefully); call it on the serving event loop."""
@@ -178,6 +235,14 @@ class ControlPlane:
         fx.events = write_effects(conn, fx)
         return fx
 
+    def _fail_runs(self, conn: Connection, run_ids: list[str], reason: str, now: float) -> Effects:
+        fx = self.scheduler.abort(run_ids, now, reason, RunStatus.FAILED)
+        fx.events = write_effects(conn, fx)
+        return fx
+
+    def _restore_runs(self, conn: Connection, run_ids: list[str]) -> None:
+        self.scheduler.restore(load_active_runs(conn, run_ids), self._lookups.bind(conn))
+
     def _recover(self, conn: Connection, now: float) -> Effects:
         fx = self.scheduler.recover(load_unfinished_runs(conn), now, self._lookups.bind(conn))
         fx.events = write_effects(conn, fx)
@@ -210,9 +275,9 @@ class ControlPlane:
                     self._timeouts.pop(item.token, None)
                     self._deadlines.pop(item.token, None)
             try:
-                fx = await self.store.write(self._tick, batch, now, small=len(batch) <= SMALL_TICK)
+                fx = await self._commit(self._tick, batch, now=now, small=len(batch) <= SMALL_TICK)
             except Exception as exc:
-                await self._tick_failed(batch, exc)
+                await self._isolate(batch, exc)
                 continue
             self._answer(fx.replies)
             await self._act(fx)
@@ -226,37 +291,150 @@ class ControlPlane:
         for order in fx.tasks:
             await self._dispatch(order)
 
-    async def _tick_failed(self, batch: list[Command], exc: Exception) -> None:
-        """A batch's transaction failed and rolled back: nothing of it was committed, but the
-        scheduler's view may be ahead of the store. The runs it touched are ended FAILED (with
-        the error as the reason) so that nobody waits for them forever."""
-        log.error("the scheduler tick failed", exc_info=exc)
-        self._answer(
-            {
-                id(item): PlaitError(f"the control plane failed to create the run: {exc}")
-                if isinstance(item, CreateRun)
-                else False
-                for item in batch
-                if isinstance(item, CreateRun | CancelRun)
-            }
+    async def _commit(
+        self,
+        fn: Callable[..., Effects],
+        *args: Any,
+        now: float | None = None,
+        small: bool = False,
+    ) -> Effects:
+        """``fn(conn, *args, now)``: the scheduler decides and the store writes, in one write
+        transaction, committed.
+
+        A failed transaction leaves the scheduler's view ahead of the store: the runs it changed
+        are rolled back out of the view (``Scheduler.rollback``) and rebuilt from the store
+        before the next transaction (``_restore``). A transient error (the database busy past
+        its timeout, the connection lost: ``is_transient``) is retried with backoff and jitter
+        for as long as it lasts, with one warning per streak: no run fails for it. Any other
+        error is raised (the view rolled back).
+        """
+        streak: Backoff | None = None
+        started = 0.0
+        while True:
+            if self._missing:
+                await self._restore()
+            try:
+                # after a failure, the writer thread waits for the database, not the event loop
+                fx = await self.store.write(
+                    fn,
+                    *args,
+                    time.time() if now is None else now,
+                    small=small and streak is None,
+                    retry=False,
+                )
+            except Exception as exc:
+                self._missing |= self.scheduler.rollback()
+                if not is_transient(exc):
+                    raise
+                if streak is None:
+                    streak, started = Backoff(), time.monotonic()
+                    log.warning(
+                        "the store is unavailable (%s): the scheduler retries until it is back",
+                        _describe(exc),
+                    )
+                now = None
+                await anyio.sleep(streak.next())
+                continue
+            self.scheduler.committed()
+            if streak is not None:
+                log.warning(
+                    "the store is back after %.1f s: the scheduler goes on",
+                    time.monotonic() - started,
+                )
+            return fx
+
+    async def _restore(self) -> None:
+        """Rebuilds the runs failed transactions rolled back out of the scheduler's view from
+        the store (a read, which SQLite serves even while another process holds the write
+        lock), retrying transient errors."""
+        backoff = Backoff()
+        while self._missing:
+            run_ids = sorted(self._missing)
+            try:
+                await self.store.read(self._restore_runs, run_ids)
+            except Exception as exc:
+                if is_transient(exc):
+                    await anyio.sleep(backoff.next())
+                    continue
+                # a bug, not the store's state: these runs cannot be followed any further;
+                # every other run goes on
+                log.exception(
+                    "could not restore runs %s from the store; they are left as the store has them",
+                    ", ".join(run_ids),
+                )
+                self.scheduler.forget(run_ids)
+            self._missing.difference_update(run_ids)
+
+    async def _isolate(self, batch: list[Command], exc: Exception) -> None:
+        """The batch's transaction failed for an error of its own, not the store's: it came from
+        one of its commands (or a few). Parts of the batch are applied again, in order, each in
+        a transaction of its own; a failing part is halved until the failing command stands
+        alone (about log2 of the batch's size extra transactions for each), and that command
+        fails alone (``_reject``). Every other command commits."""
+        log.error(
+            "a scheduler batch of %d commands failed; finding the command it failed for",
+            len(batch),
+            exc_info=exc,
         )
-        run_ids = sorted(
-            {item.token.run_id for item in batch if not isinstance(item, CreateRun | CancelRun)}
-        )
-        if not run_ids:
+        todo: list[tuple[list[Command], Exception | None]] = [(batch, exc)]
+        while todo:
+            part, error = todo.pop(0)
+            if error is None:
+                try:
+                    fx = await self._commit(self._tick, part, small=len(part) <= SMALL_TICK)
+                except Exception as part_error:
+                    error = part_error
+                else:
+                    self._answer(fx.replies)
+                    await self._act(fx)
+                    continue
+            if len(part) == 1:
+                await self._reject(part[0], error)
+            else:
+                half = len(part) // 2
+                todo[:0] = [(part[:half], None), (part[half:], None)]
+
+    async def _reject(self, cmd: Command, exc: Exception) -> None:
+        """A command whose transaction fails on its own. A CreateRun gets the error as its
+        answer; a cancellation or a report about a run ends that run FAILED with the error as
+        the reason, since what it reported cannot be written (a cancellation is answered
+        whether the run ended)."""
+        if isinstance(cmd, CreateRun):
+            log.warning("a CreateRun of version %s failed: %s", cmd.version, _describe(exc))
+            error = (
+                exc
+                if isinstance(exc, PlaitError)
+                else PlaitError(f"the control plane could not create the run: {_describe(exc)}")
+            )
+            self._answer({id(cmd): error})
             return
-        fx = self.scheduler.abort(
-            run_ids,
-            time.time(),
-            f"internal error in the control plane: {type(exc).__name__}: {exc}",
-            RunStatus.FAILED,
-        )
-        await self.store.write(self._write, fx)
-        await self._act(fx)
+        run_id = cmd.run_id if isinstance(cmd, CancelRun) else cmd.token.run_id
+        if self._missing:
+            await self._restore()
+        ended = False
+        if run_id in self.scheduler.runs:
+            reason = f"internal error in the control plane: {_describe(exc)}"
+            log.error(
+                "run %s is failed: its %s could not be committed: %s",
+                run_id,
+                type(cmd).__name__,
+                reason,
+            )
+            try:
+                fx = await self._commit(self._fail_runs, [run_id], reason, small=True)
+            except Exception:
+                log.exception("could not end run %s either: it is left as the store has it", run_id)
+                self.scheduler.forget([run_id])
+                self._missing.discard(run_id)
+            else:
+                ended = True
+                await self._act(fx)
+        if isinstance(cmd, CancelRun):
+            self._answer({id(cmd): ended})
 
     async def _dispatch(self, order: TaskOrder) -> None:
         runner = self.runners.get(order.runner)
-        task = task_to_proto(order, self.artifacts.uri)
+        task = task_to_proto(order, self.artifacts.uri, self.config.max_log_bytes)
         if runner is None:
             known = ", ".join(self.runners)
             error = StepError(
@@ -303,15 +481,12 @@ class ControlPlane:
         from plait.engine.api import add_servicers
 
         await self.store.open()
+        from plait.engine.api._limits import LimitsInterceptor
+
         interceptors = []
         if self.config.auth:
-            from plait.engine.api._auth import AuthInterceptor
-            from plait.engine.store._tokens import token_is_valid
-
-            async def check(token: str) -> bool:
-                return await self.store.read(token_is_valid, token)
-
-            interceptors.append(AuthInterceptor(check, self._internal_token))
+            interceptors.append(self._auth_interceptor())
+        interceptors.append(LimitsInterceptor())  # after auth: a refused call is never read
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -324,6 +499,12 @@ class ControlPlane:
         port = self._listen(server, address)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
+        if self.config.auth and self.config.credential_file is not None:
+            from plait.engine._credential import local_admin_token, write_credential
+
+            path = self.config.credential_file
+            token = await self.store.write(local_admin_token, path)
+            write_credential(path, token, port)
         # local workers report over loopback, in the clear, with a token that lives in memory
         worker_address = self.address
         if self.config.tls_cert:
@@ -338,7 +519,7 @@ class ControlPlane:
                     address=worker_address,
                     home=self.config.home,
                     report_lost=self.report_lost,
-                    token=self._internal_token if self.config.auth else "",
+                    token=self.worker_secret if self.config.auth else "",
                 )
                 for runner in self.runners.values():
                     await tg.start(runner.run, ctx)
@@ -362,3 +543,14 @@ class ControlPlane:
                         log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
                 await self.store.aclose()
+                # nothing is read from the inbox any more: close it (no stream left to the GC)
+                self._inbox_send.close()
+                self._inbox.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """An error on one line, without the statement and parameters SQLAlchemy adds to it."""
+    orig = getattr(exc, "orig", None)
+    err = orig if isinstance(orig, BaseException) else exc
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:500]}"

@@ -3,6 +3,7 @@ out; the lookups it needs are dictionaries. (tests/test_scheduler.py runs it on 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,7 @@ from plait.engine.scheduler import (
     Failed,
     IllegalTransitionError,
     Logs,
+    Metadata,
     RunCreated,
     Scheduler,
     Started,
@@ -357,3 +359,227 @@ def test_every_run_ends_and_no_step_starts_before_its_upstreams(
         steps = [s for (r, _), s in status.items() if r == run_id]
         if run_status is RunStatus.SUCCEEDED:
             assert len(steps) == len(g) and all(s.is_success for s in steps)
+
+
+# ---- a failed transaction: rollback, then restore from the store ----
+
+
+class Rows:
+    """What the store holds of runs, steps and attempts: the rows of committed effects."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.steps: dict[tuple[str, str], dict[str, Any]] = {}
+        self.attempts: dict[tuple[str, str, int], dict[str, Any]] = {}
+
+    def commit(self, fx: Effects) -> Effects:
+        for r in fx.run_inserts:
+            self.runs[r["id"]] = dict(r)
+        for r in fx.step_inserts:
+            self.steps[(r["run_id"], r["step_id"])] = dict(r)
+        for r in fx.attempt_inserts:
+            self.attempts[(r["run_id"], r["step_id"], r["attempt"])] = dict(r)
+        for run_id, values in fx.run_updates.items():
+            self.runs[run_id].update(values)
+        for step_key, values in fx.step_updates.items():
+            self.steps[step_key].update(values)
+        for attempt_key, values in fx.attempt_updates.items():
+            self.attempts[attempt_key].update(values)
+        return fx
+
+    def stored(self, run_ids: Iterable[str]) -> list[StoredRun]:
+        """As store/_scheduling.load_active_runs reads them."""
+        out = []
+        for run_id in sorted(run_ids):
+            run = self.runs.get(run_id)
+            if run is None or RunStatus(run["status"]).is_final:
+                continue
+            steps = []
+            for (r, step_id), row in self.steps.items():
+                if r != run_id:
+                    continue
+                attempt = self.attempts.get((run_id, step_id, row["attempt"]))
+                outputs = row.get("outputs")
+                steps.append(
+                    StoredStep(
+                        step_id,
+                        StepStatus(row["status"]),
+                        row["attempt"],
+                        row.get("cache_key"),
+                        {k: ArtifactInfo.from_json(v) for k, v in outputs.items()}
+                        if outputs is not None
+                        else None,
+                        dict(row.get("step_metadata") or {}),
+                        epoch=attempt["epoch"] if attempt else 0,
+                    )
+                )
+            out.append(
+                StoredRun(
+                    run_id, run["version"], run["parameters"], run["no_cache"], run["stack"], steps
+                )
+            )
+        return out
+
+
+class DurableMachine(Machine):
+    """A machine whose committed effects are kept as rows, and whose transactions can fail."""
+
+    def __init__(self, *specs: ir_pb2.PipelineSpec) -> None:
+        super().__init__(*specs)
+        self.rows = Rows()
+
+    def apply(self, *commands: Any) -> Effects:
+        fx = self.rows.commit(super().apply(*commands))
+        self.scheduler.committed()
+        return fx
+
+    def fail(self, *commands: Any) -> Effects:
+        """Applies a batch whose transaction then fails: nothing of it reaches the store (nor
+        the cache), and the view is rolled back and restored from the rows."""
+        self.now += 1
+        fx = self.scheduler.apply(commands, self.now, self.lookups)
+        self.restore()
+        return fx
+
+    def restore(self) -> None:
+        missing = self.scheduler.rollback()
+        self.scheduler.restore(self.rows.stored(missing), self.lookups)
+
+
+def snapshot(m: Machine) -> dict[str, Any]:
+    return copy.deepcopy(m.scheduler.runs)
+
+
+def test_a_failed_batch_leaves_the_view_as_it_was_before_it() -> None:
+    fan_in = nx.DiGraph([(0, 2), (1, 2), (2, 3)])
+    m = DurableMachine(spec_of(fan_in, retries=1))
+    a, fx_a = m.create()
+    b, fx_b = m.create(no_cache=True)
+    c, _ = m.create(no_cache=True)
+    tasks_a, tasks_b = by_step(fx_a.tasks), by_step(fx_b.tasks)
+    m.apply(Started(tasks_a["n0"].token), Started(tasks_b["n1"].token))
+    fx = m.apply(done(tasks_b["n0"]), done(tasks_b["n1"]))  # b's n2 is queued
+    n2 = by_step(fx.tasks)["n2"]
+    m.apply(Metadata(n2.token, "output", {"rows": 3}), Metadata(n2.token, "", {"phase": 1}))
+    before, cached = snapshot(m), dict(m.lookups.cache)
+    assert set(before) == {a, b, c}
+
+    new = CreateRun(VERSION, {})
+    cancel = CancelRun(c)
+    m.fail(
+        done(tasks_a["n0"]),
+        Failed(tasks_a["n1"].token, StepError("builtins.ValueError", "x")),  # a retry
+        done(n2),  # b's n3 would be queued
+        Metadata(n2.token, "", {"phase": 2}),
+        Logs(n2.token, "stdout", "hello"),
+        cancel,
+        new,
+        Started(Token("no-such-run", "n0", 1, 1)),
+    )
+    assert snapshot(m) == before
+    assert m.lookups.cache == cached  # nothing of it was committed
+
+    # tried again, the batch does what it would have done the first time
+    fx = m.apply(done(n2), cancel, new)
+    assert fx.replies[id(cancel)] is True
+    assert isinstance(fx.replies[id(new)], RunCreated)
+    assert [t.token.step_id for t in fx.tasks if t.token.run_id == b] == ["n3"]
+    # the output's metadata, held only in memory, survived the failed batch
+    (artifact,) = fx.artifacts
+    assert artifact["artifact_metadata"] == {"rows": 3}
+
+
+def test_a_restored_attempt_keeps_its_lease_and_finishes_the_run() -> None:
+    m = DurableMachine(spec_of(CHAIN))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    m.apply(Started(task.token))
+    before = snapshot(m)
+    m.fail(done(task))
+    assert snapshot(m) == before
+    st = m.scheduler.runs[run_id].steps["n0"]
+    assert (st.status, st.attempt, st.epoch) == (StepStatus.RUNNING, 1, 1)
+    assert st.material is not None and st.key == m.rows.steps[(run_id, "n0")]["cache_key"]
+    while fx.tasks:  # the worker's report, sent again, is still current
+        fx = m.apply(*(done(t) for t in fx.tasks))
+    assert m.rows.runs[run_id]["status"] == RunStatus.SUCCEEDED
+    assert m.scheduler.runs == {}
+
+
+def test_a_failed_abort_is_rolled_back_too() -> None:
+    m = DurableMachine(spec_of(CHAIN))
+    run_id, _ = m.create()
+    before = snapshot(m)
+    aborted = m.scheduler.abort([run_id], m.now, "boom", RunStatus.FAILED)
+    assert aborted.cancels and run_id not in m.scheduler.runs
+    m.restore()
+    assert snapshot(m) == before
+    m.restore()  # again: nothing more to undo
+    assert snapshot(m) == before
+
+
+def test_restore_forgets_runs_the_store_no_longer_has_active() -> None:
+    m = DurableMachine(spec_of(CHAIN))
+    run_id, _ = m.create()
+    m.scheduler.apply([CancelRun(run_id)], m.now, m.lookups)
+    m.rows.runs[run_id]["status"] = RunStatus.CANCELLED  # ended by someone else meanwhile
+    m.restore()
+    assert m.scheduler.runs == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=dags(max_steps=8), data=st.data())
+def test_any_failed_batch_is_undone_exactly(g: nx.DiGraph, data: st.DataObject) -> None:
+    m = DurableMachine(spec_of(g, retries=data.draw(st.integers(0, 1), label="retries")))
+    outstanding = [
+        t for _ in range(data.draw(st.integers(1, 3), label="runs")) for t in m.create()[1].tasks
+    ]
+
+    def commands(n: int) -> list[Any]:
+        out: list[Any] = []
+        for _ in range(n):
+            if not outstanding:
+                break
+            task = outstanding[data.draw(st.integers(0, len(outstanding) - 1), label="pick")]
+            what = data.draw(
+                st.sampled_from(["done", "fail", "start", "meta", "cancel", "create"]),
+                label="what",
+            )
+            if what == "done":
+                out.append(done(task, data.draw(st.integers(0, 2), label="value")))
+            elif what == "fail":
+                out.append(Failed(task.token, StepError("builtins.RuntimeError", "x")))
+            elif what == "start":
+                out.append(Started(task.token))
+            elif what == "meta":
+                out.append(Metadata(task.token, "output", {"n": 1}))
+            elif what == "cancel":
+                out.append(CancelRun(task.token.run_id))
+            else:
+                out.append(CreateRun(VERSION, {}))
+        return out
+
+    for _ in range(12):
+        if not outstanding:
+            break
+        batch = commands(data.draw(st.integers(1, 4), label="size"))
+        if data.draw(st.booleans(), label="fails"):
+            before = snapshot(m)
+            m.fail(*batch)
+            assert snapshot(m) == before
+        fx = m.apply(*batch)
+        stopped = set(fx.cancels)
+        finished = {c.token for c in batch if isinstance(c, Completed | Failed)}
+        outstanding[:] = [
+            t for t in outstanding if t.token not in stopped and t.token not in finished
+        ] + fx.tasks
+
+
+def test_a_transaction_that_fails_before_the_batch_is_applied_undoes_nothing() -> None:
+    # the database was busy at BEGIN: the scheduler never saw the batch, and what it committed
+    # before (a run it just created) stays
+    m = DurableMachine(spec_of(CHAIN))
+    run_id, _ = m.create()
+    before = snapshot(m)
+    m.restore()
+    assert snapshot(m) == before and run_id in m.scheduler.runs

@@ -41,6 +41,11 @@ from plait.ir.v1 import ir_pb2
 
 Ready = list[tuple[RunState, StepState]]
 
+LOG_MARKER_ROOM = 1024
+"""Bytes of logs an attempt may store past the limit: the lines saying what was dropped."""
+LOG_MARKER_MAX = 256
+"""The longest such line; a longer message past the limit is cut."""
+
 
 class Lookups(Protocol):
     """What the scheduler reads but does not hold."""
@@ -71,6 +76,8 @@ class StoredStep:
     cache_key: str | None
     outputs: dict[str, ArtifactInfo] | None
     metadata: dict[str, Any]
+    epoch: int = 0
+    """The lease epoch of the step's current attempt (0: it has none)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,22 @@ def _when(t: float) -> datetime:
 class Scheduler:
     """The in-memory view of active runs and the transition logic. Used from one thread."""
 
-    def __init__(self, runners: frozenset[str] = frozenset({"local"})) -> None:
+    def __init__(
+        self, runners: frozenset[str] = frozenset({"local"}), log_limit_bytes: int | None = None
+    ) -> None:
         self._runners = runners
+        self._log_limit = log_limit_bytes
+        """The most bytes of logs stored per attempt (plus LOG_MARKER_ROOM); None: no limit."""
         self.runs: dict[str, RunState] = {}
+        # what apply and abort did since the caller last said it was committed (committed), so
+        # that rollback can undo it in memory when its transaction fails: the active runs they
+        # changed (the state objects, by id) and the runs they created
+        self._touched: dict[str, RunState] = {}
+        self._created: list[str] = []
+        self._saved_metadata: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        """Steps' output metadata as it was at the last commit (it lives in memory only)."""
+        self._detached: dict[str, RunState] = {}
+        """Runs rolled back and not restored yet (restore carries their in-memory state)."""
 
     # ---- the entry points ----
 
@@ -111,7 +131,9 @@ class Scheduler:
         ready: Ready = []
         for cmd in commands:
             if isinstance(cmd, CancelRun):
-                found = cmd.run_id in self.runs
+                cancelled = self.runs.get(cmd.run_id)
+                # not one that ended earlier in this very batch (it is forgotten at the end)
+                found = cancelled is not None and not cancelled.status.is_final
                 fx.replies[id(cmd)] = found
                 if found:
                     self._abort(fx, [cmd.run_id], now, "cancelled on request", RunStatus.CANCELLED)
@@ -126,22 +148,52 @@ class Scheduler:
             st = run.steps.get(cmd.token.step_id) if run else None
             if run is None or st is None or not self._current(st, cmd.token):
                 continue  # a stale report (lease lost): it changes nothing
+            self._touched[run.run_id] = run
             if isinstance(cmd, Started):
                 self._mark_running(run, st, fx, cmd.start_time or now)
             elif isinstance(cmd, Logs):
-                fx.logs.append(
-                    {
-                        "run_id": run.run_id,
-                        "step_id": st.spec.id,
-                        "attempt": st.attempt,
-                        "stream": cmd.stream,
-                        "text": cmd.text,
-                        "ts": now,
-                    }
-                )
+                text = cmd.text
+                if self._log_limit is not None:
+                    # workers keep to the limit and say what they dropped (LOG_MARKER_ROOM is
+                    # for those lines); this holds a worker that does not to it
+                    if st.log_attempt != st.attempt:
+                        st.log_attempt, st.log_bytes = st.attempt, 0
+                    hard = self._log_limit + LOG_MARKER_ROOM
+                    before = st.log_bytes
+                    after = before + (len(text) if text.isascii() else len(text.encode()))
+                    if before > hard:
+                        text = ""  # cut already
+                    elif after > self._log_limit and (
+                        after - before > LOG_MARKER_MAX or after > hard
+                    ):
+                        keep = max(0, self._log_limit - before)
+                        text = (
+                            text.encode()[:keep].decode("utf-8", "ignore")
+                            + f"\n[plait: this attempt's log passed its limit of "
+                            f"{self._log_limit} bytes; the rest of it is dropped]\n"
+                        )
+                        st.log_bytes = hard + 1
+                    else:
+                        st.log_bytes = after
+                if text:
+                    fx.logs.append(
+                        {
+                            "run_id": run.run_id,
+                            "step_id": st.spec.id,
+                            "attempt": st.attempt,
+                            "stream": cmd.stream,
+                            "text": text,
+                            "ts": now,
+                        }
+                    )
             elif isinstance(cmd, Metadata):
                 if cmd.output:
-                    st.output_metadata.setdefault(cmd.output, {}).update(cmd.values)
+                    # replaced, not changed in place: rollback gives back what the batch found
+                    self._saved_metadata.setdefault((run.run_id, st.spec.id), st.output_metadata)
+                    st.output_metadata = {
+                        **st.output_metadata,
+                        cmd.output: {**st.output_metadata.get(cmd.output, {}), **cmd.values},
+                    }
                 else:
                     st.metadata.update(cmd.values)
                     fx.step(run.run_id, st.spec.id, step_metadata=dict(st.metadata))
@@ -175,31 +227,15 @@ class Scheduler:
         CRASHED and their steps queued again as new attempts, whatever their retry budget.
         Outputs already stored stay; nothing that succeeded runs again.
         """
+        self._touched.clear()
+        self._created.clear()
+        self._saved_metadata.clear()
         fx = Effects()
         ready: Ready = []
         for row in stored:
-            spec = lookups.pipeline_spec(row.version)
-            steps = self._step_states(spec)
-            for s in row.steps:
-                st = steps[s.step_id]
-                st.status, st.attempt, st.epoch = s.status, s.attempt, 1
-                st.key = s.cache_key
-                st.outputs = s.outputs
-                st.metadata = dict(s.metadata)
-            run = RunState(
-                row.run_id,
-                spec.name,
-                row.version,
-                {k: canonical_json(v) for k, v in row.parameters.items()},
-                row.no_cache,
-                steps,
-                open_steps=sum(1 for s in steps.values() if not s.status.is_final),
-                status=RunStatus.RUNNING,
-                default_runner=lookups.stack_runner(row.stack or "default"),
-            )
+            run = self._rebuild(row, lookups)
             self.runs[run.run_id] = run
-            for st in steps.values():
-                st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
+            for st in run.steps.values():
                 if st.status in (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING):
                     if st.status is not StepStatus.RETRYING:
                         fx.attempt(
@@ -220,7 +256,95 @@ class Scheduler:
         self._forget_finished()
         return fx
 
+    def committed(self) -> None:
+        """Says that the effects of every :meth:`apply` and :meth:`abort` so far are committed:
+        :meth:`rollback` has nothing of theirs to undo. Call it after each commit."""
+        self._touched.clear()
+        self._created.clear()
+        self._saved_metadata.clear()
+
+    def rollback(self) -> set[str]:
+        """Undoes in memory what :meth:`apply` and :meth:`abort` did since :meth:`committed`,
+        after the transaction of their effects failed (the store has none of it).
+
+        The runs they created are forgotten; the active runs they changed are taken out of the
+        view until :meth:`restore` rebuilds them from the store. Returns the ids of those runs
+        (what to load for ``restore``). Calling it twice in a row changes nothing the second
+        time.
+        """
+        for run_id in self._created:
+            self.runs.pop(run_id, None)
+            self._touched.pop(run_id, None)
+        self._created.clear()
+        for (run_id, step_id), saved in self._saved_metadata.items():
+            if run_id in self._touched:
+                self._touched[run_id].steps[step_id].output_metadata = saved
+        self._saved_metadata.clear()
+        for run_id, run in self._touched.items():
+            self.runs.pop(run_id, None)
+            self._detached.setdefault(run_id, run)
+        self._touched.clear()
+        return set(self._detached)
+
+    def restore(self, stored: list[StoredRun], lookups: Lookups) -> None:
+        """Rebuilds the runs :meth:`rollback` took out of the view, from their stored rows.
+
+        Unlike :meth:`recover`, nothing died: a queued or running step keeps its attempt and
+        lease epoch (its worker's reports stay current), and its cache key material is
+        computed again from its inputs, as when it was queued. What only memory held (metadata
+        reported for outputs not stored yet, the log bytes of the attempt) is carried over from
+        the view before. A rolled-back run missing from ``stored`` (the store has it ended, or
+        never had it) is forgotten. Produces no effects: the view becomes the store's again.
+        """
+        for row in stored:
+            run = self._rebuild(row, lookups)
+            old = self._detached.get(row.run_id) or self.runs.get(row.run_id)
+            for st in run.steps.values():
+                if st.key is not None and all(
+                    run.steps[u].outputs is not None for u in st.upstream
+                ):
+                    values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
+                    st.material = key_material(st.spec, values)
+                    st.key = cache_key(st.material)
+                before = old.steps.get(st.spec.id) if old is not None else None
+                if before is not None:
+                    st.output_metadata = before.output_metadata
+                    st.log_attempt, st.log_bytes = before.log_attempt, before.log_bytes
+            self.runs[run.run_id] = run
+        self._detached.clear()
+
+    def forget(self, run_ids: Iterable[str]) -> None:
+        """Drops runs from the view (active or rolled back) without a word to the store: what
+        is left when even ending them could not be committed."""
+        for run_id in run_ids:
+            self.runs.pop(run_id, None)
+            self._detached.pop(run_id, None)
+
     # ---- runs ----
+
+    def _rebuild(self, row: StoredRun, lookups: Lookups) -> RunState:
+        """A run's view from its stored rows (steps as stored, attempts and epochs included)."""
+        spec = lookups.pipeline_spec(row.version)
+        steps = self._step_states(spec)
+        for s in row.steps:
+            st = steps[s.step_id]
+            st.status, st.attempt, st.epoch = s.status, s.attempt, s.epoch
+            st.key = s.cache_key
+            st.outputs = s.outputs
+            st.metadata = dict(s.metadata)
+        for st in steps.values():
+            st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
+        return RunState(
+            row.run_id,
+            spec.name,
+            row.version,
+            {k: canonical_json(v) for k, v in row.parameters.items()},
+            row.no_cache,
+            steps,
+            open_steps=sum(1 for s in steps.values() if not s.status.is_final),
+            status=RunStatus.RUNNING,
+            default_runner=lookups.stack_runner(row.stack or "default"),
+        )
 
     @staticmethod
     def _step_states(spec: ir_pb2.PipelineSpec) -> dict[str, StepState]:
@@ -291,6 +415,7 @@ class Scheduler:
             for st in steps.values()
         )
         self.runs[run_id] = run
+        self._created.append(run_id)
         self._event(fx, run, None, now)
         ready.extend((run, st) for st in steps.values() if st.waiting == 0)
         return RunCreated(run_id, created=True)
@@ -312,6 +437,7 @@ class Scheduler:
             run = self.runs.pop(run_id, None)
             if run is None:
                 continue
+            self._touched[run_id] = run
             for st in run.steps.values():
                 if st.status.is_final:
                     continue

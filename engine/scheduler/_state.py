@@ -56,6 +56,9 @@ class StepState:
     output_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     material: ir_pb2.CacheKeyMaterial | None = None
     key: str | None = None
+    log_attempt: int = 0
+    log_bytes: int = 0
+    """Bytes of logs stored for attempt `log_attempt` (the scheduler caps them per attempt)."""
 
     def move(self, to: StepStatus) -> None:
         if to not in STEP_TRANSITIONS[self.status]:

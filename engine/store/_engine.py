@@ -16,6 +16,10 @@ How the function runs depends on the URL:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -57,6 +61,110 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _private_database(path: Path) -> None:
+    """Creates the SQLite file owner-only (0600) before SQLite opens it: SQLite gives its WAL
+    and shared-memory files the database's permissions, so they are owner-only too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for extra in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + extra).chmod(0o600)
+
+
+_SQLITE_BUSY_CODES = frozenset({5, 6, 13})
+"""SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL (primary result codes)."""
+_PG_TRANSIENT_STATES = frozenset({"40001", "40P01", "53100", "53300", "57P01", "57P02", "57P03"})
+"""serialization failure, deadlock, disk full, too many connections, admin or crash shutdown,
+starting up; and every state of class 08 (connection exception)."""
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EADDRNOTAVAIL,
+    }
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed transaction may well succeed if simply tried again: the database was
+    busy (SQLite's write lock held by another process past the busy timeout) or the connection
+    to it was lost or refused (a PostgreSQL server restarting). Not an error of the data."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS:
+            return True
+        if type(e) is OSError and str(e).startswith("Multiple exceptions: "):
+            return True  # asyncio's connect to every address of a host failed
+        code = getattr(e, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF in _SQLITE_BUSY_CODES:
+            return True
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if isinstance(state, str) and (state.startswith("08") or state in _PG_TRANSIENT_STATES):
+            return True
+        names = {c.__name__ for c in type(e).__mro__}
+        if type(e).__module__.startswith("asyncpg") and "InterfaceError" in names:
+            # "connection is closed", "another operation is in progress"; not a bad DSN
+            return "ClientConfigurationError" not in names
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return False
+
+
+class Backoff:
+    """Delays between retries: exponential, capped, with full jitter (a random delay between
+    zero and the current bound), so that many waiters do not come back in step."""
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self._bound = first
+        self._cap = cap
+
+    def next(self) -> float:
+        delay = random.uniform(0, self._bound)
+        self._bound = min(self._cap, self._bound * 2)
+        return delay
+
+
+RETRY_SECONDS = 30.0
+"""How long :meth:`Store.read` and :meth:`Store.write` retry transient errors before they fail
+(the scheduler's own transactions retry for as long as the control plane runs)."""
+
+
+class _Retries:
+    """Transient errors retried, with backoff, for up to RETRY_SECONDS."""
+
+    def __init__(self) -> None:
+        self.backoff: Backoff | None = None
+        self._deadline = 0.0
+
+    def delay(self, exc: Exception) -> float | None:
+        """How long to wait before trying again after ``exc``; None: give up (raise it)."""
+        if not is_transient(exc):
+            return None
+        if self.backoff is None:
+            self.backoff, self._deadline = Backoff(), anyio.current_time() + RETRY_SECONDS
+        elif anyio.current_time() >= self._deadline:
+            return None
+        return self.backoff.next()
+
+
 class Store:
     """Runs transactions against the metadata database. One per process and URL."""
 
@@ -69,7 +177,7 @@ class Store:
         u = sa.engine.make_url(url)
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite" and u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            _private_database(Path(u.database))
         if u.drivername in ("sqlite", "sqlite+pysqlite"):
             # the hot path: SQLAlchemy's sync driver on one writer thread (see the docstring)
             self._sync = sa.create_engine(url, pool_size=1, max_overflow=0)
@@ -95,25 +203,55 @@ class Store:
         with self._writer_conn.begin():
             return fn(self._writer_conn, *args)
 
-    async def write(self, fn: Callable[..., T], *args: Any, small: bool = False) -> T:
+    async def write(
+        self, fn: Callable[..., T], *args: Any, small: bool = False, retry: bool = True
+    ) -> T:
         """Runs ``fn(conn, *args)`` in one write transaction and commits it.
 
         ``small``: the caller knows the transaction is short (a few rows); on SQLite it then
         runs on the calling thread, since the hop to the writer thread would cost as much.
+
+        ``retry``: a transient error (:func:`is_transient`: the database busy past its timeout,
+        the connection lost) is retried with backoff for up to ``RETRY_SECONDS``, ``fn`` run
+        again from the start (what it changed outside the transaction, it must change again
+        the same way). The scheduler passes False: it restores its view between its tries.
         """
-        if self._sync is not None:
-            if small and self._writer.borrowed_tokens == 0:
-                return self._run_sync(fn, *args)
-            return await anyio.to_thread.run_sync(self._run_sync, fn, *args, limiter=self._writer)
-        async with self._writer, self._async.begin() as conn:
-            return await conn.run_sync(fn, *args)
+        retries = _Retries()
+        while True:
+            try:
+                if self._sync is not None:
+                    # once the database was busy, wait for it on the writer thread, not here
+                    if small and retries.backoff is None and self._writer.borrowed_tokens == 0:
+                        return self._run_sync(fn, *args)
+                    return await anyio.to_thread.run_sync(
+                        self._run_sync, fn, *args, limiter=self._writer
+                    )
+                async with self._writer, self._async.begin() as conn:
+                    return await conn.run_sync(fn, *args)
+            except Exception as exc:
+                delay = retries.delay(exc) if retry else None
+                if delay is None:
+                    raise
+            await anyio.sleep(delay)
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs ``fn(conn, *args)`` in a transaction of its own (reads run beside the writer)."""
-        async with self._readers, self._async.connect() as conn:
-            await conn.execution_options(plait_read_only=True)
-            async with conn.begin():
-                return await conn.run_sync(fn, *args)
+        """Runs ``fn(conn, *args)`` in a transaction of its own (reads run beside the writer).
+
+        A transient error (:func:`is_transient`: the database busy, the connection lost) is
+        retried with backoff for up to ``RETRY_SECONDS``; then it is raised.
+        """
+        retries = _Retries()
+        while True:
+            try:
+                async with self._readers, self._async.connect() as conn:
+                    await conn.execution_options(plait_read_only=True)
+                    async with conn.begin():
+                        return await conn.run_sync(fn, *args)
+            except Exception as exc:
+                delay = retries.delay(exc)
+                if delay is None:
+                    raise
+            await anyio.sleep(delay)
 
     async def open(self) -> None:
         """Creates the schema when the database is new; refuses a newer unknown schema."""
@@ -129,7 +267,7 @@ class Store:
 
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
 # Alembic's own bookkeeping table, as Alembic creates it

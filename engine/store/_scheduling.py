@@ -7,7 +7,7 @@ and, on SQLite, run straight on the DBAPI cursor (see :func:`executemany`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,37 +76,70 @@ class SqlLookups:
 
 def load_unfinished_runs(conn: Connection) -> list[StoredRun]:
     """Runs left PENDING or RUNNING, oldest first, with their steps."""
-    rows = conn.execute(
-        sa.select(db.runs)
-        .where(db.runs.c.status.in_(("PENDING", "RUNNING")))
-        .order_by(db.runs.c.created_at)
-    ).all()
-    out = []
-    for row in rows:
-        steps = [
+    return _load_runs(conn, None)
+
+
+def load_active_runs(conn: Connection, run_ids: Iterable[str]) -> list[StoredRun]:
+    """The runs among ``run_ids`` that the store has PENDING or RUNNING, with their steps and
+    the lease epochs of their current attempts (what :meth:`Scheduler.restore` rebuilds)."""
+    ids = sorted(set(run_ids))
+    return _load_runs(conn, ids) if ids else []
+
+
+def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
+    active = db.runs.c.status.in_(("PENDING", "RUNNING"))
+    query = sa.select(db.runs).where(active).order_by(db.runs.c.created_at)
+    if run_ids is not None:
+        query = query.where(db.runs.c.id.in_(run_ids))
+    rows = conn.execute(query).all()
+    if not rows:
+        return []
+    # the steps of those runs, each with the epoch of its current attempt (if it has one)
+    s, a = db.step_runs, db.attempts
+    steps_query = (
+        sa.select(s, a.c.epoch)
+        .select_from(
+            s.outerjoin(
+                a,
+                (a.c.run_id == s.c.run_id)
+                & (a.c.step_id == s.c.step_id)
+                & (a.c.attempt == s.c.attempt),
+            )
+        )
+        .order_by(s.c.run_id, s.c.position)
+    )
+    if run_ids is not None:
+        steps_query = steps_query.where(s.c.run_id.in_(run_ids))
+    else:
+        steps_query = steps_query.where(
+            s.c.run_id.in_(sa.select(db.runs.c.id).where(active).scalar_subquery())
+        )
+    steps: dict[str, list[StoredStep]] = {}
+    for r in conn.execute(steps_query):
+        steps.setdefault(r.run_id, []).append(
             StoredStep(
                 step_id=r.step_id,
                 status=StepStatus(r.status),
                 attempt=r.attempt,
                 cache_key=r.cache_key,
                 outputs={k: ArtifactInfo.from_json(v) for k, v in r.outputs.items()}
-                if r.outputs
+                if r.outputs is not None
                 else None,
                 metadata=dict(r.step_metadata or {}),
-            )
-            for r in conn.execute(sa.select(db.step_runs).where(db.step_runs.c.run_id == row.id))
-        ]
-        out.append(
-            StoredRun(
-                run_id=row.id,
-                version=row.version,
-                parameters=dict(row.parameters or {}),
-                no_cache=row.no_cache,
-                stack=row.stack or "default",
-                steps=steps,
+                epoch=r.epoch or 0,
             )
         )
-    return out
+    return [
+        StoredRun(
+            run_id=row.id,
+            version=row.version,
+            parameters=dict(row.parameters or {}),
+            no_cache=row.no_cache,
+            stack=row.stack or "default",
+            steps=steps.get(row.id, []),
+        )
+        for row in rows
+    ]
 
 
 def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
