@@ -2,21 +2,112 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import ipaddress
 import logging
+import logging.handlers
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import anyio
 
-from plait.engine._control_plane import ControlPlane, ControlPlaneConfig
+from plait._settings import CREDENTIAL_FILE, private_dir
+from plait.engine._control_plane import ControlPlane, ControlPlaneConfig, max_log_bytes_setting
 from plait.errors import PlaitError
 
 log = logging.getLogger("plait.server")
 
 DEFAULT_PORT = 7676
+
+PID_FILE = "server.pid"
+"""In PLAIT_HOME: ``PID\nHOST:PORT\n``, written once the daemon listens."""
+LOCK_FILE = "server.lock"
+"""In PLAIT_HOME: the daemon holds an exclusive flock on it for its whole life, so a pid file is
+trusted only while its lock is held (engine/admin/_server.py checks it before any signal)."""
+LOG_MAX_BYTES = 10 * 1024 * 1024
+"""The size at which server.log rotates (PLAIT_SERVER_LOG_BYTES overrides it)."""
+LOG_BACKUPS = 3
+"""Rotated logs kept: server.log.1 … server.log.3."""
+
+
+class _Log(logging.handlers.RotatingFileHandler):
+    """server.log, rotated by size; fds 1 and 2 follow it, so what is written there (a
+    library's warning, a crash's traceback) lands in the current file, not a rotated one."""
+
+    def _open(self) -> object:  # type: ignore[override]
+        stream = super()._open()
+        for fd in (1, 2):
+            os.dup2(stream.fileno(), fd)
+        return stream
+
+
+def _log_to(log_file: Path | None) -> None:
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    # one line per plugin each time Alembic loads: noise in a server's log
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    if log_file is None:
+        logging.basicConfig(level=logging.INFO, format=fmt)
+        return
+    raw = os.environ.get("PLAIT_SERVER_LOG_BYTES", "")
+    try:
+        max_bytes = int(raw) if raw else LOG_MAX_BYTES
+    except ValueError:
+        raise PlaitError(
+            f"PLAIT_SERVER_LOG_BYTES: expected a number of bytes, got {raw!r}"
+        ) from None
+    handler = _Log(log_file, maxBytes=max(1, max_bytes), backupCount=LOG_BACKUPS)
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def _hold_lock(home: Path) -> int:
+    """Takes the daemon's lock of `home` (kept until the process exits) and removes a pid file
+    left by a daemon that died; PlaitError when another daemon of `home` holds the lock."""
+    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    for _ in range(50):  # `plait server status` and friends hold it for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.02)
+    else:
+        os.close(fd)
+        with contextlib.suppress(OSError, IndexError):
+            pid = (home / PID_FILE).read_text().split()[0]
+            raise PlaitError(f"a server of {home} is already running (pid {pid})") from None
+        raise PlaitError(f"a server of {home} is already running")
+    pid_file = home / PID_FILE
+    if pid_file.exists():
+        log.info("removed a stale %s (its server is gone)", pid_file)
+        pid_file.unlink(missing_ok=True)
+    return fd
+
+
+def _check_port(host: str, port: int) -> None:
+    """One clear error when the address is taken (gRPC's own is a RuntimeError)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise PlaitError(f"cannot listen on {host}:{port}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            hint = (
+                " (another server? choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+            )
+            raise PlaitError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}"
+            ) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -35,8 +126,15 @@ async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None
     """Serves until SIGTERM or SIGINT, then stops gracefully; runs stay resumable."""
     if not is_loopback(host) and not config.auth:
         raise PlaitError(
-            f"refusing to bind {host} without authentication: off loopback every call needs "
-            f"an API token (drop --no-auth; create tokens with `plait token create NAME`)"
+            f"refusing to bind {host} without authentication: --no-auth is for loopback only "
+            f"(drop --no-auth; create tokens with `plait token create NAME`)"
+        )
+    if not config.auth:
+        log.warning(
+            "AUTHENTICATION IS OFF (--no-auth): every local user and process can reach "
+            "%s:%s and run code as this user. Use it only on a machine you alone use.",
+            host,
+            port,
         )
     if not is_loopback(host) and not config.tls_cert:
         log.warning(
@@ -44,8 +142,9 @@ async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None
             "(--tls-cert and --tls-key turn TLS on)",
             host,
         )
+    _check_port(host, port)
     cp = ControlPlane(config)
-    pid_file = config.home / "server.pid"
+    pid_file = config.home / PID_FILE
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             bound = await tg.start(cp.serve, f"{host}:{port}")
@@ -80,27 +179,37 @@ def run_daemon(
     tls_cert: str = "",
     tls_key: str = "",
     tls_client_ca: str = "",
+    max_log_bytes: int | None = None,
+    log_file: Path | None = None,
 ) -> None:
     """Runs the daemon in this process (``plait server start --foreground``).
 
-    ``auth`` None means: on when ``host`` is not a loopback address.
+    ``auth`` None means on, everywhere, loopback included; False (``--no-auth``) is allowed
+    only on loopback. ``max_log_bytes`` None means PLAIT_MAX_LOG_BYTES or the default. With
+    ``log_file``, logs (and fds 1 and 2) go to that file, rotated by size; else to stderr.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the daemon is a process of its own: everything it creates (logs, database, pid file,
+    # artifacts) is the owner's only, whatever umask it was started with
+    os.umask(0o077)
+    _log_to(log_file)
     if bool(tls_cert) != bool(tls_key):
         raise PlaitError("--tls-cert and --tls-key go together")
     if tls_client_ca and not tls_cert:
         raise PlaitError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
+    _hold_lock(home)  # held until this process exits
     config = ControlPlaneConfig(
         home=home,
         database_url=database_url,
         artifact_store_uri=artifact_store,
         max_workers=max_workers,
         resume=True,
-        auth=(not is_loopback(host)) if auth is None else auth,
+        auth=True if auth is None else auth,
+        credential_file=home / CREDENTIAL_FILE,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
+        max_log_bytes=max_log_bytes_setting(max_log_bytes),
     )
     try:
         anyio.run(serve_daemon, config, host, port)
@@ -117,6 +226,9 @@ def _first_plait_error(group: BaseExceptionGroup[BaseException]) -> PlaitError |
     for exc in group.exceptions:
         if isinstance(exc, PlaitError):
             return exc
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Failed to bind"):
+            # gRPC's own words for a port taken after _check_port looked
+            return PlaitError(f"cannot listen: {str(exc).split(';')[0]}")
         if isinstance(exc, BaseExceptionGroup):
             found = _first_plait_error(exc)
             if found is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,20 @@ class _Worker:
     task: tasks.LeaseToken | None = None
     connected: bool = False
     killed: bool = field(default=False)
+
+
+def _exit_reason(code: int) -> str:
+    """How a worker process ended, for people: a signal by name; SIGKILL that no one here sent
+    is most often the kernel's out-of-memory killer."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"killed by signal {-code} (SIGKILL: out of memory?)"
+    return f"killed by signal {-code} ({name})"
 
 
 class LocalRunner:
@@ -68,6 +83,8 @@ class LocalRunner:
             self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._kill_all()
+            self._send.close()
+            self._recv.close()
 
     async def _spawn(self) -> None:
         assert self._ctx is not None and self._tg is not None
@@ -105,7 +122,7 @@ class LocalRunner:
         code = await worker.process.wait()
         self._workers.pop(worker.id, None)
         if worker.task is not None and self._ctx is not None:
-            reason = "killed (timeout or cancel)" if worker.killed else f"exited with code {code}"
+            reason = "killed (timeout or cancel)" if worker.killed else _exit_reason(code)
             self._ctx.report_lost(worker.task, f"worker process {reason}")
             worker.task = None
         await self._scale()

@@ -1,7 +1,9 @@
 """``plait server …``, ``plait up`` and ``plait down``: run the control plane as a daemon.
 
 The daemon of a PLAIT_HOME writes ``server.pid`` (its pid and address, once it listens) and
-``server.log`` there; ``server.toml`` there holds default settings.
+``server.log`` there, and holds a lock on ``server.lock`` for its life: a pid file whose lock
+nobody holds is stale, and no command signals the process it names. ``server.toml`` there holds
+default settings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import click
 
+from plait._settings import private_dir
 from plait.cli._common import EPILOG, fail, healthy
 from plait.errors import PlaitError
 
@@ -25,16 +28,79 @@ def _server_files() -> tuple[Path, Path]:
     return home / "server.pid", home / "server.log"
 
 
+def _lock_file() -> Path:
+    """The file a running daemon holds a lock on (engine/_daemon.py, LOCK_FILE)."""
+    pid_file, _ = _server_files()
+    return pid_file.with_name("server.lock")
+
+
+def _lock_held() -> bool:
+    """Whether a daemon of this PLAIT_HOME is alive: it holds the lock for its whole life."""
+    import fcntl
+
+    try:
+        fd = os.open(_lock_file(), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
+
+
 def _server_pid() -> tuple[int, str] | None:
-    """(pid, address) of the running server of this PLAIT_HOME, or None."""
+    """(pid, address) of the running server of this PLAIT_HOME, or None.
+
+    The pid file is trusted only while the daemon's lock is held; a stale one (its server died
+    without removing it) is removed, saying so, and the process it names is left alone.
+    """
     pid_file, _ = _server_files()
     try:
-        pid_text, address = pid_file.read_text().split()
-        pid = int(pid_text)
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        fields = pid_file.read_text().split()
+    except FileNotFoundError:
         return None
-    return pid, address
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {pid_file}: {exc}")
+    if _lock_held():
+        if len(fields) == 2 and fields[0].isdigit():
+            return int(fields[0]), fields[1]
+        return None  # a daemon is starting (it writes the file once it listens)
+    _remove_stale(pid_file, fields)
+    return None
+
+
+def _remove_stale(pid_file: Path, fields: list[str]) -> None:
+    """Removes a pid file no daemon holds the lock of, holding that lock meanwhile (so a daemon
+    starting now cannot write a new file that this would remove)."""
+    import fcntl
+
+    fd = os.open(_lock_file(), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a daemon took it just now: its file is not ours to remove
+        try:
+            if pid_file.read_text().split() != fields:
+                return
+        except FileNotFoundError:
+            return
+        pid_file.unlink()
+    finally:
+        os.close(fd)
+    pid = fields[0] if fields else "?"
+    why = "is not a Plait server"
+    if pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            why = "is not running"
+        except PermissionError:
+            pass
+    click.echo(f"removed a stale {pid_file.name} (process {pid} {why})", err=True)
 
 
 @click.group("server", epilog=EPILOG)
@@ -51,7 +117,14 @@ _CONFIG_KEYS = (
     "tls_cert",
     "tls_key",
     "tls_client_ca",
+    "max_log_bytes",
 )
+_CONFIG_TYPES: dict[str, tuple[type, str]] = {
+    "port": (int, "an integer"),
+    "max_log_bytes": (int, "an integer"),
+    "auth": (bool, "true or false"),
+}
+"""The keys that are not strings: their type and how to say it."""
 
 
 def _server_config(path: str | None) -> dict[str, Any]:
@@ -67,11 +140,18 @@ def _server_config(path: str | None) -> dict[str, Any]:
         return {}
     try:
         data = tomllib.loads(file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        fail(f"{file}: {exc}")
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{file} is not valid TOML: {exc}")
     unknown = sorted(set(data) - set(_CONFIG_KEYS))
     if unknown:
         fail(f"{file}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(_CONFIG_KEYS)}")
+    for key, value in data.items():
+        kind, said = _CONFIG_TYPES.get(key, (str, "a string"))
+        # bool is an int in Python, not in TOML
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            fail(f"{file}: {key} must be {said}, not {value!r}")
     return data
 
 
@@ -83,7 +163,7 @@ _SERVER_OPTIONS = [
         envvar="PLAIT_SERVER_CONFIG",
         type=click.Path(dir_okay=False),
         help="A TOML file of these settings (keys: host, port, database_url, "
-        "artifact_store, auth, tls_cert, tls_key, tls_client_ca) [default: "
+        "artifact_store, auth, tls_cert, tls_key, tls_client_ca, max_log_bytes) [default: "
         "PLAIT_HOME/server.toml if it exists]; flags and variables win over it.",
     ),
     click.option(
@@ -112,6 +192,14 @@ _SERVER_OPTIONS = [
         help="Artifact store URL [default: PLAIT_HOME/artifacts].",
     ),
     click.option(
+        "--max-log-bytes",
+        type=click.IntRange(min=1),
+        default=None,
+        envvar="PLAIT_MAX_LOG_BYTES",
+        help="Bytes of stdout and stderr kept per step attempt; the rest is dropped, with a "
+        "line saying how much [default: 4194304 (4 MiB); env PLAIT_MAX_LOG_BYTES].",
+    ),
+    click.option(
         "--foreground",
         is_flag=True,
         help="Run in this process (for containers and supervisors); logs go to stderr.",
@@ -119,7 +207,8 @@ _SERVER_OPTIONS = [
     click.option(
         "--auth/--no-auth",
         default=None,
-        help="Require API tokens [default: on unless bound to loopback].",
+        help="Require a credential on every call [default: on, loopback included]. "
+        "--no-auth is refused off loopback and lets every local user run code as you.",
     ),
     click.option(
         "--tls-cert",
@@ -154,6 +243,13 @@ def _server_options(fn: Any) -> Any:
 
 @server.command("start", epilog=EPILOG)
 @_server_options
+@click.option(
+    "--log-file",
+    default=None,
+    hidden=True,
+    type=click.Path(dir_okay=False),
+    help="With --foreground: log to this file, rotated by size (the background start uses it).",
+)
 def server_start(
     host: str | None,
     port: int | None,
@@ -165,11 +261,15 @@ def server_start(
     tls_key: str = "",
     tls_client_ca: str = "",
     config_file: str | None = None,
+    max_log_bytes: int | None = None,
+    log_file: str | None = None,
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
 
     Unfinished runs of its store resume at start; SIGTERM (`plait server stop`) shuts it down
-    gracefully and leaves them resumable. PID and log files live in PLAIT_HOME.
+    gracefully and leaves them resumable. PID and log files live in PLAIT_HOME; the log,
+    server.log, rotates at 10 MB (PLAIT_SERVER_LOG_BYTES sets the size), keeping 3 old files
+    (server.log.1 to server.log.3).
 
     \b
     Example:
@@ -191,6 +291,8 @@ def server_start(
     tls_cert = tls_cert or str(cfg.get("tls_cert", ""))
     tls_key = tls_key or str(cfg.get("tls_key", ""))
     tls_client_ca = tls_client_ca or str(cfg.get("tls_client_ca", ""))
+    if max_log_bytes is None and "max_log_bytes" in cfg:
+        max_log_bytes = int(cfg["max_log_bytes"])
     if foreground:
         try:
             run_daemon(
@@ -203,6 +305,8 @@ def server_start(
                 tls_cert=tls_cert,
                 tls_key=tls_key,
                 tls_client_ca=tls_client_ca,
+                max_log_bytes=max_log_bytes,
+                log_file=Path(log_file) if log_file else None,
             )
         except PlaitError as exc:
             fail(str(exc))
@@ -213,8 +317,10 @@ def server_start(
             f"a server is already running (pid {running[0]}, {running[1]}); "
             f"`plait server stop` first"
         )
-    _, log_file = _server_files()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if _lock_held():
+        fail("a server of this PLAIT_HOME is starting; `plait server status` tells when it runs")
+    _, server_log = _server_files()
+    private_dir(server_log.parent)
     cmd = [
         sys.executable,
         "-m",
@@ -226,7 +332,11 @@ def server_start(
         host,
         "--port",
         str(port),
+        "--log-file",
+        str(server_log),
     ]
+    if max_log_bytes is not None:
+        cmd += ["--max-log-bytes", str(max_log_bytes)]
     if database_url:
         cmd += ["--database-url", database_url]
     if artifact_store:
@@ -240,24 +350,26 @@ def server_start(
     ):
         if value:
             cmd += [flag, str(Path(value).resolve())]
-    with open(log_file, "ab") as log:
+    fd = os.open(server_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # the log says what runs: the owner's only, whatever the umask
+    with os.fdopen(fd, "ab") as log:
+        offset = log.tell()
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_file.read_text(errors="replace").splitlines()[-5:]
-            fail("the server exited at start:\n" + "\n".join(tail))
+            fail(_start_error(server_log, offset, proc.returncode))
         found = _server_pid()
         # the pid file is written once the server listens; TLS servers can't be probed here
         if found is not None and (tls_cert or healthy(found[1], timeout=0.5)):
-            click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {log_file}")
+            click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {server_log}")
             click.echo(f"use it with: export PLAIT_SERVER={found[1]}  (or plait login {found[1]})")
             return
         time.sleep(0.1)
     proc.kill()
-    fail(f"the server did not become healthy within 30 s; see {log_file}")
+    fail(f"the server did not become healthy within 30 s; see {server_log}")
 
 
 @server.command("stop", epilog=EPILOG)
@@ -280,14 +392,34 @@ def server_stop(timeout: float) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # the daemon holds its lock until it exits: released, it is gone
+        if not _lock_held():
             click.echo(f"stopped the server at {address} (pid {pid})")
             return
         time.sleep(0.05)
+    if _server_pid() != running:  # it went just now (or its identity changed): leave it
+        click.echo(f"stopped the server at {address} (pid {pid})")
+        return
     os.kill(pid, signal.SIGKILL)
     click.echo(f"the server did not stop within {timeout:g} s: killed pid {pid}", err=True)
+
+
+def _start_error(log_file: Path, offset: int, code: int) -> str:
+    """One line for a daemon that exited at start: its own error line, from what it wrote to
+    the log since `offset` (the daemon prints ``error: …`` before it exits)."""
+    try:
+        with open(log_file, "rb") as fh:
+            if fh.seek(0, os.SEEK_END) < offset:
+                offset = 0  # the log rotated meanwhile
+            fh.seek(offset)
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line.removeprefix("error: ").strip()
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return f"the server exited at start (code {code}){': ' + last if last else ''}; see {log_file}"
 
 
 @server.command("status", epilog=EPILOG)

@@ -7,6 +7,7 @@ line): that is the transport's business, behind `Reporter`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import importlib
 import importlib.util
 import inspect
@@ -29,6 +30,15 @@ from plait.api.v1 import task_service_pb2 as tasks
 from plait.ir.v1 import ir_pb2 as ir
 
 _SCRIPT_MODULE = "__plait_main__"
+
+DEFAULT_LOG_LIMIT = 4 * 1024 * 1024
+"""The bytes of stdout and stderr kept per attempt when the task names no limit."""
+LOG_CHUNK_BYTES = 256 * 1024
+"""The most bytes of output one TaskLogs carries (far below gRPC's message limit)."""
+MAX_METADATA_BYTES = 1024 * 1024
+"""The largest metadata one ``log_metadata`` call may attach."""
+MAX_ERROR_CHARS = 64 * 1024
+"""The most characters of a failure's message, and of its traceback, that are reported."""
 
 
 class Reporter(Protocol):
@@ -82,15 +92,90 @@ class _Capture:
             os.close(saved)
         self._saved.clear()
 
-    def read(self) -> list[tuple[str, str]]:
-        out = []
-        for fd, name in ((1, "stdout"), (2, "stderr")):
+    def report(self, token: tasks.LeaseToken, limit: int, reporter: Reporter) -> None:
+        """Reports what was captured, in chunks of at most LOG_CHUNK_BYTES, keeping at most
+        `limit` bytes of the two streams together; a stream cut short ends with a line saying
+        how much of it was dropped. Only what is kept is read back."""
+        sizes = {
+            name: os.fstat(self._files[fd].fileno()).st_size
+            for fd, name in ((1, "stdout"), (2, "stderr"))
+        }
+        for (fd, name), keep in zip(
+            ((1, "stdout"), (2, "stderr")), _shares(limit, list(sizes.values())), strict=True
+        ):
+            size = sizes[name]
+            if not size:
+                continue
             f = self._files[fd]
             f.seek(0)
-            data = f.read()
-            if data:
-                out.append((name, data.decode("utf-8", "replace")))
-        return out
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            left = keep
+            last = "\n"
+            while left > 0:
+                data = f.read(min(LOG_CHUNK_BYTES, left))
+                if not data:
+                    break
+                left -= len(data)
+                text = decoder.decode(data, final=left == 0 and keep == size)
+                if text:
+                    last = text[-1]
+                    reporter.logs(tasks.TaskLogs(token=token, stream=name, text=text))
+            if keep < size:
+                marker = (
+                    f"[plait: {_size(size - keep)} of {name} dropped; "
+                    f"the log keeps the first {_size(keep)}]\n"
+                )
+                if last != "\n":
+                    marker = "\n" + marker
+                reporter.logs(tasks.TaskLogs(token=token, stream=name, text=marker))
+
+
+def _shares(limit: int, sizes: list[int]) -> list[int]:
+    """How many bytes of each stream to keep: all of them when they fit in `limit` together;
+    else `limit` shared evenly, a small stream's unused share going to the others."""
+    if sum(sizes) <= limit:
+        return sizes
+    shares = [0] * len(sizes)
+    left, streams = max(0, limit), len(sizes)
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__):
+        shares[i] = min(sizes[i], left // streams)
+        left -= shares[i]
+        streams -= 1
+    return shares
+
+
+def _size(n: int) -> str:
+    """A byte count for people, in binary units: ``97.3 MiB``, ``4 MiB`` (no trailing ``.0``)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            text = f"{value:.1f}".removesuffix(".0")
+            return f"{text} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cut(text: str, keep_end: bool = False) -> str:
+    """At most MAX_ERROR_CHARS of `text`, saying how much was cut."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    note = f"[plait: {len(text) - MAX_ERROR_CHARS} characters cut]"
+    if keep_end:
+        return f"{note}\n{text[-MAX_ERROR_CHARS:]}"
+    return f"{text[:MAX_ERROR_CHARS]}\n{note}"
+
+
+def _error(failure: BaseException) -> res.StepError:
+    """The report of a failure, its message and traceback bounded (a step's exception may carry
+    a huge message; the report must still fit in one message)."""
+    try:
+        tb = "".join(traceback.format_exception(failure))
+    except MemoryError:
+        tb = ""
+    error = StepError.of(failure, _cut(tb, keep_end=True))
+    if isinstance(failure, MemoryError) and not error.message:
+        error = StepError(error.type, "the step ran out of memory", error.traceback)
+    return StepError(error.type, _cut(error.message), error.traceback).to_proto()
 
 
 class StepExecutor:
@@ -124,6 +209,11 @@ class StepExecutor:
         reporter.started(start)
 
         def report_metadata(lease: tasks.LeaseToken, output: str, text: str) -> None:
+            if len(text) > MAX_METADATA_BYTES:
+                raise ValueError(
+                    f"log_metadata: {_size(len(text))} of metadata is more than the "
+                    f"{_size(MAX_METADATA_BYTES)} allowed; store large values as outputs"
+                )
             reporter.metadata(tasks.TaskMetadata(token=lease, output=output, json=text))
 
         env_before: dict[str, str | None] = {}
@@ -161,21 +251,14 @@ class StepExecutor:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = old
-        for stream, text in self._capture.read():
-            reporter.logs(tasks.TaskLogs(token=token, stream=stream, text=text))
+        self._capture.report(token, task.log_limit_bytes or DEFAULT_LOG_LIMIT, reporter)
         if failure is None:
             reporter.completed(
                 tasks.TaskCompleted(token=token, outputs=outputs, start_time=start.start_time)
             )
             return
         reporter.failed(
-            tasks.TaskFailed(
-                token=token,
-                error=StepError.of(
-                    failure, "".join(traceback.format_exception(failure))
-                ).to_proto(),
-                start_time=start.start_time,
-            )
+            tasks.TaskFailed(token=token, error=_error(failure), start_time=start.start_time)
         )
         if isinstance(failure, KeyboardInterrupt | SystemExit):
             raise failure
@@ -274,7 +357,15 @@ class StepExecutor:
         for spec, value in zip(specs, values, strict=True):
             _check_type(task.step.id, spec, value)
             m = materializer_for(value, spec.materializer)
-            blob = store.put(m.save(value))
+            try:
+                blob = store.put(m.save(value))
+            except MemoryError:
+                raise MemoryError(
+                    f"step {task.step.id!r}: output {spec.name!r} ({type_name(value)}) is too "
+                    f"large: this worker ran out of memory saving it with the {m.name} "
+                    f"materializer; return a smaller value, or write the data to a file and "
+                    f"return its path"
+                ) from None
             artifact = ArtifactInfo(
                 artifact_id=locations[spec.name],
                 output=spec.name,

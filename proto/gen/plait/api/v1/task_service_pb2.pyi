@@ -68,10 +68,15 @@ class Task(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ARTIFACT_STORE_URI_FIELD_NUMBER: _builtins.int
+    LOG_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
     """The pipeline's name."""
     artifact_store_uri: _builtins.str
     """The artifact store the worker writes outputs to."""
+    log_limit_bytes: _builtins.int
+    """The most bytes of stdout and stderr (together) the worker sends for this attempt; past
+    it the worker sends one line saying how much it dropped. 0 means the worker's default.
+    """
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -97,10 +102,11 @@ class Task(_message.Message):
         inputs: _abc.Iterable[Global___TaskInput] | None = ...,
         outputs: _abc.Iterable[Global___OutputLocation] | None = ...,
         artifact_store_uri: _builtins.str = ...,
+        log_limit_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "inputs", b"inputs", "outputs", b"outputs", "pipeline", b"pipeline", "step", b"step", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "inputs", b"inputs", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "step", b"step", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
