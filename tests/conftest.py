@@ -29,3 +29,18 @@ def server_url() -> str:
             pytest.fail(message)  # in CI a missing PostgreSQL is a failure, never a skip
         pytest.skip(message)
     return url
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="fuzz for thousands of examples per RPC rather than a few hundred (test_fuzz.py)",
+    )
+
+
+@pytest.fixture(scope="session")
+def long_fuzz(request: pytest.FixtureRequest) -> bool:
+    """Whether `--long` was given: the fuzz suite then sends thousands of requests per RPC."""
+    return bool(request.config.getoption("--long"))

@@ -13,8 +13,9 @@ from plait._models import ArtifactInfo, StepError
 from plait.api.v1 import task_service_pb2 as pb
 from plait.api.v1 import task_service_pb2_grpc
 from plait.engine.api._convert import metadata_from_json, token_from_proto
+from plait.engine.api._errors import status_metadata
 from plait.engine.scheduler import Completed, Failed, Logs, Metadata, Report, Started
-from plait.errors import PipelineError
+from plait.errors import PipelineError, PipelineValidationError
 from plait.runners import WorkerPool
 
 if TYPE_CHECKING:
@@ -26,7 +27,10 @@ Ctx = Any  # grpc.aio.ServicerContext: grpc ships no types
 def _start_time(report: Any) -> float | None:
     if not report.HasField("start_time"):
         return None
-    return float(report.start_time.ToNanoseconds() / 1e9)
+    try:
+        return float(report.start_time.ToNanoseconds() / 1e9)
+    except ValueError as exc:  # nanos or seconds out of a Timestamp's range
+        raise PipelineValidationError(f"start_time: {exc}") from None
 
 
 def report_from_proto(req: pb.ConnectRequest) -> Report | None:
@@ -77,22 +81,34 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
         assert isinstance(runner, WorkerPool)
         worker_id = hello.hello.worker_id
         idle = anyio.Event()
+        # a report refused on reading (undecodable, over a limit) aborts the call; the abort is
+        # raised again outside the task group, which would wrap it in an ExceptionGroup that
+        # grpc answers UNKNOWN (and logs with a traceback)
+        aborted: grpc.aio.AbortError | None = None
         try:
             async with anyio.create_task_group() as tg:
 
                 async def read() -> None:
-                    nonlocal idle
-                    while True:
-                        req = await context.read()
-                        if req is grpc.aio.EOF:
-                            break
-                        report = report_from_proto(req)
-                        if report is None:
-                            continue
-                        self.cp.submit(report)
-                        if isinstance(report, Completed | Failed):  # the worker is free again
-                            runner.task_done(worker_id)
-                            idle.set()
+                    nonlocal idle, aborted
+                    try:
+                        while True:
+                            req = await context.read()
+                            if req is grpc.aio.EOF:
+                                break
+                            try:
+                                report = report_from_proto(req)
+                            except PipelineValidationError as exc:
+                                code = grpc.StatusCode.INVALID_ARGUMENT
+                                metadata = status_metadata(code, str(exc), exc.reason)
+                                await context.abort(code, str(exc), trailing_metadata=metadata)
+                            if report is None:
+                                continue
+                            self.cp.submit(report)
+                            if isinstance(report, Completed | Failed):  # the worker is free again
+                                runner.task_done(worker_id)
+                                idle.set()
+                    except grpc.aio.AbortError as exc:
+                        aborted = exc
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(read)
@@ -103,3 +119,5 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     await idle.wait()
         finally:
             runner.worker_gone(worker_id)
+        if aborted is not None:
+            raise aborted
