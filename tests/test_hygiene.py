@@ -129,6 +129,26 @@ def test_an_output_larger_than_memory_fails_saying_so(client: plait.Client) -> N
     assert "ran out of memory" in step.error.message
 
 
+@plait.step(cache=False)
+def wordy_failure() -> int:
+    # 4-byte characters: 300,000 of them are 1.2 MB, past every limit on a report
+    raise ValueError("\U0001d11e" * 300_000)
+
+
+@plait.pipeline
+def fails_wordily() -> None:
+    wordy_failure()
+
+
+def test_a_huge_error_message_is_cut_to_fit_the_report(client: plait.Client) -> None:
+    r = _run(fails_wordily, client)
+    step = r.steps["wordy_failure"]
+    assert step.status == "FAILED"  # the step's own failure, not a worker lost to a refused report
+    assert step.error is not None and step.error.type == "builtins.ValueError"
+    assert len(step.error.message.encode()) <= 64 * 1024 + 64
+    assert "bytes cut]" in step.error.message
+
+
 def test_a_worker_killed_by_sigkill_is_named(client: plait.Client) -> None:
     r = _run(killed, client)
     step = r.steps["die"]

@@ -37,8 +37,9 @@ LOG_CHUNK_BYTES = 256 * 1024
 """The most bytes of output one TaskLogs carries (far below gRPC's message limit)."""
 MAX_METADATA_BYTES = 1024 * 1024
 """The largest metadata one ``log_metadata`` call may attach."""
-MAX_ERROR_CHARS = 64 * 1024
-"""The most characters of a failure's message, and of its traceback, that are reported."""
+MAX_ERROR_BYTES = 64 * 1024
+"""The most UTF-8 bytes of a failure's message, and of its traceback, that are reported (the
+control plane refuses a report over its limits: a cut here keeps the report whole)."""
 
 
 class Reporter(Protocol):
@@ -156,13 +157,16 @@ def _size(n: int) -> str:
 
 
 def _cut(text: str, keep_end: bool = False) -> str:
-    """At most MAX_ERROR_CHARS of `text`, saying how much was cut."""
-    if len(text) <= MAX_ERROR_CHARS:
-        return text
-    note = f"[plait: {len(text) - MAX_ERROR_CHARS} characters cut]"
+    """At most MAX_ERROR_BYTES of `text` in UTF-8 (its start, or its end), saying how much was
+    cut. Lone surrogates, which protobuf strings cannot carry, become U+FFFD."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_ERROR_BYTES:
+        return data.decode()
+    note = f"[plait: {len(data) - MAX_ERROR_BYTES} bytes cut]"
+    # "ignore" drops the one character a byte cut may split at the edge
     if keep_end:
-        return f"{note}\n{text[-MAX_ERROR_CHARS:]}"
-    return f"{text[:MAX_ERROR_CHARS]}\n{note}"
+        return f"{note}\n{data[-MAX_ERROR_BYTES:].decode('utf-8', 'ignore')}"
+    return f"{data[:MAX_ERROR_BYTES].decode('utf-8', 'ignore')}\n{note}"
 
 
 def _error(failure: BaseException) -> res.StepError:
