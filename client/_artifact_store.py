@@ -64,6 +64,7 @@ class LocalArtifactStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        self._blobs = str(self.root / "sha256")
         self._private = False
 
     def _make_private(self) -> None:
@@ -175,10 +176,10 @@ class LocalArtifactStore:
 
         Anything that is not a sha256 hex digest names no blob: False.
         """
-        try:
-            return self.path_for(digest).is_file()
-        except ValueError:
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             return False
+        # strings, not Path objects: every cache hit asks this, on the scheduler's hot path
+        return os.path.isfile(f"{self._blobs}/{digest[:2]}/{digest}")
 
 
 class BlobWriter:

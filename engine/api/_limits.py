@@ -226,6 +226,8 @@ def _walk(msg: Message) -> None:
             if n is not None:
                 raise _Over(field.name, _over(n, limit))
         elif what == _NESTED:
+            if value.ByteSize() <= _SMALL:  # too small to exceed any limit inside
+                continue
             try:
                 _walk(value)
             except _Over as over:
@@ -236,6 +238,8 @@ def _walk(msg: Message) -> None:
                 raise _Over(field.name, f"{len(value)} items; the limit is {count}")
             if what == _NESTEDS:
                 for i, item in enumerate(value):
+                    if item.ByteSize() <= _SMALL:  # too small to exceed any limit inside
+                        continue
                     try:
                         _walk(item)
                     except _Over as over:

@@ -7,6 +7,7 @@ and, on SQLite, run straight on the DBAPI cursor (see :func:`executemany`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,10 @@ from plait.engine.store._engine import executemany, is_fast_sqlite
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.engine.store._stacks import active_stack, stack_runner
 from plait.ir.v1 import ir_pb2
+
+_CACHE_LOOKUP = "SELECT outputs FROM cache_entries WHERE key = ?"
+"""The cache lookup on SQLite, in the table's own terms (tests/test_scheduler.py runs the cache on
+SQLite, this path, and on PostgreSQL, through SQLAlchemy)."""
 
 
 class SqlLookups:
@@ -60,11 +65,18 @@ class SqlLookups:
         return stack_runner(self._c(), stack)
 
     def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
-        row = (
-            self._c()
-            .execute(sa.select(db.cache_entries.c.outputs).where(db.cache_entries.c.key == key))
-            .scalar()
-        )
+        conn = self._c()
+        if is_fast_sqlite(conn):
+            # the hot path of a cached run: one lookup per step, straight on the DBAPI cursor
+            # of this transaction (SQLAlchemy's statement machinery costs ten times the query)
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            found = driver.execute(_CACHE_LOOKUP, (key,)).fetchone()
+            row = json.loads(found[0]) if found is not None else None
+        else:
+            row = conn.execute(
+                sa.select(db.cache_entries.c.outputs).where(db.cache_entries.c.key == key)
+            ).scalar()
         if row is None:
             return None
         outputs = {k: ArtifactInfo.from_json(v) for k, v in row.items()}
@@ -184,11 +196,11 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
             db.events.insert().returning(db.events.c.seq, sort_by_parameter_order=True), rows
         )
         seqs = result.scalars().all()
-    # the constructor, not dataclasses.replace: this runs for every event of every step
-    return [
-        RunEvent(e.run_id, e.step_id, e.run_status, e.step_status, e.attempt, e.message, e.time, s)
-        for e, s in zip(fx.events, seqs, strict=True)
-    ]
+    # the events were made for this write and nobody holds them yet: number them in place
+    # (frozen records; a new record per event would cost more than the event's row)
+    for e, seq in zip(fx.events, seqs, strict=True):
+        object.__setattr__(e, "sequence", seq)
+    return fx.events
 
 
 _INSERTS = {
