@@ -3,11 +3,9 @@ numbers, parameter types, resource names and page sizes, over real gRPC on loopb
 
 from __future__ import annotations
 
-import gc
 import importlib
 import logging
 import pkgutil
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,18 +15,12 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from test_grpc import Api as GrpcApi
 
 import plait
 import plait.api.v1
 from plait.api.v1 import (
     artifact_service_pb2 as arts,
-)
-from plait.api.v1 import (
-    artifact_service_pb2_grpc,
-    pipeline_service_pb2_grpc,
-    run_service_pb2_grpc,
-    stack_service_pb2_grpc,
-    task_service_pb2_grpc,
 )
 from plait.api.v1 import (
     pipeline_service_pb2 as pipes,
@@ -41,6 +33,9 @@ from plait.api.v1 import (
 )
 from plait.api.v1 import (
     stack_service_pb2 as stacks,
+)
+from plait.api.v1 import (
+    stack_service_pb2_grpc,
 )
 from plait.api.v1 import (
     task_service_pb2 as tasks,
@@ -84,7 +79,7 @@ def _private_pipeline(n: int = 1) -> None:
     count(n)
 
 
-class Api:
+class Api(GrpcApi):
     """Raw stubs on a control plane served in this process without auth (auth has its own
     tests; here every call must reach the limits)."""
 
@@ -97,11 +92,7 @@ class Api:
         self._portal_cm = start_blocking_portal("asyncio")
         self.portal = self._portal_cm.__enter__()
         self._future, port = self.portal.start_task(self.cp.serve, "127.0.0.1:0")
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self.channel)
-        self.runs = run_service_pb2_grpc.RunServiceStub(self.channel)
-        self.artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self.channel)
-        self.tasks = task_service_pb2_grpc.TaskServiceStub(self.channel)
+        super().__init__(f"127.0.0.1:{port}", token="no auth here")
         self.stacks = stack_service_pb2_grpc.StackServiceStub(self.channel)
 
     def close(self) -> None:
@@ -109,28 +100,6 @@ class Api:
         self.portal.call(self.cp.stop)
         self._future.result(timeout=30)
         self._portal_cm.__exit__(None, None, None)
-        # the control plane leaves its inbox and the local runner's queue open when it stops:
-        # collect them here, quietly, rather than at the end of the session
-        del self.cp, self.portal, self._future
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
-
-    def register(self, spec: ir_pb2.PipelineSpec) -> str:
-        return str(self.pipelines.RegisterPipeline(pipes.RegisterPipelineRequest(spec=spec)).name)
-
-    def run_to_end(self, version: str, **params: str) -> Any:
-        created = self.runs.CreateRun(
-            runs.CreateRunRequest(
-                pipeline_version=version,
-                parameters=[ir_pb2.NamedValue(name=k, json=v) for k, v in params.items()],
-            )
-        )
-        for _ in self.runs.WatchRunEvents(
-            runs.WatchRunEventsRequest(name=created.run.name, run_events_only=True)
-        ):
-            pass
-        return self.runs.GetRun(runs.GetRunRequest(name=created.run.name)).run
 
 
 @pytest.fixture(scope="module")
