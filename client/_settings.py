@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,20 @@ def server_address() -> str | None:
     return str(server) if server else None
 
 
-def _is_local(host: str) -> bool:
+def is_loopback(host: str, *, resolve: bool = False) -> bool:
+    """Whether ``host`` (an address, ``[::1]``, ``localhost``) is this machine's loopback; with
+    ``resolve``, a host name is looked up too (a server choosing what to bind)."""
     host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        if not resolve:
+            return False
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except OSError:
         return False
 
 
@@ -97,7 +105,7 @@ def saved_token(address: str) -> str:
     if isinstance(saved, dict) and isinstance(saved.get(address), str):
         return str(saved[address])
     host, _, port = address.rpartition(":")
-    if not _is_local(host):
+    if not is_loopback(host):
         return ""  # a local credential never goes to another machine
     try:
         local = json.loads((plait_home() / CREDENTIAL_FILE).read_text())

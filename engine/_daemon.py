@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import ipaddress
 import logging
 import logging.handlers
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import anyio
 
-from plait._settings import CREDENTIAL_FILE, private_dir
+from plait._settings import CREDENTIAL_FILE, is_loopback, private_dir
 from plait.engine._control_plane import ControlPlane, ControlPlaneConfig, max_log_bytes_setting
 from plait.errors import PlaitError
 
@@ -110,21 +109,9 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
-
-
 async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None:
     """Serves until SIGTERM or SIGINT, then stops gracefully; runs stay resumable."""
-    if not is_loopback(host) and not config.auth:
+    if not is_loopback(host, resolve=True) and not config.auth:
         raise PlaitError(
             f"refusing to bind {host} without authentication: --no-auth is for loopback only "
             f"(drop --no-auth; create tokens with `plait token create NAME`)"
@@ -136,7 +123,7 @@ async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None
             host,
             port,
         )
-    if not is_loopback(host) and not config.tls_cert:
+    if not is_loopback(host, resolve=True) and not config.tls_cert:
         log.warning(
             "serving %s without TLS: tokens cross the network in the clear "
             "(--tls-cert and --tls-key turn TLS on)",
