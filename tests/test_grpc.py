@@ -353,6 +353,13 @@ def test_task_stream_needs_a_hello_for_a_known_pool(api: Api) -> None:
     hello = tasks.ConnectRequest(hello=tasks.WorkerHello(worker_id="w", runner="nowhere"))
     code, details, _ = error_of(worker.tasks.Connect, iter([hello]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "nowhere" in details
+    # a report whose output carries metadata that is not JSON (found by the fuzz suite)
+    local = tasks.ConnectRequest(hello=tasks.WorkerHello(worker_id="w", runner="local"))
+    bad = tasks.ConnectRequest(
+        completed=tasks.TaskCompleted(outputs=[res.Artifact(output="o", metadata_json="{oops")])
+    )
+    code, details, _ = error_of(worker.tasks.Connect, iter([local, bad]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "completed.outputs" in details
     worker.channel.close()
 
 

@@ -47,11 +47,11 @@ def report_from_proto(req: pb.ConnectRequest) -> Report | None:
             return None
         return Metadata(token_from_proto(req.metadata.token), req.metadata.output, values)
     if kind == "completed":
-        return Completed(
-            token_from_proto(req.completed.token),
-            tuple(ArtifactInfo.from_proto(a) for a in req.completed.outputs),
-            _start_time(req.completed),
-        )
+        try:
+            outputs = tuple(ArtifactInfo.from_proto(a) for a in req.completed.outputs)
+        except (ValueError, OverflowError) as exc:  # metadata_json not JSON, a time off the scale
+            raise PipelineValidationError(f"completed.outputs: {exc}") from None
+        return Completed(token_from_proto(req.completed.token), outputs, _start_time(req.completed))
     if kind == "failed":
         return Failed(
             token_from_proto(req.failed.token),
