@@ -26,27 +26,31 @@ _sym_db = _symbol_database.Default()
 from plait.api.v1 import resources_pb2 as plait_dot_api_dot_v1_dot_resources__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/api/v1/artifact_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\"\"\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x13GetArtifactResponse\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.Artifact\";\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"R\n\x18\x44ownloadArtifactResponse\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.Artifact\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x15UploadArtifactRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.plait.api.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"2\n\x0cUploadHeader\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"I\n\x16UploadArtifactResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0b\n\x03uri\x18\x03 \x01(\t2\xa9\x02\n\x0f\x41rtifactService\x12R\n\x0bGetArtifact\x12 .plait.api.v1.GetArtifactRequest\x1a!.plait.api.v1.GetArtifactResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.plait.api.v1.DownloadArtifactRequest\x1a&.plait.api.v1.DownloadArtifactResponse0\x01\x12]\n\x0eUploadArtifact\x12#.plait.api.v1.UploadArtifactRequest\x1a$.plait.api.v1.UploadArtifactResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#plait/api/v1/artifact_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\"9\n\x13\x44ownloadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"8\n\x14\x44ownloadBlobResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\"\"\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x13GetArtifactResponse\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.Artifact\";\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"R\n\x18\x44ownloadArtifactResponse\x12(\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.Artifact\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x15UploadArtifactRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.plait.api.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"2\n\x0cUploadHeader\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"I\n\x16UploadArtifactResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0b\n\x03uri\x18\x03 \x01(\t2\x82\x03\n\x0f\x41rtifactService\x12R\n\x0bGetArtifact\x12 .plait.api.v1.GetArtifactRequest\x1a!.plait.api.v1.GetArtifactResponse\x12\x63\n\x10\x44ownloadArtifact\x12%.plait.api.v1.DownloadArtifactRequest\x1a&.plait.api.v1.DownloadArtifactResponse0\x01\x12]\n\x0eUploadArtifact\x12#.plait.api.v1.UploadArtifactRequest\x1a$.plait.api.v1.UploadArtifactResponse(\x01\x12W\n\x0c\x44ownloadBlob\x12!.plait.api.v1.DownloadBlobRequest\x1a\".plait.api.v1.DownloadBlobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plait.api.v1.artifact_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETARTIFACTREQUEST']._serialized_start=83
-  _globals['_GETARTIFACTREQUEST']._serialized_end=117
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=119
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=182
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=184
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=243
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=245
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=327
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=329
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=422
-  _globals['_UPLOADHEADER']._serialized_start=424
-  _globals['_UPLOADHEADER']._serialized_end=474
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=476
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=549
-  _globals['_ARTIFACTSERVICE']._serialized_start=552
-  _globals['_ARTIFACTSERVICE']._serialized_end=849
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_start=83
+  _globals['_DOWNLOADBLOBREQUEST']._serialized_end=140
+  _globals['_DOWNLOADBLOBRESPONSE']._serialized_start=142
+  _globals['_DOWNLOADBLOBRESPONSE']._serialized_end=198
+  _globals['_GETARTIFACTREQUEST']._serialized_start=200
+  _globals['_GETARTIFACTREQUEST']._serialized_end=234
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=236
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=299
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=301
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=360
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=362
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=444
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=446
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=539
+  _globals['_UPLOADHEADER']._serialized_start=541
+  _globals['_UPLOADHEADER']._serialized_end=591
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=593
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=666
+  _globals['_ARTIFACTSERVICE']._serialized_start=669
+  _globals['_ARTIFACTSERVICE']._serialized_end=1055
 # @@protoc_insertion_point(module_scope)

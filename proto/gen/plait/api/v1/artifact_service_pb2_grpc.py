@@ -51,6 +51,11 @@ class ArtifactServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.FromString,
                 _registered_method=True)
+        self.DownloadBlob = channel.unary_stream(
+                '/plait.api.v1.ArtifactService/DownloadBlob',
+                request_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobResponse.FromString,
+                _registered_method=True)
 
 
 class ArtifactServiceServicer:
@@ -81,6 +86,14 @@ class ArtifactServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadBlob(self, request, context):
+        """Streams stored bytes by their sha256 (a code archive, an input of a remote worker's
+        task), checked against the digest as they are read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ArtifactServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.UploadArtifact,
                     request_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.SerializeToString,
+            ),
+            'DownloadBlob': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadBlob,
+                    request_deserializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +200,33 @@ class ArtifactService:
             '/plait.api.v1.ArtifactService/UploadArtifact',
             plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_artifact__service__pb2.UploadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/plait.api.v1.ArtifactService/DownloadBlob',
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_artifact__service__pb2.DownloadBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

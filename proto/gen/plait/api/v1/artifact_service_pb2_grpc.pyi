@@ -45,6 +45,10 @@ class ArtifactServiceStub:
     """Stores bytes sent in chunks under their sha256 and returns where they are. The first
     message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
     """
+    DownloadBlob: _grpc.UnaryStreamMultiCallable[_artifact_service_pb2.DownloadBlobRequest, _artifact_service_pb2.DownloadBlobResponse]
+    """Streams stored bytes by their sha256 (a code archive, an input of a remote worker's
+    task), checked against the digest as they are read.
+    """
 
 @_typing.type_check_only
 class ArtifactServiceAsyncStub(ArtifactServiceStub):
@@ -61,6 +65,10 @@ class ArtifactServiceAsyncStub(ArtifactServiceStub):
     UploadArtifact: _aio.StreamUnaryMultiCallable[_artifact_service_pb2.UploadArtifactRequest, _artifact_service_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     """Stores bytes sent in chunks under their sha256 and returns where they are. The first
     message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+    """
+    DownloadBlob: _aio.UnaryStreamMultiCallable[_artifact_service_pb2.DownloadBlobRequest, _artifact_service_pb2.DownloadBlobResponse]  # type: ignore[assignment]
+    """Streams stored bytes by their sha256 (a code archive, an input of a remote worker's
+    task), checked against the digest as they are read.
     """
 
 class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -93,6 +101,16 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_artifact_service_pb2.UploadArtifactResponse, _abc.Awaitable[_artifact_service_pb2.UploadArtifactResponse]]:
         """Stores bytes sent in chunks under their sha256 and returns where they are. The first
         message is a header; an expected digest or size that does not match is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadBlob(
+        self,
+        request: _artifact_service_pb2.DownloadBlobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_artifact_service_pb2.DownloadBlobResponse], _abc.AsyncIterator[_artifact_service_pb2.DownloadBlobResponse]]:
+        """Streams stored bytes by their sha256 (a code archive, an input of a remote worker's
+        task), checked against the digest as they are read.
         """
 
 def add_ArtifactServiceServicer_to_server(servicer: ArtifactServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -133,6 +133,7 @@ class Run(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     STACK_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "runs/{run_id}"."""
     run_id: _builtins.str
@@ -167,6 +168,10 @@ class Run(_message.Message):
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRun]:
         """The step runs, in the pipeline's topological order. Filled by GetRun."""
 
+    @_builtins.property
+    def code(self) -> Global___CodeSource:
+        """The code the run executes."""
+
     def __init__(
         self,
         *,
@@ -183,14 +188,47 @@ class Run(_message.Message):
         steps: _abc.Iterable[Global___StepRun] | None = ...,
         last_sequence: _builtins.int = ...,
         stack: _builtins.str = ...,
+        code: Global___CodeSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "last_sequence", b"last_sequence", "name", b"name", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "run_id", b"run_id", "stack", b"stack", "status", b"status", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "end_time", b"end_time", "last_sequence", b"last_sequence", "name", b"name", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "run_id", b"run_id", "stack", b"stack", "status", b"status", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class CodeSource(_message.Message):
+    """Where a run's code comes from: a content-addressed archive of the source root."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    GIT_COMMIT_FIELD_NUMBER: _builtins.int
+    GIT_DIRTY_FIELD_NUMBER: _builtins.int
+    archive: _builtins.str
+    """The sha256 of the archive (stored with UploadArtifact, read with DownloadBlob); empty when
+    workers import the code from their own path.
+    """
+    git_commit: _builtins.str
+    """The commit checked out in the source root, when it is a git repository."""
+    git_dirty: _builtins.bool
+    """True when the source root had changes not committed to git."""
+    def __init__(
+        self,
+        *,
+        archive: _builtins.str = ...,
+        git_commit: _builtins.str = ...,
+        git_dirty: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "git_commit", b"git_commit", "git_dirty", b"git_dirty"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodeSource: _TypeAlias = CodeSource  # noqa: Y015
 
 @_typing.final
 class StepRun(_message.Message):

@@ -27,45 +27,45 @@ from plait.api.v1 import resources_pb2 as plait_dot_api_dot_v1_dot_resources__pb
 from plait.ir.v1 import ir_pb2 as plait_dot_ir_dot_v1_dot_ir__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\x7f\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"s\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.plait.api.v1.RunStatus\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"J\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"=\n\x12StreamLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry2\x8f\x05\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12Q\n\nStreamLogs\x12\x1f.plait.api.v1.StreamLogsRequest\x1a .plait.api.v1.StreamLogsResponse0\x01\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\xa7\x01\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x04\x63ode\x18\x05 \x01(\x0b\x32\x18.plait.api.v1.CodeSource\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"s\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.plait.api.v1.RunStatus\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"J\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"=\n\x12StreamLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry2\x8f\x05\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12Q\n\nStreamLogs\x12\x1f.plait.api.v1.StreamLogsRequest\x1a .plait.api.v1.StreamLogsResponse0\x01\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plait.api.v1.run_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATERUNREQUEST']._serialized_start=100
-  _globals['_CREATERUNREQUEST']._serialized_end=227
-  _globals['_CREATERUNRESPONSE']._serialized_start=229
-  _globals['_CREATERUNRESPONSE']._serialized_end=297
-  _globals['_GETRUNREQUEST']._serialized_start=299
-  _globals['_GETRUNREQUEST']._serialized_end=328
-  _globals['_GETRUNRESPONSE']._serialized_start=330
-  _globals['_GETRUNRESPONSE']._serialized_end=378
-  _globals['_LISTRUNSREQUEST']._serialized_start=380
-  _globals['_LISTRUNSREQUEST']._serialized_end=495
-  _globals['_LISTRUNSRESPONSE']._serialized_start=497
-  _globals['_LISTRUNSRESPONSE']._serialized_end=573
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=575
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=661
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=663
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=727
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=729
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=808
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=810
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=902
-  _globals['_LISTLOGSREQUEST']._serialized_start=904
-  _globals['_LISTLOGSREQUEST']._serialized_end=995
-  _globals['_LISTLOGSRESPONSE']._serialized_start=997
-  _globals['_LISTLOGSRESPONSE']._serialized_end=1085
-  _globals['_CANCELRUNREQUEST']._serialized_start=1087
-  _globals['_CANCELRUNREQUEST']._serialized_end=1119
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1121
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1191
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1193
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1267
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=1269
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=1330
-  _globals['_RUNSERVICE']._serialized_start=1333
-  _globals['_RUNSERVICE']._serialized_end=1988
+  _globals['_CREATERUNREQUEST']._serialized_start=101
+  _globals['_CREATERUNREQUEST']._serialized_end=268
+  _globals['_CREATERUNRESPONSE']._serialized_start=270
+  _globals['_CREATERUNRESPONSE']._serialized_end=338
+  _globals['_GETRUNREQUEST']._serialized_start=340
+  _globals['_GETRUNREQUEST']._serialized_end=369
+  _globals['_GETRUNRESPONSE']._serialized_start=371
+  _globals['_GETRUNRESPONSE']._serialized_end=419
+  _globals['_LISTRUNSREQUEST']._serialized_start=421
+  _globals['_LISTRUNSREQUEST']._serialized_end=536
+  _globals['_LISTRUNSRESPONSE']._serialized_start=538
+  _globals['_LISTRUNSRESPONSE']._serialized_end=614
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=616
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=702
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=704
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=768
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=770
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=849
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=851
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=943
+  _globals['_LISTLOGSREQUEST']._serialized_start=945
+  _globals['_LISTLOGSREQUEST']._serialized_end=1036
+  _globals['_LISTLOGSRESPONSE']._serialized_start=1038
+  _globals['_LISTLOGSRESPONSE']._serialized_end=1126
+  _globals['_CANCELRUNREQUEST']._serialized_start=1128
+  _globals['_CANCELRUNREQUEST']._serialized_end=1160
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1162
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1232
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1234
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1308
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=1310
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1371
+  _globals['_RUNSERVICE']._serialized_start=1374
+  _globals['_RUNSERVICE']._serialized_end=2029
 # @@protoc_insertion_point(module_scope)

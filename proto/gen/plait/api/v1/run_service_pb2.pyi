@@ -31,6 +31,7 @@ class CreateRunRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     NO_CACHE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     pipeline_version: _builtins.str
     """The pipeline version to run: "pipelines/{pipeline}/versions/{version}"."""
     no_cache: _builtins.bool
@@ -41,6 +42,12 @@ class CreateRunRequest(_message.Message):
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[_ir_pb2.NamedValue]:
         """Parameter values as canonical JSON, by name; missing ones take their defaults."""
 
+    @_builtins.property
+    def code(self) -> _resources_pb2.CodeSource:
+        """The code the run executes: a code archive uploaded before (its sha256), with its git
+        commit when the source root is a git repository.
+        """
+
     def __init__(
         self,
         *,
@@ -48,10 +55,11 @@ class CreateRunRequest(_message.Message):
         parameters: _abc.Iterable[_ir_pb2.NamedValue] | None = ...,
         no_cache: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        code: _resources_pb2.CodeSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

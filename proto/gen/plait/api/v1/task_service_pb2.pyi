@@ -69,6 +69,9 @@ class Task(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ARTIFACT_STORE_URI_FIELD_NUMBER: _builtins.int
     LOG_LIMIT_BYTES_FIELD_NUMBER: _builtins.int
+    CODE_ARCHIVE_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
     """The pipeline's name."""
     artifact_store_uri: _builtins.str
@@ -77,6 +80,17 @@ class Task(_message.Message):
     """The most bytes of stdout and stderr (together) the worker sends for this attempt; past
     it the worker sends one line saying how much it dropped. 0 means the worker's default.
     """
+    code_archive: _builtins.str
+    """The sha256 of the code archive the step's code is imported from (see
+    ArtifactService.DownloadBlob); empty: import it from the worker's own sys.path.
+    """
+    lease_seconds: _builtins.float
+    """How long the lease lasts without a heartbeat, in seconds. The worker heartbeats about
+    three times in that span while the step runs (a step that ends sooner sends none) and stops
+    the step once its lease can no longer be renewed.
+    """
+    pool: _builtins.str
+    """The remote worker pool the step runs in; empty for a runner's own pool."""
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -103,10 +117,13 @@ class Task(_message.Message):
         outputs: _abc.Iterable[Global___OutputLocation] | None = ...,
         artifact_store_uri: _builtins.str = ...,
         log_limit_bytes: _builtins.int = ...,
+        code_archive: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "inputs", b"inputs", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "step", b"step", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "code_archive", b"code_archive", "inputs", b"inputs", "lease_seconds", b"lease_seconds", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "pool", b"pool", "step", b"step", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,6 +313,7 @@ class ConnectRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___WorkerHello:
         """The first message on a stream."""
@@ -320,6 +338,10 @@ class ConnectRequest(_message.Message):
     def failed(self) -> Global___TaskFailed:
         """The step raised."""
 
+    @_builtins.property
+    def heartbeat(self) -> Global___TaskHeartbeat:
+        """The attempt is alive: extend its lease."""
+
     def __init__(
         self,
         *,
@@ -329,16 +351,41 @@ class ConnectRequest(_message.Message):
         metadata: Global___TaskMetadata | None = ...,
         completed: Global___TaskCompleted | None = ...,
         failed: Global___TaskFailed | None = ...,
+        heartbeat: Global___TaskHeartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "hello", b"hello", "kind", b"kind", "logs", b"logs", "metadata", b"metadata", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "metadata", b"metadata", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "hello", b"hello", "kind", b"kind", "logs", b"logs", "metadata", b"metadata", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "logs", b"logs", "metadata", b"metadata", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "started", "logs", "metadata", "completed", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "started", "logs", "metadata", "completed", "failed", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class TaskHeartbeat(_message.Message):
+    """Report: the attempt is still alive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def token(self) -> Global___LeaseToken:
+        """The lease."""
+
+    def __init__(
+        self,
+        *,
+        token: Global___LeaseToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskHeartbeat: _TypeAlias = TaskHeartbeat  # noqa: Y015
 
 @_typing.final
 class WorkerHello(_message.Message):
@@ -415,10 +462,15 @@ class TaskLogs(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     stream: _builtins.str
     """"stdout" or "stderr"."""
     text: _builtins.str
     """The text."""
+    batch: _builtins.int
+    """The batch number of this attempt's logs, from 1, when the sender numbers its batches: a
+    batch whose number was seen before is a retry and is dropped. 0: not numbered.
+    """
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -429,10 +481,11 @@ class TaskLogs(_message.Message):
         token: Global___LeaseToken | None = ...,
         stream: _builtins.str = ...,
         text: _builtins.str = ...,
+        batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream", "text", b"text", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "stream", b"stream", "text", b"text", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,7 +609,7 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def cancel(self) -> Global___LeaseToken:
-        """Stop the named attempt."""
+        """Stop the named attempt: it was cancelled, timed out, or its lease is lost."""
 
     def __init__(
         self,

@@ -205,11 +205,13 @@ class CodeRef(_message.Message):
     CODE_DIGEST_FIELD_NUMBER: _builtins.int
     IS_ASYNC_FIELD_NUMBER: _builtins.int
     module: _builtins.str
-    """The importable module name ("__main__" for a script run as a program)."""
+    """The module name, relative to the source root ("__main__" for a script run as a program)."""
     qualname: _builtins.str
     """The qualified name of the step object in that module."""
     file: _builtins.str
-    """The source file, so a worker can load a script that is not importable by name."""
+    """The source file, relative to the source root ("/"-separated; never absolute), so a worker
+    can load a script that is not importable by name from the run's code archive.
+    """
     code_digest: _builtins.str
     """sha256 of the step function's normalized source (its AST without decorators)."""
     is_async: _builtins.bool
@@ -459,6 +461,7 @@ class StepSettings(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     RUNNER_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     cache: _builtins.bool
     """Whether the step may be served from the cache; unset means true."""
     cache_version: _builtins.str
@@ -469,6 +472,10 @@ class StepSettings(_message.Message):
     """Wall-clock limit of one attempt, in seconds; unset means no limit."""
     runner: _builtins.str
     """The runner that executes the step; empty means the stack's default runner."""
+    pool: _builtins.str
+    """The remote worker pool that executes the step (workers started with `plait worker --pool`);
+    empty means the runner above.
+    """
     @_builtins.property
     def environment(self) -> Global___Environment:
         """The execution environment the step needs."""
@@ -482,10 +489,11 @@ class StepSettings(_message.Message):
         timeout_seconds: _builtins.float | None = ...,
         environment: Global___Environment | None = ...,
         runner: _builtins.str = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "retries", b"retries", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "pool", b"pool", "retries", b"retries", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
