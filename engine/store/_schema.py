@@ -47,6 +47,10 @@ runs = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False, index=True),
     sa.Column("ended_at", sa.Float),
     sa.Column("stack", sa.String),
+    # the code the run executes: a content-addressed archive of the source root, and git's view
+    sa.Column("code_archive", sa.String),
+    sa.Column("git_commit", sa.String),
+    sa.Column("git_dirty", sa.Boolean),
 )
 
 step_runs = sa.Table(
@@ -77,6 +81,20 @@ attempts = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
     sa.Column("ended_at", sa.Float),
+    # the durable queue: a QUEUED attempt with no holder waits for one; its task is kept so that
+    # a restarted control plane hands out the same attempt
+    sa.Column("pool", sa.String),
+    sa.Column("task", sa.LargeBinary),
+    # the lease: who holds the attempt (a worker id), its runner's handle (a pid, a container
+    # id), and the deadlines the reaper enforces (epoch seconds)
+    sa.Column("holder", sa.String),
+    sa.Column("handle", sa.String),
+    sa.Column("leased_at", sa.Float),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("queue_deadline", sa.Float),
+    sa.Column("close_deadline", sa.Float),
+    # the highest log batch number seen (a retried AppendLogs is dropped)
+    sa.Column("log_batch", sa.Integer, nullable=False, server_default="0"),
     sa.ForeignKeyConstraint(["run_id", "step_id"], ["step_runs.run_id", "step_runs.step_id"]),
 )
 
