@@ -1,0 +1,1 @@
+"""``python -m plait.runners.step``: run one leased task and exit (containers, cluster jobs)."""
