@@ -22,21 +22,24 @@ from plait._models import RunStatus, StepError
 from plait._settings import private_dir
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.engine._events import EventHub
+from plait.engine._pools import TaskPools
 from plait.engine._validate import validate_pipeline
 from plait.engine.api._convert import task_to_proto, token_from_proto, token_to_proto
 from plait.engine.scheduler import (
     CancelRun,
     Command,
-    Completed,
     CreateRun,
     Effects,
+    Expire,
     Failed,
+    Heartbeat,
+    Lease,
     RunCreated,
     Scheduler,
-    Started,
     TaskOrder,
-    Token,
 )
+from plait.engine.scheduler._effects import Beat
+from plait.engine.scheduler._machine import DEFAULT_LEASE_SECONDS, DEFAULT_QUEUE_TIMEOUT
 from plait.engine.store import Store
 from plait.engine.store._engine import Backoff, is_transient
 from plait.engine.store._pipelines import register_pipeline
@@ -60,6 +63,29 @@ DEFAULT_MAX_LOG_BYTES = 4 * 1024 * 1024
 
 SMALL_TICK = 16
 """Ticks of at most this many inputs run on the event loop's thread (see Store.write)."""
+
+REAP_INTERVAL = 0.1
+"""How often the reaper looks for a passed deadline (a lease, a timeout, the queue)."""
+LAZY_LEASE_DELAY = 0.2
+"""How long the lease of a local pool's hand-off may wait to ride along with the next batch
+(see ControlPlane.note_lease)."""
+
+
+def heartbeat_timeout_setting(value: str | float | None = None) -> float:
+    """The lease length: `value` (a flag or a config key), else ``PLAIT_HEARTBEAT_TIMEOUT``, else
+    DEFAULT_LEASE_SECONDS; a positive number of seconds, or PlaitError."""
+    raw = value if value is not None else os.environ.get("PLAIT_HEARTBEAT_TIMEOUT") or None
+    if raw is None:
+        return DEFAULT_LEASE_SECONDS
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        seconds = 0.0
+    if isinstance(raw, bool) or not (0 < seconds <= 86400):
+        raise PlaitError(
+            f"heartbeat_timeout: expected a number of seconds between 0 and 86400, got {raw!r}"
+        )
+    return seconds
 
 
 def max_log_bytes_setting(value: str | int | None = None) -> int:
@@ -110,6 +136,11 @@ class ControlPlaneConfig:
     max_log_bytes: int = field(default_factory=max_log_bytes_setting)
     """The most bytes of stdout and stderr stored per attempt (workers cut there and say how
     much they dropped; the scheduler enforces it too)."""
+    heartbeat_timeout: float = field(default_factory=heartbeat_timeout_setting)
+    """How long a lease lasts without a heartbeat: a worker silent for longer loses its attempt
+    (CRASHED, retried). Workers heartbeat about three times in that span."""
+    queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT
+    """How long a queued attempt may wait for a worker (schedule-to-start); None: forever."""
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'plait.db'}"
@@ -132,8 +163,12 @@ class ControlPlane:
             runners or {"local": LocalRunner(config.max_workers)}
         )
         self.scheduler = Scheduler(
-            runners=frozenset(self.runners), log_limit_bytes=config.max_log_bytes
+            runners=frozenset(self.runners),
+            log_limit_bytes=config.max_log_bytes,
+            lease_seconds=config.heartbeat_timeout,
+            queue_timeout=config.queue_timeout,
         )
+        self.pools = TaskPools()
         self._lookups = SqlLookups(self.artifacts.exists)
         self._missing: set[str] = set()
         """Runs rolled back out of the scheduler's view by a failed transaction, to restore
@@ -141,12 +176,13 @@ class ControlPlane:
         self.hub = EventHub()
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Command](math.inf)
         self._replies: dict[int, anyio.Event] = {}
-        """Who waits for the answer to a CreateRun or CancelRun, by ``id(command)``."""
-        self._answers: dict[int, RunCreated | bool | Exception] = {}
-        self._timeouts: dict[Token, tuple[float, str]] = {}
-        """Attempts with a timeout that have not started yet: (seconds, runner)."""
-        self._deadlines: dict[Token, tuple[float, str]] = {}
-        """Started attempts with a timeout: (deadline, runner)."""
+        """Who waits for the answer to a command, by ``id(command)``."""
+        self._answers: dict[int, Any] = {}
+        self._lazy: list[Command] = []
+        """Leases of local hand-offs that ride along with the next batch (see note_lease)."""
+        self._lazy_since = 0.0
+        self._expiring = False
+        """An Expire is in the inbox: the reaper does not send another."""
         self.address = ""
         self._stop = anyio.Event()
         # secrets that live in this process's memory only: one for the local workers this
@@ -203,16 +239,52 @@ class ControlPlane:
         created = await self.store.write(register_pipeline, spec, version, time.time())
         return version, created
 
-    async def _ask(self, cmd: CreateRun | CancelRun) -> RunCreated | bool | Exception:
+    def note_lease(self, lease: Lease) -> None:
+        """Records the hand-off of a task to a local pool's worker without a transaction of its
+        own: the lease rides along with the next batch (at the latest LAZY_LEASE_DELAY later),
+        ahead of any report of that worker. Only for workers that die with this process, whose
+        lease needs no commit before they start."""
+        if not self._lazy:
+            self._lazy_since = time.monotonic()
+        self._lazy.append(lease)
+
+    async def ask(self, cmd: Command) -> Any:
+        """Submits a command and waits for its answer, given once its batch is committed (a
+        CreateRun's RunCreated or error, a CancelRun's found, a report's or lease command's
+        applied, a Heartbeat's Beat)."""
         done = self._replies[id(cmd)] = anyio.Event()
         self.submit(cmd)
-        await done.wait()
+        try:
+            await done.wait()
+        except BaseException:
+            self._replies.pop(id(cmd), None)
+            self._answers.pop(id(cmd), None)
+            raise
         return self._answers.pop(id(cmd))
 
+    _ask = ask
+
     async def create_run(
-        self, version: str, parameters: dict[str, str], no_cache: bool, request_id: str
+        self,
+        version: str,
+        parameters: dict[str, str],
+        no_cache: bool,
+        request_id: str,
+        code: Any = None,
     ) -> RunCreated:
-        answer = await self._ask(CreateRun(version, parameters, no_cache, request_id))
+        """Creates a run (or finds the one ``request_id`` made). ``code``: a CodeSource record
+        (archive, git_commit, git_dirty), or None."""
+        answer = await self._ask(
+            CreateRun(
+                version,
+                parameters,
+                no_cache,
+                request_id,
+                code_archive=getattr(code, "archive", "") or "",
+                git_commit=getattr(code, "git_commit", "") or "",
+                git_dirty=bool(getattr(code, "git_dirty", False)),
+            )
+        )
         if isinstance(answer, Exception):
             raise answer
         assert isinstance(answer, RunCreated)
@@ -243,8 +315,16 @@ class ControlPlane:
     def _restore_runs(self, conn: Connection, run_ids: list[str]) -> None:
         self.scheduler.restore(load_active_runs(conn, run_ids), self._lookups.bind(conn))
 
+    def _alive(self, runner: str, handle: str | None) -> bool | None:
+        r = self.runners.get(runner)
+        if r is None or handle is None:
+            return None  # a remote pool's worker: its heartbeats, or their absence, will say
+        return r.alive(handle)
+
     def _recover(self, conn: Connection, now: float) -> Effects:
-        fx = self.scheduler.recover(load_unfinished_runs(conn), now, self._lookups.bind(conn))
+        fx = self.scheduler.recover(
+            load_unfinished_runs(conn), now, self._lookups.bind(conn), self._alive
+        )
         fx.events = write_effects(conn, fx)
         return fx
 
@@ -252,14 +332,19 @@ class ControlPlane:
         fx.events = write_effects(conn, fx)
         return fx
 
-    def _answer(self, answers: dict[int, RunCreated | bool | Exception]) -> None:
+    def _answer(self, answers: dict[int, Any]) -> None:
         for key, answer in answers.items():
-            self._answers[key] = answer
-            self._replies.pop(key).set()
+            done = self._replies.pop(key, None)
+            if done is not None:  # nobody waits when the asker went away
+                self._answers[key] = answer
+                done.set()
 
     async def _loop(self) -> None:
         async for first in self._inbox:
             batch = [first]
+            if self._lazy:  # leases first: they precede every report of their workers
+                batch[:0] = self._lazy
+                self._lazy = []
             while True:
                 try:
                     batch.append(self._inbox.receive_nowait())
@@ -267,13 +352,8 @@ class ControlPlane:
                     break
             now = time.time()
             for item in batch:
-                if isinstance(item, Started):
-                    timeout = self._timeouts.pop(item.token, None)
-                    if timeout is not None:
-                        self._deadlines[item.token] = (now + timeout[0], timeout[1])
-                elif isinstance(item, Completed | Failed):
-                    self._timeouts.pop(item.token, None)
-                    self._deadlines.pop(item.token, None)
+                if isinstance(item, Expire):
+                    self._expiring = False
             try:
                 fx = await self._commit(self._tick, batch, now=now, small=len(batch) <= SMALL_TICK)
             except Exception as exc:
@@ -286,8 +366,10 @@ class ControlPlane:
         """What a committed batch implies: publish its events, stop and start attempts."""
         self.hub.publish(fx.events)
         for token in fx.cancels:
+            lease = token_to_proto(token)
+            self.pools.discard(lease)
             for runner in self.runners.values():
-                await runner.cancel(token_to_proto(token))
+                await runner.cancel(lease)
         for order in fx.tasks:
             await self._dispatch(order)
 
@@ -408,6 +490,9 @@ class ControlPlane:
             )
             self._answer({id(cmd): error})
             return
+        if isinstance(cmd, Expire):
+            log.error("the reaper's tick could not be committed: %s", _describe(exc))
+            return
         run_id = cmd.run_id if isinstance(cmd, CancelRun) else cmd.token.run_id
         if self._missing:
             await self._restore()
@@ -431,10 +516,15 @@ class ControlPlane:
                 await self._act(fx)
         if isinstance(cmd, CancelRun):
             self._answer({id(cmd): ended})
+        else:  # a report or lease command that asked: its run is over, its lease lost
+            self._answer({id(cmd): Beat(alive=False) if isinstance(cmd, Heartbeat) else False})
 
     async def _dispatch(self, order: TaskOrder) -> None:
-        runner = self.runners.get(order.runner)
         task = task_to_proto(order, self.artifacts.uri, self.config.max_log_bytes)
+        if order.pool:  # remote workers of the pool lease it with PollTask
+            self.pools.put(order.pool, task)
+            return
+        runner = self.runners.get(order.runner)
         if runner is None:
             known = ", ".join(self.runners)
             error = StepError(
@@ -442,8 +532,6 @@ class ControlPlane:
             )
             self.submit(Failed(order.token, error))
             return
-        if order.timeout is not None:
-            self._timeouts[order.token] = (order.timeout, order.runner)
         try:
             await runner.submit(task)
         except Exception as exc:  # the runner could not take it: the attempt's infra failed
@@ -454,20 +542,18 @@ class ControlPlane:
             )
             self.submit(Failed(order.token, error, crashed=True))
 
-    async def _watch_deadlines(self) -> None:
+    async def _reap(self) -> None:
+        """Wakes the scheduler when a deadline of the store's queue has passed (an attempt no
+        one took, a lease not renewed, a timeout), and sends along leases that waited too long
+        for a batch to ride with."""
         while True:
-            await anyio.sleep(0.1)
-            now = time.time()
-            for token, (deadline, runner) in list(self._deadlines.items()):
-                if deadline < now:
-                    del self._deadlines[token]
-                    error = StepError(
-                        "builtins.TimeoutError", "the attempt ran longer than its timeout"
-                    )
-                    self.submit(Failed(token, error))
-                    r = self.runners.get(runner)
-                    if r is not None:
-                        await r.cancel(token_to_proto(token))
+            await anyio.sleep(REAP_INTERVAL)
+            due = self.scheduler.next_deadline()
+            if not self._expiring and due is not None and due <= time.time():
+                self._expiring = True
+                self.submit(Expire())
+            elif self._lazy and time.monotonic() - self._lazy_since > LAZY_LEASE_DELAY:
+                self.submit(Expire())  # a batch for the leases to ride with
 
     # ---- serving ----
 
@@ -514,7 +600,7 @@ class ControlPlane:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._loop)
-                tg.start_soon(self._watch_deadlines)
+                tg.start_soon(self._reap)
                 ctx = RunnerContext(
                     address=worker_address,
                     home=self.config.home,

@@ -16,7 +16,12 @@ from pathlib import Path
 import anyio
 
 from plait._settings import CREDENTIAL_FILE, is_loopback, private_dir
-from plait.engine._control_plane import ControlPlane, ControlPlaneConfig, max_log_bytes_setting
+from plait.engine._control_plane import (
+    ControlPlane,
+    ControlPlaneConfig,
+    heartbeat_timeout_setting,
+    max_log_bytes_setting,
+)
 from plait.errors import PlaitError
 
 log = logging.getLogger("plait.server")
@@ -167,12 +172,14 @@ def run_daemon(
     tls_key: str = "",
     tls_client_ca: str = "",
     max_log_bytes: int | None = None,
+    heartbeat_timeout: float | None = None,
     log_file: Path | None = None,
 ) -> None:
     """Runs the daemon in this process (``plait server start --foreground``).
 
     ``auth`` None means on, everywhere, loopback included; False (``--no-auth``) is allowed
-    only on loopback. ``max_log_bytes`` None means PLAIT_MAX_LOG_BYTES or the default. With
+    only on loopback. ``max_log_bytes`` None means PLAIT_MAX_LOG_BYTES or the default, and
+    ``heartbeat_timeout`` None PLAIT_HEARTBEAT_TIMEOUT or the default. With
     ``log_file``, logs (and fds 1 and 2) go to that file, rotated by size; else to stderr.
     """
     # the daemon is a process of its own: everything it creates (logs, database, pid file,
@@ -197,6 +204,7 @@ def run_daemon(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         max_log_bytes=max_log_bytes_setting(max_log_bytes),
+        heartbeat_timeout=heartbeat_timeout_setting(heartbeat_timeout),
     )
     try:
         anyio.run(serve_daemon, config, host, port)

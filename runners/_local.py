@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import anyio
@@ -41,6 +42,20 @@ def _exit_reason(code: int) -> str:
     return f"killed by signal {-code} ({name})"
 
 
+def _reap_own_children() -> None:
+    """Makes sure this process, not the kernel, reaps its children: with SIGCHLD ignored (a
+    disposition inherited from whoever started this process) the kernel reaps them at once and
+    no exit status can be read, so a worker's death could not be told from a success."""
+    if signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    elif sys.platform != "win32":  # Python lets only the main thread set a handler
+        import ctypes
+
+        ctypes.CDLL(None).signal(int(signal.SIGCHLD), 0)  # 0 is SIG_DFL
+
+
 class LocalRunner:
     """Runs steps in worker processes of this machine, kept warm between steps and runs.
 
@@ -72,6 +87,7 @@ class LocalRunner:
     ) -> None:
         """Runs the pool until cancelled, then kills and reaps every worker process."""
         self._ctx = ctx
+        _reap_own_children()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -94,6 +110,8 @@ class LocalRunner:
         path = [p or os.getcwd() for p in sys.path]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         env["PLAIT_WORKER_ID"] = worker_id
+        # the worker dies with this process (see runners/worker/__main__.py)
+        env["PLAIT_PARENT_PID"] = str(os.getpid())
         env.pop("PLAIT_WORKER_TOKEN", None)
         if self._ctx.token:
             env["PLAIT_WORKER_TOKEN"] = self._ctx.token
@@ -161,6 +179,19 @@ class LocalRunner:
         worker = self._workers.get(worker_id)
         if worker is not None and worker.process.returncode is None:
             worker.process.kill()
+
+    def alive(self, handle: str) -> bool:
+        """Whether a worker process of this pool runs under the pid ``handle``. The workers of
+        an earlier control plane died with it: their handles are never alive here."""
+        for worker in self._workers.values():
+            if str(worker.process.pid) == handle:
+                return worker.process.returncode is None
+        return False
+
+    def handle(self, worker_id: str) -> str:
+        """The handle (pid) of a worker process, for its lease."""
+        worker = self._workers.get(worker_id)
+        return str(worker.process.pid) if worker is not None else ""
 
     async def cancel(self, token: tasks.LeaseToken) -> None:
         for worker in self._workers.values():

@@ -46,6 +46,11 @@ class Runner(Protocol):
     async def cancel(self, token: tasks.LeaseToken) -> None:
         """Stops the attempt the token names, if it is still running here."""
 
+    def alive(self, handle: str) -> bool | None:
+        """Whether the process (container, job) this runner started under ``handle`` still
+        runs: a restarted control plane re-attaches to an attempt whose handle is alive and
+        retries one whose handle is gone. None when the runner cannot tell."""
+
 
 @runtime_checkable
 class WorkerPool(Runner, Protocol):
@@ -59,3 +64,6 @@ class WorkerPool(Runner, Protocol):
 
     def worker_gone(self, worker_id: str) -> None:
         """The worker's stream ended."""
+
+    def handle(self, worker_id: str) -> str:
+        """The handle of the worker's process (its lease's handle)."""

@@ -17,14 +17,19 @@ from plait._models import ArtifactInfo, RunStatus, StepError, StepStatus
 from plait.engine.scheduler import (
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
+    Beat,
     CancelRun,
     Completed,
     CreateRun,
     Effects,
+    Expire,
     Failed,
+    Heartbeat,
     IllegalTransitionError,
+    Lease,
     Logs,
     Metadata,
+    Release,
     RunCreated,
     Scheduler,
     Started,
@@ -34,6 +39,7 @@ from plait.engine.scheduler import (
     TaskOrder,
     Token,
 )
+from plait.engine.scheduler._machine import DEFAULT_CRASH_RETRIES, DEFAULT_QUEUE_TIMEOUT
 from plait.errors import ParameterError, PipelineNotFoundError
 from plait.ir.v1 import ir_pb2
 
@@ -229,11 +235,111 @@ def test_a_failure_with_retries_left_queues_a_new_attempt() -> None:
     assert retry.token.attempt == 2
     assert [e.step_status for e in fx.events] == [StepStatus.RETRYING, StepStatus.QUEUED]
     assert fx.attempt_updates[(run_id, "n0", 1)]["status"] == StepStatus.FAILED
-    fx = m.apply(Failed(retry.token, StepError("builtins.ValueError", "again"), crashed=True))
+    fx = m.apply(Failed(retry.token, StepError("builtins.ValueError", "again")))
     assert fx.tasks == []
-    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.CRASHED
+    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.FAILED
     assert fx.step_updates[(run_id, "n1")]["status"] == StepStatus.SKIPPED
     assert fx.run_updates[run_id]["status"] == RunStatus.FAILED
+
+
+def test_crashes_draw_on_their_own_budget_and_never_on_the_steps_retries() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 1)]), retries=1))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    lost = StepError("plait.WorkerLost", "gone")
+    for attempt in range(1, DEFAULT_CRASH_RETRIES + 1):  # every crash is retried
+        fx = m.apply(Failed(task.token, lost, crashed=True))
+        (task,) = fx.tasks
+        assert task.token.attempt == attempt + 1
+    # the step's own retry is still there for a failure of its code
+    fx = m.apply(Failed(task.token, StepError("builtins.ValueError", "boom")))
+    (task,) = fx.tasks
+    fx = m.apply(Failed(task.token, lost, crashed=True))
+    assert fx.tasks == []  # the crash budget is spent: CRASHED for good
+    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.CRASHED
+    assert fx.run_updates[run_id]["status"] == RunStatus.FAILED
+
+
+def test_a_lease_is_kept_by_heartbeats_and_an_expired_one_crashes_the_attempt() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 1)])))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    lease = Lease(task.token, "w1", "host:1", ask=True)
+    assert m.apply(lease).replies[id(lease)] is True
+    other = Lease(task.token, "w2", "host:2", ask=True)
+    assert m.apply(other).replies[id(other)] is False  # one holder at a time
+    beat = Heartbeat(task.token, ask=True)
+    answer = m.apply(beat).replies[id(beat)]
+    assert answer == Beat(alive=True, lease_seconds=m.scheduler.lease_seconds)
+    m.now += m.scheduler.lease_seconds - 2  # renewed one second ago: still held
+    assert m.apply(Expire()).tasks == []
+    m.now += 10
+    fx = m.apply(Expire())
+    assert fx.attempt_updates[(run_id, "n0", 1)]["status"] == StepStatus.CRASHED
+    assert fx.cancels == [task.token]
+    (retry,) = fx.tasks
+    assert retry.token.attempt == 2
+    # the old holder's reports are refused and change nothing
+    late = Completed(task.token, (output(task.token),), ask=True)
+    fx = m.apply(late)
+    assert fx.replies[id(late)] is False and not fx.step_updates
+    beat = Heartbeat(task.token, ask=True)
+    assert m.apply(beat).replies[id(beat)] == Beat(alive=False)
+
+
+def test_a_timeout_runs_from_the_hand_off_and_asks_the_worker_to_stop() -> None:
+    spec = spec_of(nx.DiGraph([(0, 2), (1, 2)]))  # n1 keeps the run going
+    spec.steps[0].settings.timeout_seconds = 5
+    m = Machine(spec)
+    run_id, fx = m.create()
+    task = by_step(fx.tasks)["n0"]
+    m.apply(Lease(task.token, "w1", "1"))  # no start report ever comes
+    m.now += 10
+    fx = m.apply(Expire())
+    assert fx.attempt_updates[(run_id, "n0", 1)]["status"] == StepStatus.FAILED
+    assert "timeout of 5 s" in fx.step_updates[(run_id, "n0")]["error"]["message"]
+    assert fx.cancels == [task.token]
+    beat = Heartbeat(task.token, ask=True)
+    assert m.apply(beat).replies[id(beat)] == Beat(alive=True, cancel=True)
+
+
+def test_a_released_attempt_is_handed_out_again_under_the_next_epoch() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 1)])))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    m.apply(Lease(task.token, "w1", "1"))
+    release = Release(task.token, ask=True)
+    fx = m.apply(release)
+    assert fx.replies[id(release)] is True
+    (again,) = fx.tasks
+    assert (again.token.attempt, again.token.epoch) == (1, 2)
+    stale = Started(task.token, ask=True)
+    assert m.apply(stale).replies[id(stale)] is False  # fenced off
+    fx = m.apply(Lease(again.token, "w2", "2"), done(again))
+    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.SUCCEEDED
+
+
+def test_a_queued_attempt_no_worker_takes_fails_at_its_queue_deadline() -> None:
+    spec = spec_of(nx.DiGraph([(0, 1)]))
+    spec.steps[0].settings.pool = "gpu"
+    m = Machine(spec)
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    assert task.pool == "gpu"
+    m.now += DEFAULT_QUEUE_TIMEOUT + 1
+    fx = m.apply(Expire())
+    assert fx.step_updates[(run_id, "n0")]["status"] == StepStatus.CRASHED
+    assert "pool 'gpu'" in fx.step_updates[(run_id, "n0")]["error"]["message"]
+
+
+def test_a_log_batch_sent_twice_is_stored_once() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 1)])))
+    _, fx = m.create()
+    (task,) = fx.tasks
+    first = m.apply(Logs(task.token, "stdout", "a\n", 1, (("stderr", "b\n"),)))
+    assert [row["text"] for row in first.logs] == ["a\n", "b\n"]
+    assert m.apply(Logs(task.token, "stdout", "a\n", 1, (("stderr", "b\n"),))).logs == []
+    assert [row["text"] for row in m.apply(Logs(task.token, "stdout", "c\n", 2)).logs] == ["c\n"]
 
 
 def test_cancelling_stops_what_runs_and_ends_the_run_once() -> None:
@@ -297,6 +403,48 @@ def test_recovery_crashes_lost_attempts_and_queues_them_again() -> None:
     assert (task.token.step_id, task.token.attempt) == ("n1", 2)
     (_, (kind, info)) = task.inputs[0]
     assert kind == "artifact" and info == finished  # nothing that succeeded runs again
+
+
+def test_recovery_hands_out_queued_attempts_again_and_keeps_live_leases() -> None:
+    m = Machine(spec_of(nx.DiGraph([(0, 2), (1, 2)])))
+    far = m.now + 100
+    stored = StoredRun(
+        run_id="r",
+        version=VERSION,
+        parameters={},
+        no_cache=False,
+        stack="default",
+        steps=[
+            # queued, no holder: the durable queue hands out the very same attempt
+            StoredStep("n0", StepStatus.QUEUED, 1, "k0", None, {}, epoch=1, runner="local"),
+            # running on a worker that may still be alive: re-attached, not run again
+            StoredStep(
+                "n1",
+                StepStatus.RUNNING,
+                1,
+                "k1",
+                None,
+                {},
+                epoch=1,
+                runner="local",
+                pool="gpu",
+                holder="w1",
+                handle="host:7",
+                lease_expires=far,
+            ),
+            StoredStep("n2", StepStatus.PENDING, 0, None, None, {}),
+        ],
+    )
+    fx = m.scheduler.recover([stored], m.now, m.lookups, lambda runner, handle: None)
+    (task,) = fx.tasks
+    assert (task.token.step_id, task.token.attempt, task.token.epoch) == ("n0", 1, 1)
+    assert not fx.attempt_updates
+    reattached = Token("r", "n1", 1, 1)
+    beat = Heartbeat(reattached, ask=True)
+    assert m.apply(beat).replies[id(beat)].alive
+    m.now = far + m.scheduler.lease_seconds + 1  # it never heartbeats again
+    fx = m.apply(Expire())
+    assert fx.attempt_updates[("r", "n1", 1)]["status"] == StepStatus.CRASHED
 
 
 # ---- properties over random DAGs, failures and cancellations ----
@@ -411,6 +559,19 @@ class Rows:
                         else None,
                         dict(row.get("step_metadata") or {}),
                         epoch=attempt["epoch"] if attempt else 0,
+                        crashes=sum(
+                            1
+                            for (r2, s2, _), a in self.attempts.items()
+                            if (r2, s2) == (run_id, step_id) and a["status"] == "CRASHED"
+                        ),
+                        runner=attempt["runner"] if attempt else "",
+                        pool=(attempt.get("pool") or "") if attempt else "",
+                        holder=attempt.get("holder") if attempt else None,
+                        handle=attempt.get("handle") if attempt else None,
+                        lease_expires=attempt.get("lease_expires_at") if attempt else None,
+                        queue_deadline=attempt.get("queue_deadline") if attempt else None,
+                        close_deadline=attempt.get("close_deadline") if attempt else None,
+                        log_batch=attempt.get("log_batch", 0) if attempt else 0,
                     )
                 )
             out.append(

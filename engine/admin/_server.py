@@ -118,10 +118,12 @@ _CONFIG_KEYS = (
     "tls_key",
     "tls_client_ca",
     "max_log_bytes",
+    "heartbeat_timeout",
 )
-_CONFIG_TYPES: dict[str, tuple[type, str]] = {
+_CONFIG_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "port": (int, "an integer"),
     "max_log_bytes": (int, "an integer"),
+    "heartbeat_timeout": ((int, float), "a number of seconds"),
     "auth": (bool, "true or false"),
 }
 """The keys that are not strings: their type and how to say it."""
@@ -150,7 +152,7 @@ def _server_config(path: str | None) -> dict[str, Any]:
     for key, value in data.items():
         kind, said = _CONFIG_TYPES.get(key, (str, "a string"))
         # bool is an int in Python, not in TOML
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             fail(f"{file}: {key} must be {said}, not {value!r}")
     return data
 
@@ -163,8 +165,9 @@ _SERVER_OPTIONS = [
         envvar="PLAIT_SERVER_CONFIG",
         type=click.Path(dir_okay=False),
         help="A TOML file of these settings (keys: host, port, database_url, "
-        "artifact_store, auth, tls_cert, tls_key, tls_client_ca, max_log_bytes) [default: "
-        "PLAIT_HOME/server.toml if it exists]; flags and variables win over it.",
+        "artifact_store, auth, tls_cert, tls_key, tls_client_ca, max_log_bytes, "
+        "heartbeat_timeout) [default: PLAIT_HOME/server.toml if it exists]; flags and "
+        "variables win over it.",
     ),
     click.option(
         "--host",
@@ -198,6 +201,15 @@ _SERVER_OPTIONS = [
         envvar="PLAIT_MAX_LOG_BYTES",
         help="Bytes of stdout and stderr kept per step attempt; the rest is dropped, with a "
         "line saying how much [default: 4194304 (4 MiB); env PLAIT_MAX_LOG_BYTES].",
+    ),
+    click.option(
+        "--heartbeat-timeout",
+        type=click.FloatRange(min=0, min_open=True, max=86400),
+        default=None,
+        envvar="PLAIT_HEARTBEAT_TIMEOUT",
+        help="Seconds a step's lease lasts without a heartbeat: a worker silent for longer "
+        "(hung, stopped, cut off) loses the attempt, which is CRASHED and retried. Workers "
+        "heartbeat about three times in that span [default: 30; env PLAIT_HEARTBEAT_TIMEOUT].",
     ),
     click.option(
         "--foreground",
@@ -262,6 +274,7 @@ def server_start(
     tls_client_ca: str = "",
     config_file: str | None = None,
     max_log_bytes: int | None = None,
+    heartbeat_timeout: float | None = None,
     log_file: str | None = None,
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
@@ -293,6 +306,8 @@ def server_start(
     tls_client_ca = tls_client_ca or str(cfg.get("tls_client_ca", ""))
     if max_log_bytes is None and "max_log_bytes" in cfg:
         max_log_bytes = int(cfg["max_log_bytes"])
+    if heartbeat_timeout is None and "heartbeat_timeout" in cfg:
+        heartbeat_timeout = float(cfg["heartbeat_timeout"])
     if foreground:
         try:
             run_daemon(
@@ -306,6 +321,7 @@ def server_start(
                 tls_key=tls_key,
                 tls_client_ca=tls_client_ca,
                 max_log_bytes=max_log_bytes,
+                heartbeat_timeout=heartbeat_timeout,
                 log_file=Path(log_file) if log_file else None,
             )
         except PlaitError as exc:
@@ -337,6 +353,8 @@ def server_start(
     ]
     if max_log_bytes is not None:
         cmd += ["--max-log-bytes", str(max_log_bytes)]
+    if heartbeat_timeout is not None:
+        cmd += ["--heartbeat-timeout", repr(heartbeat_timeout)]
     if database_url:
         cmd += ["--database-url", database_url]
     if artifact_store:

@@ -25,6 +25,8 @@ from plait.api.v1 import (
     task_service_pb2_grpc,
     token_service_pb2,
     token_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
 )
 from plait.engine.api._artifacts import ArtifactServicer
 from plait.engine.api._pipelines import PipelineServicer
@@ -32,6 +34,7 @@ from plait.engine.api._runs import RunServicer
 from plait.engine.api._stacks import StackServicer
 from plait.engine.api._tasks import TaskServicer
 from plait.engine.api._tokens import TokenServicer
+from plait.engine.api._workers import WorkerServicer
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -46,6 +49,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
     task_service_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(cp), server)
     stack_service_pb2_grpc.add_StackServiceServicer_to_server(StackServicer(cp), server)
     token_service_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(cp), server)
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(cp), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -57,6 +61,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
             task_service_pb2.DESCRIPTOR.services_by_name["TaskService"],
             stack_service_pb2.DESCRIPTOR.services_by_name["StackService"],
             token_service_pb2.DESCRIPTOR.services_by_name["TokenService"],
+            worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"],
         )
     ]
     for name in names:

@@ -9,6 +9,8 @@ token. The rules, by service:
 service                roles that may call it
 =====================  ===============================
 TaskService            worker
+WorkerService          worker
+ArtifactService        user, admin, worker (a remote worker reads inputs and code, writes outputs)
 TokenService           admin
 every other service    user, admin
 =====================  ===============================
@@ -41,6 +43,8 @@ revocation takes effect)."""
 
 _BY_SERVICE: dict[str, frozenset[Role]] = {
     "/plait.api.v1.TaskService/": frozenset({Role.WORKER}),
+    "/plait.api.v1.WorkerService/": frozenset({Role.WORKER}),
+    "/plait.api.v1.ArtifactService/": frozenset({Role.USER, Role.ADMIN, Role.WORKER}),
     "/plait.api.v1.TokenService/": frozenset({Role.ADMIN}),
 }
 _DEFAULT = frozenset({Role.USER, Role.ADMIN})

@@ -149,6 +149,9 @@ def task_to_proto(order: TaskOrder, store_uri: str, log_limit_bytes: int = 0) ->
         outputs=[tasks.OutputLocation(name=n, artifact_id=a) for n, a in order.outputs],
         artifact_store_uri=store_uri,
         log_limit_bytes=log_limit_bytes,
+        code_archive=order.code_archive,
+        lease_seconds=order.lease_seconds,
+        pool=order.pool,
     )
     for name, value in order.inputs:
         value_to_proto(value, task.inputs.add(name=name).value)

@@ -75,6 +75,7 @@ LIMITS: dict[str, int] = {
     _IR + "OutputSpec.materializer": NAME,
     _IR + "StepSettings.cache_version": NAME,
     _IR + "StepSettings.runner": NAME,
+    _IR + "StepSettings.pool": NAME,
     _IR + "Environment.parent_image": PATH,
     _IR + "Environment.python_version": NAME,
     _IR + "Environment.requirements": PATH,
@@ -89,6 +90,8 @@ LIMITS: dict[str, int] = {
     # RunService
     _API + "CreateRunRequest.pipeline_version": NAME,
     _API + "CreateRunRequest.request_id": NAME,
+    _API + "CodeSource.archive": NAME,
+    _API + "CodeSource.git_commit": NAME,
     _API + "GetRunRequest.name": NAME,
     _API + "ListRunsRequest.page_token": NAME,
     _API + "ListRunsRequest.pipeline": NAME,
@@ -104,6 +107,7 @@ LIMITS: dict[str, int] = {
     _API + "DownloadArtifactRequest.name": NAME,
     _API + "UploadArtifactRequest.data": CHUNK,
     _API + "UploadHeader.sha256": NAME,
+    _API + "DownloadBlobRequest.digest": NAME,
     # StackService
     _API + "Component.name": NAME,
     _API + "Component.flavor": NAME,
@@ -139,6 +143,12 @@ LIMITS: dict[str, int] = {
     _API + "StepError.type": PATH,
     _API + "StepError.message": TRACEBACK,  # the worker cuts both to 64 Ki characters
     _API + "StepError.traceback": TRACEBACK,
+    # WorkerService (remote workers; their reports reuse the TaskService messages above)
+    _API + "PollTaskRequest.pool": NAME,
+    _API + "PollTaskRequest.worker_id": NAME,
+    _API + "PollTaskRequest.hostname": NAME,
+    _API + "LogChunk.stream": NAME,
+    _API + "LogChunk.text": LOG,
 }
 """The largest value, in bytes (UTF-8 for strings), of each string and bytes field of every
 request, by the field's full name."""
@@ -156,6 +166,7 @@ COUNTS: dict[str, int] = {
     _API + "CreateRunRequest.parameters": 1_000,
     _API + "Stack.components": 1_000,
     _API + "TaskCompleted.outputs": 1_000,
+    _API + "AppendLogsRequest.chunks": 1_000,
 }
 """The most items of each repeated field of every request, by the field's full name."""
 

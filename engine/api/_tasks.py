@@ -14,7 +14,16 @@ from plait.api.v1 import task_service_pb2 as pb
 from plait.api.v1 import task_service_pb2_grpc
 from plait.engine.api._convert import metadata_from_json, token_from_proto
 from plait.engine.api._errors import status_metadata
-from plait.engine.scheduler import Completed, Failed, Logs, Metadata, Report, Started
+from plait.engine.scheduler import (
+    Completed,
+    Failed,
+    Heartbeat,
+    Lease,
+    Logs,
+    Metadata,
+    Report,
+    Started,
+)
 from plait.errors import PipelineError, PipelineValidationError
 from plait.runners import WorkerPool
 
@@ -24,7 +33,8 @@ if TYPE_CHECKING:
 Ctx = Any  # grpc.aio.ServicerContext: grpc ships no types
 
 
-def _start_time(report: Any) -> float | None:
+def start_time_of(report: Any) -> float | None:
+    """A report's start_time in epoch seconds; None when it has none."""
     if not report.HasField("start_time"):
         return None
     try:
@@ -33,13 +43,17 @@ def _start_time(report: Any) -> float | None:
         raise PipelineValidationError(f"start_time: {exc}") from None
 
 
-def report_from_proto(req: pb.ConnectRequest) -> Report | None:
+def report_from_proto(req: pb.ConnectRequest) -> Report | Heartbeat | None:
     """The scheduler's report for a worker's message; None for one that reports nothing."""
     kind = req.WhichOneof("kind")
     if kind == "started":
-        return Started(token_from_proto(req.started.token), _start_time(req.started))
+        return Started(token_from_proto(req.started.token), start_time_of(req.started))
+    if kind == "heartbeat":
+        return Heartbeat(token_from_proto(req.heartbeat.token))
     if kind == "logs":
-        return Logs(token_from_proto(req.logs.token), req.logs.stream, req.logs.text)
+        return Logs(
+            token_from_proto(req.logs.token), req.logs.stream, req.logs.text, req.logs.batch
+        )
     if kind == "metadata":
         try:
             values = metadata_from_json(req.metadata.json)
@@ -51,12 +65,14 @@ def report_from_proto(req: pb.ConnectRequest) -> Report | None:
             outputs = tuple(ArtifactInfo.from_proto(a) for a in req.completed.outputs)
         except (ValueError, OverflowError) as exc:  # metadata_json not JSON, a time off the scale
             raise PipelineValidationError(f"completed.outputs: {exc}") from None
-        return Completed(token_from_proto(req.completed.token), outputs, _start_time(req.completed))
+        return Completed(
+            token_from_proto(req.completed.token), outputs, start_time_of(req.completed)
+        )
     if kind == "failed":
         return Failed(
             token_from_proto(req.failed.token),
             StepError.from_proto(req.failed.error),
-            start_time=_start_time(req.failed),
+            start_time=start_time_of(req.failed),
         )
     return None
 
@@ -114,6 +130,10 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                 tg.start_soon(read)
                 while True:
                     task = await runner.next_task(worker_id)
+                    # the worker dies with this process: its lease needs no commit of its own
+                    self.cp.note_lease(
+                        Lease(token_from_proto(task.token), worker_id, runner.handle(worker_id))
+                    )
                     idle = anyio.Event()
                     await context.write(pb.ConnectResponse(assign=task))
                     await idle.wait()

@@ -27,6 +27,10 @@ class CreateRun:
     """Canonical JSON by name, as sent; defaults are filled in by the scheduler."""
     no_cache: bool = False
     request_id: str = ""
+    code_archive: str = ""
+    """The sha256 of the code archive the run's steps import from; empty: their own path."""
+    git_commit: str = ""
+    git_dirty: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,43 +40,94 @@ class CancelRun:
     run_id: str
 
 
-@dataclass(frozen=True)
+# Reports from workers. A report is applied only while its token is the step's current lease;
+# one made with ``ask=True`` (eq=False: answered by identity) gets an answer: True when it was
+# applied, False when its lease is lost (the unary protocol's LEASE_LOST).
+
+
+@dataclass(frozen=True, eq=False)
 class Started:
     token: Token
     start_time: float | None = None
+    ask: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Completed:
     token: Token
     outputs: tuple[ArtifactInfo, ...]
     start_time: float | None = None
     """When the step started (a short step reports its start only with its end)."""
+    ask: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Failed:
     token: Token
     error: StepError
     crashed: bool = False
-    """True when the infrastructure died (worker lost), not the user's code."""
+    """True when the infrastructure died (worker lost, lease expired), not the user's code."""
     start_time: float | None = None
+    ask: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Logs:
     token: Token
     stream: str
     text: str
+    batch: int = 0
+    """The sender's batch number for the attempt (from 1); a number seen before is a retry and
+    is dropped. 0: not numbered."""
+    more: tuple[tuple[str, str], ...] = ()
+    """Further (stream, text) chunks of the same batch, in order."""
+    ask: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Metadata:
     token: Token
     output: str
     """The output the values describe; empty for the step itself."""
     values: dict[str, object]
+    ask: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Lease:
+    """A holder (a worker) takes a queued attempt: its lease runs from now, and so does its
+    start-to-close timeout. Answered True when granted, False when the attempt is no longer
+    queued or someone else holds it."""
+
+    token: Token
+    holder: str
+    handle: str
+    """The runner's handle for the process that runs it (a pid, a container id)."""
+    ask: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Heartbeat:
+    """The attempt is alive: extend its lease. Answered with a :class:`Beat`."""
+
+    token: Token
+    ask: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Release:
+    """A holder hands back an attempt whose code has not started: it is leased again (the same
+    attempt, the next epoch). Answered True when it was taken back."""
+
+    token: Token
+    ask: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Expire:
+    """The reaper's tick: attempts past a deadline (queue, lease, timeout) end."""
 
 
 Report = Started | Completed | Failed | Logs | Metadata
-Command = CreateRun | CancelRun | Report
+LeaseCommand = Lease | Heartbeat | Release
+Command = CreateRun | CancelRun | Report | LeaseCommand | Expire

@@ -28,6 +28,22 @@ class TaskOrder:
     outputs: list[tuple[str, str]]
     """(output name, artifact id)."""
     timeout: float | None
+    pool: str = ""
+    """The remote worker pool it waits in; empty: the runner's own."""
+    code_archive: str = ""
+    lease_seconds: float = 0.0
+    """How long a lease on it lasts without a heartbeat."""
+
+
+@dataclass(frozen=True)
+class Beat:
+    """The answer to a Heartbeat."""
+
+    alive: bool
+    """False: the lease is lost (the token is not the attempt's current one)."""
+    cancel: bool = False
+    """Stop the attempt: it was cancelled or timed out (the lease is not extended)."""
+    lease_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +73,12 @@ class Effects:
     tasks: list[TaskOrder] = field(default_factory=list)
     cancels: list[Token] = field(default_factory=list)
     """Attempts to stop."""
-    replies: dict[int, RunCreated | bool | Exception] = field(default_factory=dict)
-    """Answers by ``id(command)``: RunCreated or an error for CreateRun, found for CancelRun."""
+    replies: dict[int, RunCreated | Beat | bool | Exception] = field(default_factory=dict)
+    """Answers by ``id(command)``: RunCreated or an error for CreateRun, found for CancelRun,
+    applied or not for a report or lease command that asked, a Beat for a Heartbeat."""
+    released: list[Token] = field(default_factory=list)
+    """Attempts that lost their holder without ending (handed back, or re-dispatched at a
+    restart): their earlier tokens are fenced off by a new epoch."""
 
     def step(self, run_id: str, step_id: str, **values: Any) -> None:
         self.step_updates.setdefault((run_id, step_id), {}).update(values)

@@ -12,9 +12,10 @@ written in, and tests bind it to dictionaries.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,13 +28,17 @@ from plait.engine.scheduler._commands import (
     Command,
     Completed,
     CreateRun,
+    Expire,
     Failed,
+    Heartbeat,
+    Lease,
     Logs,
     Metadata,
+    Release,
     Started,
     Token,
 )
-from plait.engine.scheduler._effects import Effects, RunCreated, TaskOrder, Value
+from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder, Value
 from plait.engine.scheduler._state import RunState, StepState
 from plait.errors import PipelineError, PlaitError
 from plait.ir.canonical import canonical_json
@@ -45,6 +50,21 @@ LOG_MARKER_ROOM = 1024
 """Bytes of logs an attempt may store past the limit: the lines saying what was dropped."""
 LOG_MARKER_MAX = 256
 """The longest such line; a longer message past the limit is cut."""
+
+DEFAULT_LEASE_SECONDS = 30.0
+"""How long a lease lasts without a heartbeat, unless the control plane is told otherwise."""
+DEFAULT_QUEUE_TIMEOUT = 3600.0
+"""How long a queued attempt may wait for a worker to take it (schedule-to-start)."""
+DEFAULT_CRASH_RETRIES = 3
+"""Attempts a step may lose to its infrastructure (a lost worker, an expired lease) and still
+be retried; they never use up the step's own retries."""
+
+# the kinds of deadline the reaper enforces, in the order they are checked at the same instant
+_QUEUE, _LEASE, _CLOSE = 0, 1, 2
+
+Alive = Callable[[str, str | None], bool | None]
+"""Whether the process a runner (or pool) has under a handle is still alive: True, False, or
+None when it cannot tell (a remote worker: its heartbeats will say)."""
 
 
 class Lookups(Protocol):
@@ -78,6 +98,16 @@ class StoredStep:
     metadata: dict[str, Any]
     epoch: int = 0
     """The lease epoch of the step's current attempt (0: it has none)."""
+    crashes: int = 0
+    """Its attempts that CRASHED."""
+    runner: str = ""
+    pool: str = ""
+    holder: str | None = None
+    handle: str | None = None
+    lease_expires: float | None = None
+    queue_deadline: float | None = None
+    close_deadline: float | None = None
+    log_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,7 @@ class StoredRun:
     no_cache: bool
     stack: str
     steps: list[StoredStep]
+    code_archive: str = ""
 
 
 def artifact_id_for(token: Token, output: str) -> str:
@@ -107,9 +138,21 @@ class Scheduler:
     """The in-memory view of active runs and the transition logic. Used from one thread."""
 
     def __init__(
-        self, runners: frozenset[str] = frozenset({"local"}), log_limit_bytes: int | None = None
+        self,
+        runners: frozenset[str] = frozenset({"local"}),
+        log_limit_bytes: int | None = None,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT,
+        crash_retries: int = DEFAULT_CRASH_RETRIES,
     ) -> None:
         self._runners = runners
+        self.lease_seconds = lease_seconds
+        self._queue_timeout = queue_timeout
+        self._crash_retries = crash_retries
+        self._deadlines: list[tuple[float, int, str, str, int, int]] = []
+        """A heap of (when, kind, run, step, attempt, epoch): the deadlines of current attempts
+        (as the attempts table has them); an entry that no longer matches its step is skipped."""
         self._log_limit = log_limit_bytes
         """The most bytes of logs stored per attempt (plus LOG_MARKER_ROOM); None: no limit."""
         self.runs: dict[str, RunState] = {}
@@ -144,48 +187,44 @@ class Scheduler:
                 except PlaitError as exc:
                     fx.replies[id(cmd)] = exc
                 continue
+            if isinstance(cmd, Expire):
+                self._expire(fx, now, ready)
+                continue
             run = self.runs.get(cmd.token.run_id)
             st = run.steps.get(cmd.token.step_id) if run else None
+            if isinstance(cmd, Heartbeat):
+                beat = self._heartbeat(run, st, cmd.token, fx, now)
+                if cmd.ask:
+                    fx.replies[id(cmd)] = beat
+                continue
             if run is None or st is None or not self._current(st, cmd.token):
-                continue  # a stale report (lease lost): it changes nothing
+                if cmd.ask:  # a stale report (lease lost): it changes nothing
+                    fx.replies[id(cmd)] = False
+                continue
+            if cmd.ask:
+                fx.replies[id(cmd)] = True
             self._touched[run.run_id] = run
-            if isinstance(cmd, Started):
+            if isinstance(cmd, Lease):
+                granted = self._lease(run, st, cmd, fx, now)
+                if cmd.ask:
+                    fx.replies[id(cmd)] = granted
+            elif isinstance(cmd, Release):
+                released = st.status is StepStatus.QUEUED and st.holder is not None
+                if released:
+                    self._release(run, st, fx)
+                if cmd.ask:
+                    fx.replies[id(cmd)] = released
+            elif isinstance(cmd, Started):
                 self._mark_running(run, st, fx, cmd.start_time or now)
             elif isinstance(cmd, Logs):
-                text = cmd.text
-                if self._log_limit is not None:
-                    # workers keep to the limit and say what they dropped (LOG_MARKER_ROOM is
-                    # for those lines); this holds a worker that does not to it
-                    if st.log_attempt != st.attempt:
-                        st.log_attempt, st.log_bytes = st.attempt, 0
-                    hard = self._log_limit + LOG_MARKER_ROOM
-                    before = st.log_bytes
-                    after = before + (len(text) if text.isascii() else len(text.encode()))
-                    if before > hard:
-                        text = ""  # cut already
-                    elif after > self._log_limit and (
-                        after - before > LOG_MARKER_MAX or after > hard
-                    ):
-                        keep = max(0, self._log_limit - before)
-                        text = (
-                            text.encode()[:keep].decode("utf-8", "ignore")
-                            + f"\n[plait: this attempt's log passed its limit of "
-                            f"{self._log_limit} bytes; the rest of it is dropped]\n"
-                        )
-                        st.log_bytes = hard + 1
-                    else:
-                        st.log_bytes = after
-                if text:
-                    fx.logs.append(
-                        {
-                            "run_id": run.run_id,
-                            "step_id": st.spec.id,
-                            "attempt": st.attempt,
-                            "stream": cmd.stream,
-                            "text": text,
-                            "ts": now,
-                        }
-                    )
+                if cmd.batch:
+                    if cmd.batch <= st.log_batch:
+                        continue  # a batch sent again (its first try took effect)
+                    st.log_batch = cmd.batch
+                    fx.attempt(run.run_id, st.spec.id, st.attempt, log_batch=cmd.batch)
+                self._log(run, st, cmd.stream, cmd.text, fx, now)
+                for stream, text in cmd.more:
+                    self._log(run, st, stream, text, fx, now)
             elif isinstance(cmd, Metadata):
                 if cmd.output:
                     # replaced, not changed in place: rollback gives back what the batch found
@@ -220,12 +259,20 @@ class Scheduler:
         """Cancels every active run (the control plane stops and will not resume them)."""
         return self.abort(list(self.runs), now, reason, RunStatus.CANCELLED)
 
-    def recover(self, stored: list[StoredRun], now: float, lookups: Lookups) -> Effects:
+    def recover(
+        self,
+        stored: list[StoredRun],
+        now: float,
+        lookups: Lookups,
+        alive: Alive = lambda runner, handle: False,
+    ) -> Effects:
         """Rebuilds the view of the runs a previous control plane left unfinished, and goes on.
 
-        Attempts that were queued or running died with that control plane: they are marked
-        CRASHED and their steps queued again as new attempts, whatever their retry budget.
-        Outputs already stored stay; nothing that succeeded runs again.
+        The queue is in the store, so nothing queued is lost: an attempt no one held is handed
+        out again, the same attempt. An attempt with a holder is re-attached when its runner
+        says its handle is alive, or cannot tell (a remote worker: it goes on heartbeating, and
+        its lease expires if it does not); one whose process is gone is CRASHED and retried on
+        the crash budget. Outputs already stored stay; nothing that succeeded runs again.
         """
         self._touched.clear()
         self._created.clear()
@@ -236,18 +283,21 @@ class Scheduler:
             run = self._rebuild(row, lookups)
             self.runs[run.run_id] = run
             for st in run.steps.values():
-                if st.status in (StepStatus.QUEUED, StepStatus.RUNNING, StepStatus.RETRYING):
-                    if st.status is not StepStatus.RETRYING:
-                        fx.attempt(
-                            run.run_id,
-                            st.spec.id,
-                            st.attempt,
-                            status=StepStatus.CRASHED,
-                            ended_at=now,
-                        )
+                if st.status is StepStatus.RETRYING:
                     st.move(StepStatus.PENDING)
-                    self._event(fx, run, st, now, "the control plane restarted")
                     fx.step(run.run_id, st.spec.id, status=StepStatus.PENDING)
+                elif st.status is StepStatus.QUEUED and st.holder is None:
+                    fx.tasks.append(self._order(run, st))  # still queued: hand it out again
+                elif st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
+                    gone = st.holder is None or alive(st.pool or st.runner, st.handle) is False
+                    if gone:
+                        token = Token(run.run_id, st.spec.id, st.attempt, st.epoch)
+                        error = StepError(
+                            "plait.WorkerLost",
+                            f"the control plane restarted and the attempt's worker "
+                            f"({st.holder or 'none'}) is gone",
+                        )
+                        self._fail(run, st, Failed(token, error, crashed=True), fx, now, ready)
                 if st.status is StepStatus.PENDING and st.waiting == 0:
                     ready.append((run, st))
             if run.open_steps == 0:  # everything ended, but the run's end was not written
@@ -299,6 +349,8 @@ class Scheduler:
         for row in stored:
             run = self._rebuild(row, lookups)
             old = self._detached.get(row.run_id) or self.runs.get(row.run_id)
+            if old is not None:
+                run.code_archive = old.code_archive
             for st in run.steps.values():
                 if st.key is not None and all(
                     run.steps[u].outputs is not None for u in st.upstream
@@ -332,6 +384,12 @@ class Scheduler:
             st.key = s.cache_key
             st.outputs = s.outputs
             st.metadata = dict(s.metadata)
+            st.crashes, st.log_batch = s.crashes, s.log_batch
+            st.runner, st.pool, st.holder, st.handle = s.runner, s.pool, s.holder, s.handle
+            st.lease_expires = s.lease_expires
+            st.queue_deadline, st.close_deadline = s.queue_deadline, s.close_deadline
+            if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
+                self._arm(row.run_id, st)
         for st in steps.values():
             st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
         return RunState(
@@ -344,6 +402,7 @@ class Scheduler:
             open_steps=sum(1 for s in steps.values() if not s.status.is_final),
             status=RunStatus.RUNNING,
             default_runner=lookups.stack_runner(row.stack or "default"),
+            code_archive=row.code_archive,
         )
 
     @staticmethod
@@ -388,6 +447,7 @@ class Scheduler:
             steps,
             open_steps=len(steps),
             default_runner=stack_runner,
+            code_archive=cmd.code_archive,
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
@@ -402,6 +462,9 @@ class Scheduler:
                 "created_at": now,
                 "ended_at": None,
                 "stack": stack,
+                "code_archive": cmd.code_archive or None,
+                "git_commit": cmd.git_commit or None,
+                "git_dirty": cmd.git_dirty if cmd.git_commit else None,
             }
         )
         fx.step_inserts.extend(
@@ -533,11 +596,16 @@ class Scheduler:
     def _queue(
         self, run: RunState, st: StepState, fx: Effects, now: float, values: dict[str, Value]
     ) -> None:
+        """A new attempt, in the queue (the attempts table) until a holder leases it."""
         st.move(StepStatus.QUEUED)
         st.attempt += 1
         st.epoch = 1
-        token = Token(run.run_id, st.spec.id, st.attempt, st.epoch)
-        runner = st.spec.settings.runner or run.default_runner
+        st.log_batch = 0
+        st.runner = st.spec.settings.runner or run.default_runner
+        st.pool = st.spec.settings.pool
+        st.holder = st.handle = None
+        st.lease_expires = st.close_deadline = None
+        st.queue_deadline = now + self._queue_timeout if self._queue_timeout else None
         fx.step(run.run_id, st.spec.id, status=StepStatus.QUEUED, attempt=st.attempt)
         fx.attempt_inserts.append(
             {
@@ -546,23 +614,198 @@ class Scheduler:
                 "attempt": st.attempt,
                 "epoch": st.epoch,
                 "status": StepStatus.QUEUED,
-                "runner": runner,
+                "runner": st.runner,
+                "pool": st.pool or None,
+                "queue_deadline": st.queue_deadline,
                 "created_at": now,
             }
         )
+        self._arm(run.run_id, st)
         self._event(fx, run, st, now)
+        fx.tasks.append(self._order(run, st, values))
+
+    def _order(
+        self, run: RunState, st: StepState, values: dict[str, Value] | None = None
+    ) -> TaskOrder:
+        """The task of a step's current attempt (the same whenever it is asked for again)."""
+        if values is None:
+            values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
+        token = Token(run.run_id, st.spec.id, st.attempt, st.epoch)
         settings = st.spec.settings
-        fx.tasks.append(
-            TaskOrder(
-                runner=runner,
-                token=token,
-                pipeline=run.pipeline,
-                step=st.spec,
-                inputs=[(i.name, values[i.name]) for i in st.spec.inputs],
-                outputs=[(o.name, artifact_id_for(token, o.name)) for o in st.spec.outputs],
-                timeout=settings.timeout_seconds if settings.HasField("timeout_seconds") else None,
-            )
+        return TaskOrder(
+            runner=st.runner,
+            token=token,
+            pipeline=run.pipeline,
+            step=st.spec,
+            inputs=[(i.name, values[i.name]) for i in st.spec.inputs],
+            outputs=[(o.name, artifact_id_for(token, o.name)) for o in st.spec.outputs],
+            timeout=settings.timeout_seconds if settings.HasField("timeout_seconds") else None,
+            pool=st.pool,
+            code_archive=run.code_archive,
+            lease_seconds=self.lease_seconds,
         )
+
+    def _log(
+        self, run: RunState, st: StepState, stream: str, text: str, fx: Effects, now: float
+    ) -> None:
+        if self._log_limit is not None:
+            # workers keep to the limit and say what they dropped (LOG_MARKER_ROOM is for those
+            # lines); this holds a worker that does not to it
+            if st.log_attempt != st.attempt:
+                st.log_attempt, st.log_bytes = st.attempt, 0
+            hard = self._log_limit + LOG_MARKER_ROOM
+            before = st.log_bytes
+            after = before + (len(text) if text.isascii() else len(text.encode()))
+            if before > hard:
+                text = ""  # cut already
+            elif after > self._log_limit and (after - before > LOG_MARKER_MAX or after > hard):
+                keep = max(0, self._log_limit - before)
+                text = (
+                    text.encode()[:keep].decode("utf-8", "ignore")
+                    + f"\n[plait: this attempt's log passed its limit of "
+                    f"{self._log_limit} bytes; the rest of it is dropped]\n"
+                )
+                st.log_bytes = hard + 1
+            else:
+                st.log_bytes = after
+        if text:
+            fx.logs.append(
+                {
+                    "run_id": run.run_id,
+                    "step_id": st.spec.id,
+                    "attempt": st.attempt,
+                    "stream": stream,
+                    "text": text,
+                    "ts": now,
+                }
+            )
+
+    # ---- leases and deadlines ----
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a current attempt (an :class:`Expire` at or after it ends
+        what is due), or None."""
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def _arm(self, run_id: str, st: StepState) -> None:
+        """Puts the current attempt's deadlines on the reaper's heap."""
+        for when, kind in (
+            (st.queue_deadline, _QUEUE),
+            (st.lease_expires, _LEASE),
+            (st.close_deadline, _CLOSE),
+        ):
+            if when is not None:
+                heapq.heappush(
+                    self._deadlines, (when, kind, run_id, st.spec.id, st.attempt, st.epoch)
+                )
+
+    def _lease(self, run: RunState, st: StepState, cmd: Lease, fx: Effects, now: float) -> bool:
+        if st.status is not StepStatus.QUEUED or st.holder not in (None, cmd.holder):
+            return False
+        st.holder, st.handle = cmd.holder, cmd.handle
+        st.lease_expires = now + self.lease_seconds
+        settings = st.spec.settings
+        # start-to-close runs from the hand-off, whether or not the worker says it started
+        if settings.HasField("timeout_seconds"):
+            st.close_deadline = now + settings.timeout_seconds
+        fx.attempt(
+            run.run_id,
+            st.spec.id,
+            st.attempt,
+            holder=st.holder,
+            handle=st.handle,
+            leased_at=now,
+            lease_expires_at=st.lease_expires,
+            close_deadline=st.close_deadline,
+        )
+        self._arm(run.run_id, st)
+        return True
+
+    def _heartbeat(
+        self, run: RunState | None, st: StepState | None, token: Token, fx: Effects, now: float
+    ) -> Beat:
+        if run is None or st is None or st.attempt != token.attempt or st.epoch != token.epoch:
+            return Beat(alive=False)
+        if not self._current(st, token):
+            return Beat(alive=True, cancel=True)  # the attempt ended: timed out, cancelled
+        self._touched[run.run_id] = run
+        st.lease_expires = now + self.lease_seconds
+        fx.attempt(run.run_id, st.spec.id, st.attempt, lease_expires_at=st.lease_expires)
+        heapq.heappush(
+            self._deadlines,
+            (st.lease_expires, _LEASE, run.run_id, st.spec.id, st.attempt, st.epoch),
+        )
+        return Beat(alive=True, lease_seconds=self.lease_seconds)
+
+    def _release(self, run: RunState, st: StepState, fx: Effects) -> None:
+        """Takes a leased attempt back into the queue under the next epoch (the old holder's
+        token is fenced off) and hands it out again."""
+        st.holder = st.handle = None
+        st.lease_expires = st.close_deadline = None
+        st.epoch += 1
+        fx.attempt(
+            run.run_id,
+            st.spec.id,
+            st.attempt,
+            epoch=st.epoch,
+            holder=None,
+            handle=None,
+            leased_at=None,
+            lease_expires_at=None,
+            close_deadline=None,
+        )
+        self._arm(run.run_id, st)
+        fx.tasks.append(self._order(run, st))
+
+    def _expire(self, fx: Effects, now: float, ready: Ready) -> None:
+        """Ends the current attempts whose deadline has passed: one no one took in time, one
+        whose lease was not renewed (CRASHED, retried on the crash budget), one that ran past
+        its timeout (FAILED, a TimeoutError). Runners are told to stop the last two."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            when, kind, run_id, step_id, attempt, epoch = heapq.heappop(heap)
+            run = self.runs.get(run_id)
+            st = run.steps.get(step_id) if run is not None else None
+            if (
+                run is None
+                or st is None
+                or st.attempt != attempt
+                or st.epoch != epoch
+                or st.status not in (StepStatus.QUEUED, StepStatus.RUNNING)
+            ):
+                continue
+            token = Token(run_id, step_id, attempt, epoch)
+            where = f"of pool {st.pool!r}" if st.pool else f"of runner {st.runner!r}"
+            if kind == _QUEUE:
+                if st.holder is not None or st.queue_deadline != when:
+                    continue
+                error = StepError(
+                    "plait.QueueTimeout",
+                    f"no worker {where} took the step within {self._queue_timeout:g} s",
+                )
+                failed = Failed(token, error, crashed=True)
+            elif kind == _LEASE:
+                if st.holder is None or st.lease_expires != when:
+                    continue
+                error = StepError(
+                    "plait.LeaseExpired",
+                    f"the lease expired: no heartbeat from worker {st.holder} {where} "
+                    f"for {self.lease_seconds:g} s",
+                )
+                failed = Failed(token, error, crashed=True)
+                fx.cancels.append(token)
+            else:
+                if st.close_deadline != when:
+                    continue
+                limit = st.spec.settings.timeout_seconds
+                error = StepError(
+                    "builtins.TimeoutError",
+                    f"the attempt ran longer than its timeout of {limit:g} s",
+                )
+                failed = Failed(token, error)
+                fx.cancels.append(token)
+            self._touched[run_id] = run
+            self._fail(run, st, failed, fx, now, ready, retry=kind != _QUEUE)
 
     def _complete(
         self, run: RunState, st: StepState, cmd: Completed, fx: Effects, now: float, ready: Ready
@@ -616,12 +859,28 @@ class Scheduler:
         self._close_step(run, st, fx, now, ready)
 
     def _fail(
-        self, run: RunState, st: StepState, cmd: Failed, fx: Effects, now: float, ready: Ready
+        self,
+        run: RunState,
+        st: StepState,
+        cmd: Failed,
+        fx: Effects,
+        now: float,
+        ready: Ready,
+        *,
+        retry: bool = True,
     ) -> None:
+        """Ends the current attempt FAILED (the step's code) or CRASHED (its infrastructure).
+        The step is retried while its budget for that kind lasts: its own ``retries`` for
+        failures, the control plane's crash budget for crashes."""
         final = StepStatus.CRASHED if cmd.crashed else StepStatus.FAILED
         fx.attempt(run.run_id, st.spec.id, st.attempt, status=final, ended_at=now)
         message = str(cmd.error)
-        if st.attempt <= st.spec.settings.retries:
+        if cmd.crashed:
+            st.crashes += 1
+            again = st.crashes <= self._crash_retries
+        else:
+            again = st.attempt - st.crashes <= st.spec.settings.retries
+        if retry and again:
             st.move(StepStatus.RETRYING)
             self._event(fx, run, st, now, message)
             st.move(StepStatus.PENDING)

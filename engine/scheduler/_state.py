@@ -59,6 +59,19 @@ class StepState:
     log_attempt: int = 0
     log_bytes: int = 0
     """Bytes of logs stored for attempt `log_attempt` (the scheduler caps them per attempt)."""
+    log_batch: int = 0
+    """The highest log batch number the current attempt's sender used (retries are dropped)."""
+    crashes: int = 0
+    """Attempts that CRASHED (their infrastructure died): they draw on their own budget, not on
+    the step's retries."""
+    # the current attempt's lease, as the attempts table has it
+    runner: str = ""
+    pool: str = ""
+    holder: str | None = None
+    handle: str | None = None
+    lease_expires: float | None = None
+    queue_deadline: float | None = None
+    close_deadline: float | None = None
 
     def move(self, to: StepStatus) -> None:
         if to not in STEP_TRANSITIONS[self.status]:
@@ -82,6 +95,8 @@ class RunState:
     status: RunStatus = RunStatus.PENDING
     default_runner: str = "local"
     """The runner of the run's stack, for steps that name none."""
+    code_archive: str = ""
+    """The code archive the run's steps import from."""
 
     def move(self, to: RunStatus) -> None:
         if to not in RUN_TRANSITIONS[self.status]:

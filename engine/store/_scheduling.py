@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from plait._models import ArtifactInfo, RunEvent, StepStatus
-from plait.engine.scheduler import Effects, StoredRun, StoredStep
+from plait.engine.scheduler import Effects, StoredRun, StoredStep, Token
 from plait.engine.store import _schema as db
 from plait.engine.store._engine import executemany, is_fast_sqlite
 from plait.engine.store._pipelines import get_pipeline_version
@@ -86,6 +86,19 @@ class SqlLookups:
         return outputs
 
 
+def attempt_outcome(conn: Connection, token: Token) -> tuple[int, str] | None:
+    """The stored (epoch, status) of the attempt a token names; None when there is none."""
+    a = db.attempts
+    row = conn.execute(
+        sa.select(a.c.epoch, a.c.status).where(
+            (a.c.run_id == token.run_id)
+            & (a.c.step_id == token.step_id)
+            & (a.c.attempt == token.attempt)
+        )
+    ).first()
+    return None if row is None else (int(row.epoch), str(row.status))
+
+
 def load_unfinished_runs(conn: Connection) -> list[StoredRun]:
     """Runs left PENDING or RUNNING, oldest first, with their steps."""
     return _load_runs(conn, None)
@@ -106,10 +119,33 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
     rows = conn.execute(query).all()
     if not rows:
         return []
-    # the steps of those runs, each with the epoch of its current attempt (if it has one)
+    # the steps of those runs, each with the lease of its current attempt (if it has one) and
+    # the number of its attempts that crashed
     s, a = db.step_runs, db.attempts
+    crashed = db.attempts.alias("crashed")
+    crashes = (
+        sa.select(sa.func.count())
+        .where(
+            (crashed.c.run_id == s.c.run_id)
+            & (crashed.c.step_id == s.c.step_id)
+            & (crashed.c.status == "CRASHED")
+        )
+        .scalar_subquery()
+    )
     steps_query = (
-        sa.select(s, a.c.epoch)
+        sa.select(
+            s,
+            a.c.epoch,
+            a.c.runner,
+            a.c.pool,
+            a.c.holder,
+            a.c.handle,
+            a.c.lease_expires_at,
+            a.c.queue_deadline,
+            a.c.close_deadline,
+            a.c.log_batch,
+            crashes.label("crashes"),
+        )
         .select_from(
             s.outerjoin(
                 a,
@@ -139,6 +175,15 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
                 else None,
                 metadata=dict(r.step_metadata or {}),
                 epoch=r.epoch or 0,
+                crashes=r.crashes or 0,
+                runner=r.runner or "",
+                pool=r.pool or "",
+                holder=r.holder,
+                handle=r.handle,
+                lease_expires=r.lease_expires_at,
+                queue_deadline=r.queue_deadline,
+                close_deadline=r.close_deadline,
+                log_batch=r.log_batch or 0,
             )
         )
     return [
@@ -149,6 +194,7 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
             no_cache=row.no_cache,
             stack=row.stack or "default",
             steps=steps.get(row.id, []),
+            code_archive=row.code_archive or "",
         )
         for row in rows
     ]

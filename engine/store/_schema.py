@@ -81,10 +81,9 @@ attempts = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
     sa.Column("ended_at", sa.Float),
-    # the durable queue: a QUEUED attempt with no holder waits for one; its task is kept so that
-    # a restarted control plane hands out the same attempt
+    # the durable queue: a QUEUED attempt with no holder waits for one (a restarted control
+    # plane hands out the same attempt again); pool: the remote worker pool it waits in
     sa.Column("pool", sa.String),
-    sa.Column("task", sa.LargeBinary),
     # the lease: who holds the attempt (a worker id), its runner's handle (a pid, a container
     # id), and the deadlines the reaper enforces (epoch seconds)
     sa.Column("holder", sa.String),

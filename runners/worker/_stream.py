@@ -6,6 +6,7 @@ which costs far less than a unary call per report (see DESIGN.md, "Performance b
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -21,8 +22,8 @@ from plait.runners.worker._execute import StepExecutor
 STARTED_DELAY = 0.005
 """How long a step's TaskStarted report waits for the step to end (and be left out)."""
 
-# reports the executor makes only once the step has ended (see Reporter)
-_AFTER_STEP = frozenset({"logs", "completed", "failed"})
+# the reports that end a step (see Reporter): each carries the step's start time
+_ENDS_STEP = frozenset({"completed", "failed"})
 
 
 class StreamReporter:
@@ -58,13 +59,23 @@ class StreamReporter:
     def failed(self, report: tasks.TaskFailed) -> None:
         self.send(tasks.ConnectRequest(failed=report))
 
+    def heartbeat(self, token: tasks.LeaseToken) -> float:
+        """Sends a TaskHeartbeat. The stream has no answer to it: a cancellation arrives on the
+        stream, and this process dies with the control plane that started it, so the lease
+        never has to be given up from here (an infinite lease)."""
+        self.send(tasks.ConnectRequest(heartbeat=tasks.TaskHeartbeat(token=token)))
+        return math.inf
+
     def requests(self) -> Iterator[tasks.ConnectRequest]:
         """The stream's messages, until `close`.
 
         A step's TaskStarted waits STARTED_DELAY seconds: a step done by then sends only its
         completion, which carries the start time (one commit on the control plane, not two).
+        Its logs wait behind it (they never force it out): they go just before the completion,
+        or just after the TaskStarted once the delay is over.
         """
         held: tasks.ConnectRequest | None = None
+        behind: list[tasks.ConnectRequest] = []  # the logs that came while `held` waits
         deadline = 0.0
         while True:
             try:
@@ -73,7 +84,8 @@ class StreamReporter:
             except queue.Empty:
                 assert held is not None
                 yield held
-                held = None
+                yield from behind
+                held, behind = None, []
                 continue
             if request is None:
                 return
@@ -81,11 +93,15 @@ class StreamReporter:
             if kind == "started":
                 held, deadline = request, time.monotonic() + STARTED_DELAY
                 continue
-            if kind in _AFTER_STEP:
-                held = None  # the step ended in time: leave its TaskStarted out
-            elif held is not None:
-                yield held
-                held = None
+            if held is not None:
+                if kind == "logs":
+                    behind.append(request)
+                    continue
+                if kind not in _ENDS_STEP:
+                    yield held  # anything else (metadata) is reported after the start
+                # else the step ended in time: its TaskStarted is left out
+                yield from behind
+                held, behind = None, []
             yield request
 
 

@@ -4,6 +4,8 @@ Revision ID: 0006
 Revises: 0005
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -12,9 +14,8 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-_ATTEMPT_COLUMNS = (
+_ATTEMPT_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("pool", sa.String()),
-    ("task", sa.LargeBinary()),
     ("holder", sa.String()),
     ("handle", sa.String()),
     ("leased_at", sa.Float()),
@@ -22,7 +23,7 @@ _ATTEMPT_COLUMNS = (
     ("queue_deadline", sa.Float()),
     ("close_deadline", sa.Float()),
 )
-_RUN_COLUMNS = (
+_RUN_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("code_archive", sa.String()),
     ("git_commit", sa.String()),
     ("git_dirty", sa.Boolean()),
