@@ -30,9 +30,9 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, home: Path, *flags: str) -> None:
+    def __init__(self, home: Path, *flags: str, port: int | None = None) -> None:
         self.home = home
-        self.port = free_port()
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "PLAIT_HOME": str(home), "PLAIT_WORKERS": "1"}
         for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
@@ -75,6 +75,13 @@ class Daemon:
             check=True,
         )
         return out.stdout.strip()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon alone (what it started is left to fend for itself); start another
+        with the same home and port to restart it. Its group is still killed by stop()."""
+        self.proc.kill()
+        self.proc.wait()
+        (self.home / "server.pid").unlink(missing_ok=True)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL to the whole group whatever happened."""
