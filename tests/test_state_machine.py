@@ -744,3 +744,16 @@ def test_a_transaction_that_fails_before_the_batch_is_applied_undoes_nothing() -
     before = snapshot(m)
     m.restore()
     assert snapshot(m) == before and run_id in m.scheduler.runs
+
+
+def test_the_reapers_heap_holds_about_what_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    from plait.engine.scheduler import _machine
+
+    monkeypatch.setattr(_machine, "COMPACT_EVERY", 8)
+    m = Machine(spec_of(nx.DiGraph([(i, i + 1) for i in range(40)])))
+    _, fx = m.create()
+    while fx.tasks:
+        (task,) = fx.tasks
+        fx = m.apply(done(task))
+    # every attempt ended long before its queue deadline: at most a compaction's worth is left
+    assert len(m.scheduler._deadlines) <= 8

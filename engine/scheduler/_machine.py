@@ -59,6 +59,9 @@ DEFAULT_CRASH_RETRIES = 3
 """Attempts a step may lose to its infrastructure (a lost worker, an expired lease) and still
 be retried; they never use up the step's own retries."""
 
+COMPACT_EVERY = 10_000
+"""Deadline pushes between two compactions of the reaper's heap."""
+
 # the kinds of deadline the reaper enforces, in the order they are checked at the same instant
 _QUEUE, _LEASE, _CLOSE = 0, 1, 2
 
@@ -153,6 +156,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str, str, int, int]] = []
         """A heap of (when, kind, run, step, attempt, epoch): the deadlines of current attempts
         (as the attempts table has them); an entry that no longer matches its step is skipped."""
+        self._pushes = 0
         self._log_limit = log_limit_bytes
         """The most bytes of logs stored per attempt (plus LOG_MARKER_ROOM); None: no limit."""
         self.runs: dict[str, RunState] = {}
@@ -689,6 +693,9 @@ class Scheduler:
 
     def _arm(self, run_id: str, st: StepState) -> None:
         """Puts the current attempt's deadlines on the reaper's heap."""
+        self._pushes += 1
+        if self._pushes >= COMPACT_EVERY:
+            self._compact()
         for when, kind in (
             (st.queue_deadline, _QUEUE),
             (st.lease_expires, _LEASE),
@@ -698,6 +705,24 @@ class Scheduler:
                 heapq.heappush(
                     self._deadlines, (when, kind, run_id, st.spec.id, st.attempt, st.epoch)
                 )
+
+    def _compact(self) -> None:
+        """Drops the heap's entries that no longer match a current attempt's deadline (most
+        attempts end long before their queue deadline), so that it holds about what is due."""
+        self._pushes = 0
+        kept = []
+        for entry in self._deadlines:
+            when, kind, run_id, step_id, attempt, epoch = entry
+            run = self.runs.get(run_id) or self._detached.get(run_id)
+            st = run.steps.get(step_id) if run is not None else None
+            if st is None or (st.attempt, st.epoch) != (attempt, epoch):
+                continue
+            if st.status is not StepStatus.QUEUED and st.status is not StepStatus.RUNNING:
+                continue
+            if when == (st.queue_deadline, st.lease_expires, st.close_deadline)[kind]:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._deadlines = kept
 
     def _lease(self, run: RunState, st: StepState, cmd: Lease, fx: Effects, now: float) -> bool:
         if st.status is not StepStatus.QUEUED or st.holder not in (None, cmd.holder):
