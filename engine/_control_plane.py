@@ -39,7 +39,11 @@ from plait.engine.scheduler import (
     TaskOrder,
 )
 from plait.engine.scheduler._effects import Beat
-from plait.engine.scheduler._machine import DEFAULT_LEASE_SECONDS, DEFAULT_QUEUE_TIMEOUT
+from plait.engine.scheduler._machine import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_QUEUE_TIMEOUT,
+    RUNNER_HOLDER,
+)
 from plait.engine.store import Store
 from plait.engine.store._engine import Backoff, is_transient
 from plait.engine.store._pipelines import register_pipeline
@@ -533,7 +537,7 @@ class ControlPlane:
             self.submit(Failed(order.token, error))
             return
         try:
-            await runner.submit(task)
+            handle = await runner.submit(task)
         except Exception as exc:  # the runner could not take it: the attempt's infra failed
             log.exception("runner %r refused a task", order.runner)
             error = StepError(
@@ -541,6 +545,9 @@ class ControlPlane:
                 f"runner {order.runner!r} could not start the step: {type(exc).__name__}: {exc}",
             )
             self.submit(Failed(order.token, error, crashed=True))
+            return
+        if handle is not None:  # a process started for it: its handle goes on the lease
+            self.submit(Lease(order.token, f"{RUNNER_HOLDER}{order.runner}", handle))
 
     async def _reap(self) -> None:
         """Wakes the scheduler when a deadline of the store's queue has passed (an attempt no

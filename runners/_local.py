@@ -156,6 +156,7 @@ class LocalRunner:
     async def submit(self, task: tasks.Task) -> None:
         self._send.send_nowait(task)
         await self._scale()
+        return None  # the worker that takes it is known at the hand-off
 
     async def next_task(self, worker_id: str) -> tasks.Task:
         worker = self._workers.get(worker_id)

@@ -40,8 +40,14 @@ class Runner(Protocol):
         cancelled, and on cancellation stop everything it started (shielded). The control
         plane starts it with ``await task_group.start(runner.run, ctx)``."""
 
-    async def submit(self, task: tasks.Task) -> None:
-        """Accepts a task: it must eventually run, or be reported lost. Must not block long."""
+    async def submit(self, task: tasks.Task) -> str | None:
+        """Accepts a task: it must eventually run, or be reported lost. Must not block long.
+
+        A runner that starts a process (a container, a cluster job) for the task returns its
+        handle: the control plane records it on the attempt's lease (holder ``runner:NAME``),
+        asks :meth:`alive` about it after a restart, and the process may claim the lease for
+        itself (``python -m plait.runners.step --lease``). A runner whose workers pull tasks
+        returns None; the hand-off records the handle then."""
 
     async def cancel(self, token: tasks.LeaseToken) -> None:
         """Stops the attempt the token names, if it is still running here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from plait.api.v1 import artifact_service_pb2_grpc
 from plait.engine.api._convert import name_id
 from plait.engine.api._errors import abort_on_plait_error
 from plait.engine.store._artifacts import get_artifact
-from plait.errors import PipelineError
+from plait.errors import ArtifactNotFoundError, PipelineError
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -73,6 +74,50 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             await context.abort(
                 grpc.StatusCode.DATA_LOSS,
                 f"the stored bytes of artifact {artifact.artifact_id} do not match its digest",
+            )
+
+    async def DownloadBlob(
+        self, request: pb.DownloadBlobRequest, context: Ctx
+    ) -> AsyncIterator[pb.DownloadBlobResponse]:
+        """Streams stored bytes by their sha256: the first message carries their size; the bytes
+        are hashed as they are read and a mismatch ends the stream with DATA_LOSS."""
+        async with abort_on_plait_error(context):
+            if not 0 <= request.chunk_size <= MAX_CHUNK:
+                raise PipelineError(f"chunk_size must be between 0 and {MAX_CHUNK}")
+            try:
+                path = self.cp.artifacts.path_for(request.digest)
+            except ValueError:
+                raise PipelineError(
+                    f"digest must be a sha256 in hex (64 lowercase hex digits), "
+                    f"not {request.digest[:80]!r}"
+                ) from None
+            try:
+                handle = await anyio.open_file(path, "rb")
+            except (FileNotFoundError, NotADirectoryError):
+                raise ArtifactNotFoundError(
+                    f"no bytes with sha256 {request.digest} are in the control plane's store"
+                ) from None
+        size = request.chunk_size or DEFAULT_CHUNK
+        digest = hashlib.sha256()
+        async with handle:
+            total = os.fstat(handle.wrapped.fileno()).st_size
+            first = True
+            while True:
+                data = await handle.read(size)
+                if not data and not first:
+                    break
+                digest.update(data)
+                msg = pb.DownloadBlobResponse(data=data)
+                if first:
+                    msg.size_bytes = total
+                    first = False
+                yield msg
+                if not data:
+                    break
+        if digest.hexdigest() != request.digest:
+            await context.abort(
+                grpc.StatusCode.DATA_LOSS,
+                f"the stored bytes with sha256 {request.digest} no longer match it",
             )
 
     async def UploadArtifact(

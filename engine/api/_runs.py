@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from plait._models import CodeSource
 from plait.api.v1 import run_service_pb2 as pb
 from plait.api.v1 import run_service_pb2_grpc
 from plait.engine._events import follow_logs, watch_events
 from plait.engine.api._convert import name_id, run_status_from_proto, version_id
 from plait.engine.api._errors import abort_on_plait_error
 from plait.engine.store import _runs
-from plait.errors import PipelineError, PipelineValidationError
+from plait.errors import ArtifactNotFoundError, PipelineError, PipelineValidationError
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -22,6 +24,28 @@ DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE = 50, 1000
 DEFAULT_PAGE, MAX_PAGE = 1000, 10000
 """Page sizes of ListRuns, and of ListRunEvents and ListLogs: 0 means the default, larger
 values are clamped to the maximum."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _code_source(request: pb.CreateRunRequest) -> CodeSource | None:
+    """The request's code source, checked: an archive digest and a commit in hex, or empty."""
+    if not request.HasField("code"):
+        return None
+    code = CodeSource.from_proto(request.code)
+    if code.archive and not _SHA256.fullmatch(code.archive):
+        raise PipelineValidationError(
+            f"code.archive must be the sha256 of an archive, in hex (64 lowercase hex digits), "
+            f"not {code.archive[:80]!r}"
+        )
+    if code.git_commit and not _COMMIT.fullmatch(code.git_commit):
+        raise PipelineValidationError(
+            f"code.git_commit must be a commit id in lowercase hex (40 or 64 digits), "
+            f"not {code.git_commit[:80]!r}"
+        )
+    return code
 
 
 def _page_size(value: int, default: int, maximum: int) -> int:
@@ -44,8 +68,20 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                 if p.name in params:
                     raise PipelineValidationError(f"parameters: {p.name!r} given twice")
                 params[p.name] = p.json
+            code = _code_source(request)
+            if code is not None and code.archive and not self.cp.artifacts.exists(code.archive):
+                # the client uploads it and asks again (it may remember an upload to another
+                # server that had this address)
+                raise ArtifactNotFoundError(
+                    f"code archive {code.archive} is not in the control plane's store: "
+                    f"upload it (ArtifactService.UploadArtifact) before CreateRun"
+                )
             created = await self.cp.create_run(
-                version_id(request.pipeline_version), params, request.no_cache, request.request_id
+                version_id(request.pipeline_version),
+                params,
+                request.no_cache,
+                request.request_id,
+                code=code,
             )
             # a new run's steps are all PENDING: the response carries the run alone
             run = await self.cp.store.read(_runs.get_run, created.run_id, False)

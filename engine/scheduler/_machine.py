@@ -59,6 +59,10 @@ DEFAULT_CRASH_RETRIES = 3
 """Attempts a step may lose to its infrastructure (a lost worker, an expired lease) and still
 be retried; they never use up the step's own retries."""
 
+RUNNER_HOLDER = "runner:"
+"""The holder prefix of an attempt a runner has started a process for (``runner:docker``): that
+process may claim the lease for itself."""
+
 COMPACT_EVERY = 10_000
 """Deadline pushes between two compactions of the reaper's heap."""
 
@@ -725,8 +729,13 @@ class Scheduler:
         self._deadlines = kept
 
     def _lease(self, run: RunState, st: StepState, cmd: Lease, fx: Effects, now: float) -> bool:
-        if st.status is not StepStatus.QUEUED or st.holder not in (None, cmd.holder):
+        if st.status is not StepStatus.QUEUED:
             return False
+        # free, or held by the runner that started the process now claiming it
+        if st.holder not in (None, cmd.holder) and not st.holder.startswith(RUNNER_HOLDER):
+            return False
+        if cmd.handle == "" and st.handle:
+            cmd = Lease(cmd.token, cmd.holder, st.handle)  # the runner's handle stays
         st.holder, st.handle = cmd.holder, cmd.handle
         st.lease_expires = now + self.lease_seconds
         settings = st.spec.settings

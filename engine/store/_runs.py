@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from plait._models import (
     ArtifactInfo,
+    CodeSource,
     LogEntry,
     Run,
     RunEvent,
@@ -48,7 +49,15 @@ def _run(row: Any, steps: dict[str, StepRun] | None = None, last_sequence: int =
         stack=row.stack or "",
         request_id=row.request_id or "",
         last_sequence=last_sequence,
+        code=_code(row),
     )
+
+
+def _code(row: Any) -> CodeSource | None:
+    """The run's code source; None for a run whose steps come from the workers' own path."""
+    if not (row.code_archive or row.git_commit):
+        return None
+    return CodeSource(row.code_archive or "", row.git_commit or "", bool(row.git_dirty))
 
 
 def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
