@@ -7,6 +7,9 @@ Workloads (no-op steps, local process runner, embedded engine, SQLite):
   fan-out    999 independent steps and a join of all of them (1,000 steps, uncached)
   cached     the all-cached rerun of the chain
   cold       a one-step pipeline in a fresh process and a fresh PLAIT_HOME: start to exit
+  daemon     chain and fan-out through a daemon (SQLite, and PostgreSQL when given)
+  workers    through a daemon with 4 remote workers (`plait worker --pool bench`): steps/s of a
+             1,000-step fan-out, and dispatch latency (a step queued -> its code starts) p50/p99
 
 Baselines, measured in the same run on the same machine, so that figures read as ratios:
   sqlite-commit  one committed single-row INSERT through SQLAlchemy Core (pysqlite, WAL)
@@ -17,12 +20,14 @@ Baselines, measured in the same run on the same machine, so that figures read as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ sys.path.insert(0, str(HERE))
 
 TARGETS_MS = {"chain": 2.0, "fan-out": 2.0, "cached": 0.3}
 TARGET_COLD_S = 1.0
+TARGETS_WORKERS = {"steps_per_s": 300.0, "dispatch_p50_ms": 5.0, "dispatch_p99_ms": 25.0}
+"""Remote workers: at least this many steps/s, at most these latencies."""
 
 
 def _best(samples: list[float]) -> float:
@@ -169,46 +176,117 @@ def runs_per_second(client: Any, n: int = 300) -> float:
     return rate
 
 
-def bench_daemon(repeat: int, database_url: str = "") -> dict[str, Any]:
-    """The same workloads through a daemon process (`plait server start --foreground`)."""
+@contextlib.contextmanager
+def _daemon(home: str, database_url: str = "") -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A daemon process on a free port: yields its address, its admin token and its env."""
     import socket
-
-    import plait
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as home:
-        env = {**os.environ, "PLAIT_HOME": home}
-        env.pop("PLAIT_SERVER", None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "plait",
-            "server",
-            "start",
-            "--foreground",
-            "--port",
-            str(port),
+    env = {**os.environ, "PLAIT_HOME": home}
+    env.pop("PLAIT_SERVER", None)
+    cmd = [sys.executable, "-m", "plait", "server", "start", "--foreground", "--port", str(port)]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(home, "server.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
+            time.sleep(0.05)
+        # the daemon's local admin credential: every call needs a token
+        token = json.loads(Path(home, "credentials.json").read_text())["token"]
+        yield f"127.0.0.1:{port}", token, env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def bench_daemon(repeat: int, database_url: str = "") -> dict[str, Any]:
+    """The same workloads through a daemon process (`plait server start --foreground`)."""
+    import plait
+
+    with tempfile.TemporaryDirectory() as home, _daemon(home, database_url) as (address, token, _):
+        client = plait.Client(address, token=token)
+        out = measure(client, repeat, cached=False)
+        out["runs_per_s"] = runs_per_second(client)
+        client.close()
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_workers(repeat: int, workers: int = 4) -> dict[str, Any]:
+    """Through a daemon with `workers` remote workers (`plait worker --pool bench`): no-op
+    steps per second for a 1,000-step fan-out, and the dispatch latency of a chain's steps
+    (from the event that queued a step to its code's start), p50 and p99."""
+    import workloads
+
+    import plait
+
+    with tempfile.TemporaryDirectory() as home, _daemon(home) as (address, token, env):
+        worker_token = subprocess.run(
+            [sys.executable, "-m", "plait", "token", "create", "bench-workers", "--role", "worker"],
+            env={**env, "PLAIT_SERVER": address, "PLAIT_TOKEN": token},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "plait", "worker", "--server", address, "--pool", "bench"],
+                env={**env, "PLAIT_TOKEN": worker_token, "PLAIT_HOME": f"{home}/worker-{i}"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i in range(workers)
         ]
-        if database_url:
-            cmd += ["--database-url", database_url]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 30
-            while not Path(home, "server.pid").exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
-                time.sleep(0.05)
-            # the daemon's local admin credential: every call needs a token
-            token = json.loads(Path(home, "credentials.json").read_text())["token"]
-            client = plait.Client(f"127.0.0.1:{port}", token=token)
-            out = measure(client, repeat, cached=False)
-            out["runs_per_s"] = runs_per_second(client)
+            client = plait.Client(address, token=token)
+            # warm: the workers have fetched the code and imported the steps
+            run = workloads.pool_chain.run({"n": 200}, client=client, no_cache=True)
+            assert run.status == "SUCCEEDED", run
+            rates, p50s, p99s = [], [], []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                run = workloads.pool_fan_out.run({"n": 1000}, client=client, no_cache=True)
+                rates.append(1000 / (time.perf_counter() - t0))
+                assert run.status == "SUCCEEDED", run
+                run = workloads.pool_chain.run({"n": 200}, client=client, no_cache=True)
+                assert run.status == "SUCCEEDED", run
+                queued = {
+                    e.step_id: e.time.timestamp()
+                    for batch in client.watch(run.run_id)
+                    for e in batch
+                    if e.step_status == "QUEUED"
+                }
+                latencies = [
+                    (s.start_time.timestamp() - queued[s.step_id]) * 1e3
+                    for s in run.steps.values()
+                    if s.start_time is not None and s.step_id in queued
+                ]
+                p50s.append(_percentile(latencies, 0.50))
+                p99s.append(_percentile(latencies, 0.99))
             client.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    return out
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    return {
+        "workers": workers,
+        "steps_per_s": max(rates),
+        "dispatch_p50_ms": min(p50s),
+        "dispatch_p99_ms": min(p99s),
+    }
 
 
 _COLD = """
@@ -262,6 +340,7 @@ def main() -> int:
     pg_url = opts.postgres or os.environ.get("PLAIT_TEST_POSTGRES_URL", "")
     if pg_url:
         daemon["daemon, postgres"] = bench_daemon(opts.repeat, pg_url)
+    remote = bench_workers(opts.repeat)
     ok = True
     print(
         f"\n{'workload':10} {'ms/step':>9} {'target':>8} {'x sqlite-commit':>16} "
@@ -298,6 +377,15 @@ def main() -> int:
             "(no PostgreSQL: pass --postgres URL or set PLAIT_TEST_POSTGRES_URL, e.g. "
             "from scripts/postgres.sh)"
         )
+    rate, p50, p99 = remote["steps_per_s"], remote["dispatch_p50_ms"], remote["dispatch_p99_ms"]
+    t = TARGETS_WORKERS
+    ok &= rate >= t["steps_per_s"] and p50 <= t["dispatch_p50_ms"] and p99 <= t["dispatch_p99_ms"]
+    print(
+        f"\n{remote['workers']} remote workers (daemon, sqlite): {rate:.0f} steps/s "
+        f"(target >= {t['steps_per_s']:.0f}) on a 1,000-step fan-out; dispatch latency "
+        f"p50 {p50:.2f} ms (<= {t['dispatch_p50_ms']:g}), p99 {p99:.2f} ms "
+        f"(<= {t['dispatch_p99_ms']:g}); {p50 / grpc_ms:.1f} x grpc-unary at p50"
+    )
     if opts.json:
         Path(opts.json).write_text(
             json.dumps(
@@ -310,6 +398,7 @@ def main() -> int:
                     "workloads": results,
                     "cold_s": cold,
                     "daemon": daemon,
+                    "remote_workers": remote,
                 },
                 indent=2,
             )

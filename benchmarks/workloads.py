@@ -30,3 +30,28 @@ def fan_out(n: int = 1000) -> None:
 @plait.pipeline
 def one_step() -> None:
     noop(1)
+
+
+@plait.step(pool="bench")
+def remote_noop(x: int) -> int:
+    return x
+
+
+@plait.pipeline
+def pool_fan_out(n: int = 1000) -> None:
+    """1,000 no-op steps (999 and their join) in the remote pool ``bench``."""
+    join_remote([remote_noop(i) for i in range(999)])
+
+
+@plait.step(pool="bench")
+def join_remote(xs: list[int]) -> int:
+    return len(xs)
+
+
+@plait.pipeline
+def pool_chain(n: int = 200) -> None:
+    """200 no-op steps in a chain in the pool ``bench``: each becomes ready alone, so the time
+    from its QUEUED event to its start is the dispatch latency."""
+    x = remote_noop(0)
+    for _ in range(199):
+        x = remote_noop(x)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
 from plait import errors
 from plait._channel import ChannelConfig, open_channel
-from plait._models import ArtifactInfo, LogEntry, Run, RunEvent, RunStatus
+from plait._models import ArtifactInfo, CodeSource, LogEntry, Run, RunEvent, RunStatus
 from plait._settings import plait_home, server_address
 from plait.api.v1 import (
     artifact_service_pb2,
@@ -28,8 +32,10 @@ from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
 
 if TYPE_CHECKING:
+    from plait._archive import SourceArchive
     from plait._pipeline import Pipeline
 
+_log = logging.getLogger(__name__)
 
 _REASONS: dict[str, type[errors.PlaitError]] = {}
 
@@ -63,6 +69,44 @@ def _map_rpc_error(exc: grpc.RpcError) -> errors.PlaitError:
     return errors.RpcError(f"{code.name}: {details}", code.name)
 
 
+RECONNECT_TIMEOUT = 300.0
+"""How long, in seconds, a client following a run (`Client.watch`, `Client.wait`,
+`Client.stream_logs`) keeps trying to reach a control plane that went away, unless
+``$PLAIT_RECONNECT_TIMEOUT`` or `Client.reconnect_timeout` says otherwise."""
+RECONNECT_DELAYS = (0.1, 2.0)
+"""The first and the longest pause between two tries to reconnect (doubling, with jitter)."""
+_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _lost(exc: grpc.RpcError) -> bool:
+    """Whether a failed call means the control plane went away (restarting, stopping,
+    unreachable), so that following a run should reconnect rather than fail."""
+    return isinstance(exc, grpc.Call) and exc.code() in _LOST
+
+
+def _reconnect_timeout() -> float:
+    raw = os.environ.get("PLAIT_RECONNECT_TIMEOUT", "")
+    if not raw:
+        return RECONNECT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise errors.PlaitError(
+            f"PLAIT_RECONNECT_TIMEOUT must be a number of seconds, 0 or more, not {raw!r}"
+        )
+    return value
+
+
+class _Sequenced(Protocol):
+    @property
+    def sequence(self) -> int: ...
+
+
+_S = TypeVar("_S", bound=_Sequenced)
+_T = TypeVar("_T")
+
 _default: Client | None = None
 _lock = threading.Lock()
 
@@ -80,6 +124,14 @@ class Client:
     ``tls_ca`` (default ``$PLAIT_TLS_CA``) names the CA bundle that signed the server's
     certificate; ``$PLAIT_TLS_CERT`` and ``$PLAIT_TLS_KEY`` add a client certificate for mutual
     TLS.
+
+    Following a run (`watch`, `wait`, `stream_logs`, and so a pipeline call that waits) survives
+    a restart of the control plane: when it goes away, the client tries again, with backoff, for
+    up to ``reconnect_timeout`` seconds (default ``$PLAIT_RECONNECT_TIMEOUT``, else
+    `RECONNECT_TIMEOUT`), and goes on after the last event or log entry it saw; nothing is lost
+    or repeated. `on_reconnect`, when set, is called with a one-line notice each time the
+    control plane is lost (else the notice is logged as a warning on the ``plait._client``
+    logger).
     """
 
     def __init__(
@@ -89,7 +141,14 @@ class Client:
         home: str | Path | None = None,
         token: str | None = None,
         tls_ca: str | None = None,
+        reconnect_timeout: float | None = None,
     ) -> None:
+        self.reconnect_timeout = (
+            reconnect_timeout if reconnect_timeout is not None else _reconnect_timeout()
+        )
+        """Seconds to keep trying to reach a control plane that went away while following."""
+        self.on_reconnect: Callable[[str], None] | None = None
+        """Called with a one-line notice when following a run lost the control plane."""
         address = address or (None if home is not None else server_address())
         self.home: Path | None = None
         self.embedded = address is None
@@ -157,6 +216,68 @@ class Client:
         )
         return str(resp.name)
 
+    def _code_home(self) -> Path:
+        return self.home if self.home is not None else plait_home()
+
+    def _server_key(self) -> str:
+        """Whom uploads are remembered for: this server, or the embedded engine of the home."""
+        return "embedded" if self.embedded else self.address
+
+    def _pack(self, pipeline: Pipeline[Any]) -> SourceArchive | None:
+        """The archive of the pipeline's source root; None for a pipeline defined in an
+        interactive session (its steps come from the workers' own path)."""
+        from plait._archive import pack_source, pipeline_root
+
+        root = pipeline_root(pipeline.fn)
+        if root is None:
+            return None
+        return pack_source(root, home=self._code_home())
+
+    def _upload_code(self, archive: SourceArchive, *, force: bool = False) -> SourceArchive:
+        """Uploads a code archive unless this home remembers this server has it; returns the
+        archive the server has (another one when the root changed since it was packed)."""
+        from plait._archive import remember_upload, was_uploaded
+
+        home, server = self._code_home(), self._server_key()
+        if not force and was_uploaded(home, server, archive.digest):
+            return archive
+        archive = archive.with_content()
+        assert archive.content is not None
+        digest = self.upload_artifact(archive.content)
+        if digest != archive.digest:  # cannot happen: the server hashes what it stores
+            raise errors.ArtifactError(
+                f"the control plane stored the code archive as {digest}, not {archive.digest}"
+            )
+        remember_upload(home, server, archive.digest)
+        _log.info(
+            "uploaded code archive %s (%d files, %d bytes) of %s to %s",
+            archive.digest,
+            archive.files,
+            archive.size,
+            archive.root,
+            server,
+        )
+        return archive
+
+    def push_code(self, pipeline: Pipeline[Any]) -> CodeSource | None:
+        """Packs the pipeline's source root and uploads the archive once per digest.
+
+        The source root is the nearest folder above the pipeline's file that holds
+        ``pyproject.toml`` or ``.git`` (else the file's folder; ``$PLAIT_SOURCE_ROOT`` overrides
+        it). Runs do this themselves; call it to ship the code ahead of them.
+
+        Returns:
+            What a run of this code records; None when the pipeline has no source file.
+
+        Raises:
+            PipelineDefinitionError: the source root is too large to ship.
+        """
+        archive = self._pack(pipeline)
+        if archive is None:
+            return None
+        archive = self._upload_code(archive)
+        return CodeSource(archive.digest, archive.git_commit, archive.git_dirty)
+
     def run_pipeline(
         self,
         pipeline: Pipeline[Any],
@@ -169,6 +290,11 @@ class Client:
     ) -> Run:
         """Registers the pipeline, starts a run and (with ``wait``) follows it to its end."""
         version = self.register(pipeline)
+        archive = self._pack(pipeline)
+        code = None
+        if archive is not None:
+            archive = self._upload_code(archive)
+            code = CodeSource(archive.digest, archive.git_commit, archive.git_dirty)
         params = []
         for name, value in parameters.items():
             try:
@@ -177,15 +303,25 @@ class Client:
                 raise errors.ParameterError(
                     f"parameter {name!r}: {type(value).__name__} is not JSON"
                 ) from None
-        resp = self._call(
-            self._runs.CreateRun,
-            run_service_pb2.CreateRunRequest(
-                pipeline_version=version,
-                parameters=params,
-                no_cache=no_cache,
-                request_id=request_id or uuid.uuid4().hex,
-            ),
+        request = run_service_pb2.CreateRunRequest(
+            pipeline_version=version,
+            parameters=params,
+            no_cache=no_cache,
+            request_id=request_id or uuid.uuid4().hex,
         )
+        if code is not None:
+            request.code.CopyFrom(code.to_proto())
+        try:
+            resp = self._call(self._runs.CreateRun, request)
+        except errors.ArtifactNotFoundError:
+            if archive is None:
+                raise
+            # the server lost the archive, or is not the one this home remembers uploading to
+            archive = self._upload_code(archive, force=True)
+            request.code.CopyFrom(
+                CodeSource(archive.digest, archive.git_commit, archive.git_dirty).to_proto()
+            )
+            resp = self._call(self._runs.CreateRun, request)
         run_id = resp.run.run_id
         if not wait:
             return Run.from_proto(resp.run, self)
@@ -197,29 +333,151 @@ class Client:
         *,
         on_events: Callable[[list[RunEvent]], None] | None = None,
     ) -> Run:
-        """Follows a run until it ends, then returns it."""
+        """Follows a run until it ends, then returns it.
+
+        A restart of the control plane meanwhile is waited out (see `Client`): a run that goes
+        on is never reported as failed.
+
+        Args:
+            run_id: the run's id (a unique prefix of it is enough).
+            on_events: called with each batch of the run's events, steps' included.
+
+        Raises:
+            RpcError: the control plane did not come back within `reconnect_timeout`.
+        """
         for events in self.watch(run_id, run_events_only=on_events is None):
             if on_events is not None:
                 on_events(events)
-        return self.get_run(run_id)
+        return self._retrying(run_id, lambda: self.get_run(run_id))
 
     def watch(
         self, run_id: str, *, after_sequence: int = 0, run_events_only: bool = False
     ) -> Iterator[list[RunEvent]]:
-        """Yields a run's events in batches, live, until the run ends."""
-        stream = self._runs.WatchRunEvents(
-            run_service_pb2.WatchRunEventsRequest(
-                name=f"runs/{run_id}",
-                after_sequence=after_sequence,
-                run_events_only=run_events_only,
-            ),
-            metadata=self._metadata,
+        """Yields a run's events after ``after_sequence`` in batches, live, until the run ends.
+
+        Each event comes once, in order (`RunEvent.sequence` grows). When the control plane
+        goes away, the stream is opened again after the last event yielded (see `Client`).
+
+        Args:
+            run_id: the run's id (a unique prefix of it is enough).
+            after_sequence: only events after this one (0: from the start).
+            run_events_only: only the run's own events, not its steps'.
+
+        Raises:
+            RunNotFoundError: there is no such run.
+            RpcError: the control plane did not come back within `reconnect_timeout`.
+        """
+
+        def open_stream(after: int) -> Any:
+            return self._runs.WatchRunEvents(
+                run_service_pb2.WatchRunEventsRequest(
+                    name=f"runs/{run_id}", after_sequence=after, run_events_only=run_events_only
+                ),
+                metadata=self._metadata,
+            )
+
+        def ends_run(events: list[RunEvent]) -> bool:
+            return any(e.run_status is not None and e.run_status.is_final for e in events)
+
+        yield from self._resumable(
+            run_id,
+            open_stream,
+            after_sequence,
+            lambda resp: [RunEvent.from_proto(e) for e in resp.events],
+            ends_run,
         )
-        try:
-            for resp in stream:
-                yield [RunEvent.from_proto(e) for e in resp.events]
-        except grpc.RpcError as exc:
-            raise _map_rpc_error(exc) from None
+
+    def _resumable(
+        self,
+        run_id: str,
+        open_stream: Callable[[int], Any],
+        after: int,
+        unpack: Callable[[Any], list[_S]],
+        ends: Callable[[list[_S]], bool] | None,
+    ) -> Iterator[list[_S]]:
+        """The batches of a resumable server stream of sequenced items (after ``after``), until
+        it ends; when the control plane goes away, waits for it (`_reconnect`) and opens the
+        stream again after the last item yielded, dropping any item seen before.
+
+        Args:
+            run_id: the run followed (named in the notices and errors).
+            open_stream: opens the stream after a sequence number.
+            after: the sequence number to start after.
+            unpack: a response's items.
+            ends: whether a batch holds the run's end; the stream ending before such a batch
+                means the control plane went away (it stopped). None: the stream's end is the
+                end.
+        """
+        while True:
+            stream = open_stream(after)
+            try:
+                for resp in stream:
+                    batch = [item for item in unpack(resp) if item.sequence > after]
+                    if not batch:
+                        continue
+                    after = batch[-1].sequence
+                    yield batch
+                    if ends is not None and ends(batch):
+                        return
+                if ends is None:
+                    return
+                detail = "the stream ended before the run did"
+            except grpc.RpcError as exc:
+                if not _lost(exc):
+                    raise _map_rpc_error(exc) from None
+                detail = str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
+            finally:
+                stream.cancel()  # a no-op once the stream ended; stops one left early
+            # one notice per loss; once it answers, a later loss is a new one, timed anew
+            self._notify(f"lost the control plane at {self.address} ({detail}); reconnecting")
+            self._reconnect(run_id, time.monotonic())
+
+    def _notify(self, notice: str) -> None:
+        if self.on_reconnect is not None:
+            self.on_reconnect(notice)
+        else:
+            _log.warning("%s", notice)
+
+    def _reconnect(self, run_id: str, lost_since: float) -> None:
+        """Waits, with backoff and jitter, until the control plane answers about the run again.
+
+        Raises:
+            RpcError: it did not answer within `reconnect_timeout` seconds of ``lost_since``.
+            PlaitError: it answered with an error (the run is gone, the token is refused ...).
+        """
+        delay, longest = RECONNECT_DELAYS
+        while True:
+            left = lost_since + self.reconnect_timeout - time.monotonic()
+            if left <= 0:
+                raise errors.RpcError(
+                    f"the control plane at {self.address} has not answered for "
+                    f"{self.reconnect_timeout:g} s; run {run_id} may still be going: follow it "
+                    f"again with `plait runs watch {run_id}` once the server is back",
+                    grpc.StatusCode.UNAVAILABLE.name,
+                )
+            time.sleep(min(left, random.uniform(delay / 2, delay)))
+            delay = min(delay * 2, longest)
+            try:
+                self._runs.GetRun(
+                    run_service_pb2.GetRunRequest(name=f"runs/{run_id}"),
+                    metadata=self._metadata,
+                    timeout=max(0.1, min(left, 10.0)),
+                )
+                return
+            except grpc.RpcError as exc:
+                if not _lost(exc):
+                    raise _map_rpc_error(exc) from None
+
+    def _retrying(self, run_id: str, call: Callable[[], _T]) -> _T:
+        """``call()`` (a read about the run), waiting out a restart of the control plane."""
+        while True:
+            try:
+                return call()
+            except errors.RpcError as exc:
+                if exc.code not in {code.name for code in _LOST}:
+                    raise
+                self._notify(f"lost the control plane at {self.address}; reconnecting")
+            self._reconnect(run_id, time.monotonic())
 
     def get_run(self, run_id: str) -> Run:
         """A run with its steps. A unique prefix of the id is enough."""
@@ -280,18 +538,41 @@ class Client:
     def stream_logs(
         self, run_id: str, step: str | None = None, *, after_sequence: int = 0
     ) -> Iterator[LogEntry]:
-        """Yields a run's captured output live, as steps produce it, until the run ends."""
-        stream = self._runs.StreamLogs(
-            run_service_pb2.StreamLogsRequest(
-                name=f"runs/{run_id}", step_id=step or "", after_sequence=after_sequence
-            ),
-            metadata=self._metadata,
-        )
-        try:
-            for resp in stream:
-                yield from (LogEntry.from_proto(e) for e in resp.entries)
-        except grpc.RpcError as exc:
-            raise _map_rpc_error(exc) from None
+        """Yields a run's (or one step's) captured stdout and stderr live, as the steps write
+        it, until the run ends; for a run that ended, all of it.
+
+        Steps send their output while they run, every quarter of a second, in pieces that end
+        at line ends where they can (a long or unfinished line may come in several entries).
+        Each entry comes once, in order (`LogEntry.sequence` grows); when the control plane
+        goes away, the stream is opened again after the last entry yielded (see `Client`).
+        Start after the ``sequence`` of an entry already seen to resume.
+
+        Args:
+            run_id: the run's id (a unique prefix of it is enough).
+            step: only this step's output.
+            after_sequence: only entries after this one (0: from the start).
+
+        Raises:
+            RunNotFoundError: there is no such run.
+            RpcError: the control plane did not come back within `reconnect_timeout`.
+        """
+
+        def open_stream(after: int) -> Any:
+            return self._runs.StreamLogs(
+                run_service_pb2.StreamLogsRequest(
+                    name=f"runs/{run_id}", step_id=step or "", after_sequence=after
+                ),
+                metadata=self._metadata,
+            )
+
+        for entries in self._resumable(
+            run_id,
+            open_stream,
+            after_sequence,
+            lambda resp: [LogEntry.from_proto(e) for e in resp.entries],
+            None,
+        ):
+            yield from entries
 
     def list_pipelines(self) -> list[tuple[str, int, str]]:
         """(name, number of versions, newest version's resource name) of every pipeline."""

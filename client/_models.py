@@ -33,6 +33,7 @@ __all__ = [
     "FINAL_STEP_STATUSES",
     "ArtifactInfo",
     "ArtifactReader",
+    "CodeSource",
     "LogEntry",
     "Run",
     "RunEvent",
@@ -428,6 +429,28 @@ class StepRun:
 
 
 @dataclass(frozen=True)
+class CodeSource:
+    """Where a run's code comes from: the archive of the source root it was started from."""
+
+    archive: str = ""
+    """The sha256 of the code archive (see ``docs/code-archives.md``); empty when workers
+    import the steps from their own path."""
+    git_commit: str = ""
+    """The commit checked out in the source root, when it is in a git work tree."""
+    git_dirty: bool = False
+    """True when the source root had changes that commit does not hold."""
+
+    def to_proto(self) -> res.CodeSource:
+        return res.CodeSource(
+            archive=self.archive, git_commit=self.git_commit, git_dirty=self.git_dirty
+        )
+
+    @classmethod
+    def from_proto(cls, c: res.CodeSource) -> CodeSource:
+        return cls(archive=c.archive, git_commit=c.git_commit, git_dirty=c.git_dirty)
+
+
+@dataclass(frozen=True)
 class Run:
     """A run of a pipeline: its state, its steps, their outputs."""
 
@@ -448,6 +471,9 @@ class Run:
     """The client's idempotency key of the CreateRun that made it."""
     last_sequence: int = 0
     """The sequence number of the run's newest event, to resume watching after it."""
+    code: CodeSource | None = None
+    """The code archive the run executes, and the git state it was packed from; None when
+    its steps are imported from the workers' own path."""
     _client: Any = field(default=None, repr=False, compare=False)
     """The :class:`plait.Client` it was read through."""
 
@@ -471,6 +497,9 @@ class Run:
             to_timestamp(self.create_time, msg.create_time)
         if self.end_time is not None:
             to_timestamp(self.end_time, msg.end_time)
+        if self.code is not None:
+            msg.code.SetInParent()
+            msg.code.CopyFrom(self.code.to_proto())
         return msg
 
     @classmethod
@@ -488,6 +517,7 @@ class Run:
             stack=r.stack.removeprefix("stacks/"),
             request_id=r.request_id,
             last_sequence=r.last_sequence,
+            code=CodeSource.from_proto(r.code) if r.HasField("code") else None,
             _client=client,
         )
 

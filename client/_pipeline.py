@@ -6,12 +6,13 @@ import contextvars
 import functools
 import inspect
 import math
-import os
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, overload
 
+from plait._archive import code_file, pipeline_root, relative_file
 from plait._step import Step
 from plait._types import element_type, is_compatible, strip_annotated, type_expr
 from plait.errors import PipelineDefinitionError, PipelineValidationError
@@ -373,10 +374,12 @@ class CompiledPipeline:
 class Pipeline(Generic[P]):
     """A pipeline: call it to run it (embedded engine or ``PLAIT_SERVER``) and get a Run."""
 
-    def __init__(self, fn: Callable[P, Any], *, name: str | None = None) -> None:
+    def __init__(self, fn: Callable[P, Any], *, name: str | None = None, pool: str = "") -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
+        self.pool = pool
+        """The remote worker pool of the steps that name none."""
         self.signature = inspect.signature(fn)
         self.hints = typing.get_type_hints(fn, include_extras=True)
         for p in self.signature.parameters.values():
@@ -432,20 +435,27 @@ def pipeline(fn: Callable[P, Any], /) -> Pipeline[P]: ...
 
 
 @overload
-def pipeline(*, name: str | None = None) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
+def pipeline(
+    *, name: str | None = None, pool: str = ""
+) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
 
 
 def pipeline(
-    fn: Callable[P, Any] | None = None, /, *, name: str | None = None
+    fn: Callable[P, Any] | None = None, /, *, name: str | None = None, pool: str = ""
 ) -> Pipeline[P] | Callable[[Callable[P, Any]], Pipeline[P]]:
     """Declares a pipeline: a function that calls steps. Calling it runs it and returns a Run.
 
     The function's parameters are the pipeline's parameters: inside the function they are
     placeholders that can only be passed to steps. Defaults must be JSON values.
+
+    Args:
+        name: the pipeline's name; the function's name by default.
+        pool: the remote worker pool (``plait worker --pool NAME``) of every step that names
+            none itself.
     """
 
     def wrap(f: Callable[P, Any]) -> Pipeline[P]:
-        return Pipeline(f, name=name)
+        return Pipeline(f, name=name, pool=pool)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -467,7 +477,9 @@ def trace(pipe: Pipeline[Any]) -> Tracer:
     return tracer
 
 
-def _code_ref(step: Step[..., Any]) -> ir_pb2.CodeRef:
+def _code_ref(step: Step[..., Any], root: Path | None) -> ir_pb2.CodeRef:
+    """The step's code reference; its file relative to the pipeline's source root ``root``
+    (no absolute path enters the IR: the same code in two folders is the same version)."""
     fn = step.fn
     qualname = fn.__qualname__
     if "<locals>" in qualname:
@@ -475,27 +487,33 @@ def _code_ref(step: Step[..., Any]) -> ir_pb2.CodeRef:
             f"step {step.name!r} is defined inside a function ({qualname}); define steps at "
             f"module level so that worker processes can import them"
         )
-    try:
-        file = inspect.getsourcefile(fn) or ""
-    except TypeError:
-        file = ""
-    if fn.__module__ == "__main__" and not file:
+    file = code_file(fn)
+    if fn.__module__ == "__main__" and file is None:
         raise PipelineDefinitionError(
             f"step {step.name!r} is defined in an interactive session; define steps in a "
             f"module or a script file so that worker processes can import them"
         )
+    rel = relative_file(file, root) if file is not None and root is not None else ""
+    if fn.__module__ == "__main__" and not rel:
+        raise PipelineDefinitionError(
+            f"step {step.name!r} is defined in the script {file}, outside the pipeline's source "
+            f"root {root}, so workers cannot load it; define the pipeline in that script too, "
+            f"or set PLAIT_SOURCE_ROOT to a folder that holds both"
+        )
     return ir_pb2.CodeRef(
         module=fn.__module__,
         qualname=qualname,
-        file=os.path.abspath(file) if file else "",
+        file=rel,
         code_digest=step.code_digest,
         is_async=step.is_async,
     )
 
 
-def _settings(step: Step[..., Any]) -> ir_pb2.StepSettings:
+def _settings(step: Step[..., Any], pool: str = "") -> ir_pb2.StepSettings:
     s = step.settings
-    out = ir_pb2.StepSettings(cache_version=s.cache_version, retries=s.retries, runner=s.runner)
+    out = ir_pb2.StepSettings(
+        cache_version=s.cache_version, retries=s.retries, runner=s.runner, pool=s.pool or pool
+    )
     if not s.cache:
         out.cache = False
     if s.timeout is not None:
@@ -510,6 +528,7 @@ def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
     import networkx as nx
 
     tracer = trace(pipe)
+    root = pipeline_root(pipe.fn)
     spec = ir_pb2.PipelineSpec(name=pipe.name, description=inspect.getdoc(pipe.fn) or "")
     for name, param in pipe.signature.parameters.items():
         ps = spec.parameters.add(
@@ -526,7 +545,10 @@ def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
     graph = nx.DiGraph()
     for inv in tracer.invocations.values():
         step_spec = spec.steps.add(
-            id=inv.id, name=inv.step.name, code=_code_ref(inv.step), settings=_settings(inv.step)
+            id=inv.id,
+            name=inv.step.name,
+            code=_code_ref(inv.step, root),
+            settings=_settings(inv.step, pipe.pool),
         )
         for name, binding in inv.bindings.items():
             step_spec.inputs.add(

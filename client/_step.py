@@ -40,6 +40,9 @@ class StepSettings:
     """The environment the step needs."""
     runner: str = ""
     """The runner that executes the step; empty means the default."""
+    pool: str = ""
+    """The remote worker pool that executes the step (workers started with
+    ``plait worker --pool``); empty means the pipeline's pool, else the runner's own workers."""
     materializer: str | Mapping[str, str] = ""
     """A materializer name for every output, or one per output name ("pickle" is an opt-in)."""
 
@@ -208,6 +211,7 @@ def step(
     timeout: float | None = None,
     environment: Environment | None = None,
     runner: str = "",
+    pool: str = "",
     materializer: str | Mapping[str, str] = "",
 ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
@@ -223,6 +227,7 @@ def step(
     timeout: float | None = None,
     environment: Environment | None = None,
     runner: str = "",
+    pool: str = "",
     materializer: str | Mapping[str, str] = "",
 ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
     """Declares a step. Use bare (``@plait.step``) or with settings (``@plait.step(cache=False)``).
@@ -235,6 +240,8 @@ def step(
         timeout: wall-clock limit of one attempt, in seconds.
         environment: what the step's process needs (see :class:`plait.Environment`).
         runner: the runner that executes it; the default runner when empty.
+        pool: the remote worker pool that runs it (workers started with
+            ``plait worker --pool NAME``); the pipeline's pool when empty.
         materializer: a materializer name for all outputs, or a dict by output name.
             ``"pickle"`` stores any picklable object; loading it runs code, so it is opt-in.
 
@@ -252,6 +259,7 @@ def step(
         timeout=timeout,
         environment=environment,
         runner=runner,
+        pool=pool,
         materializer=materializer,
     )
 

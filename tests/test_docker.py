@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import kill_group
 
 import plait
 
@@ -98,3 +100,42 @@ def test_the_server_image_serves_with_tokens_and_stops_gracefully(image: str) ->
         assert "SIGTERM: shutting down" in docker("logs", name).stderr
     finally:
         docker("rm", "-f", name, check=False)
+
+
+def test_the_worker_in_a_container_example_runs_a_step_in_the_container(tmp_path: Path) -> None:
+    base = os.environ.get("PLAIT_TEST_DOCKER_BASE")
+    if not base:
+        message = "PLAIT_TEST_DOCKER_BASE is not set (scripts/test starts Docker and sets it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {
+        **os.environ,
+        "BASE": base,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_HOME"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "examples" / "worker_in_container" / "run.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:  # a hang: the script's trap stops its daemon and container
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.communicate(timeout=60)
+            finally:
+                kill_group(proc.pid)
+                proc.wait()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # the step ran in the container (pipeline.py asserts it too), and the worker drained
+    assert "(in a container: True)" in out.stdout
+    assert "drained; exiting" in out.stdout

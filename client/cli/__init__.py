@@ -18,6 +18,7 @@ from plait.cli._pipeline import pipeline
 from plait.cli._run import run_cmd
 from plait.cli._runs import runs
 from plait.cli._stacks import component, stack
+from plait.cli._worker import worker
 
 __all__ = ["EPILOG", "cli", "main"]
 
@@ -81,7 +82,7 @@ def cli() -> None:
     """Plait: define pipelines of Python steps, run them embedded or on a shared server."""
 
 
-for _command in (run_cmd, runs, artifacts, component, stack, login, logout, pipeline):
+for _command in (run_cmd, runs, artifacts, component, stack, login, logout, pipeline, worker):
     cli.add_command(_command)
 
 

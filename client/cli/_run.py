@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from plait._models import StepStatus
+from plait._models import LogEntry, StepStatus
 from plait.cli._common import EPILOG, fail, get_console, load_pipeline, parse_params, print_run
 from plait.errors import PlaitError
 
@@ -38,7 +40,9 @@ def run_cmd(
 ) -> None:
     """Run the pipeline TARGET (FILE.py:PIPELINE or package.module:PIPELINE).
 
-    Shows live progress and exits with status 1 when the run fails.
+    Shows live progress, prints what the steps write as they write it (each line prefixed by
+    its step's id; stderr to standard error), and exits with status 1 when the run fails. A
+    restart of the server meanwhile is waited out.
 
     \b
     Example:
@@ -50,6 +54,7 @@ def run_cmd(
 
     try:
         client = Client.default()
+        client.on_reconnect = reconnect_notice
         if detach:
             if client.embedded:
                 fail(
@@ -74,13 +79,61 @@ def run_cmd(
         sys.exit(1)
 
 
+def reconnect_notice(notice: str) -> None:
+    """Says on standard error that a command lost the server and is reconnecting."""
+    click.echo(f"plait: {notice}", err=True)
+
+
+class LogLines:
+    """Cuts the log entries of many steps into whole lines, each step's stream apart."""
+
+    def __init__(self) -> None:
+        self._partial: dict[tuple[str, int, str], str] = {}
+
+    def feed(self, entry: LogEntry) -> Iterator[tuple[str, str]]:
+        """The lines (without their line end) that `entry` completes, with their stream."""
+        key = (entry.step_id, entry.attempt, entry.stream)
+        *lines, rest = (self._partial.pop(key, "") + entry.text).split("\n")
+        if rest:
+            self._partial[key] = rest
+        for line in lines:
+            yield entry.stream, line
+
+    def rest(self) -> Iterator[tuple[tuple[str, int, str], str]]:
+        """The unfinished last line of each (step, attempt, stream), once no more comes."""
+        yield from self._partial.items()
+        self._partial.clear()
+
+
+def _print_logs(client: Any, run_id: str, width: int) -> None:
+    """Prints the run's output live, each line prefixed by its step (and attempt, after the
+    first), until the run ends."""
+    lines = LogLines()
+
+    def prefix(step_id: str, attempt: int) -> str:
+        name = step_id if attempt == 1 else f"{step_id}#{attempt}"
+        return click.style(f"{name:<{width}} |", fg="cyan")
+
+    try:
+        for entry in client.stream_logs(run_id):
+            for stream, line in lines.feed(entry):
+                click.echo(f"{prefix(entry.step_id, entry.attempt)} {line}", err=stream == "stderr")
+    except PlaitError:
+        pass  # following the run reports the problem
+    for (step_id, attempt, stream), line in lines.rest():
+        click.echo(f"{prefix(step_id, attempt)} {line}", err=stream == "stderr")
+
+
 def _run_with_progress(client: Any, pipe: Any, parameters: dict[str, Any], no_cache: bool) -> Any:
-    """Runs the pipeline while one status line on standard error counts its steps."""
+    """Runs the pipeline while one status line on standard error counts its steps and the
+    steps' output is printed above it, line by line."""
     from rich.live import Live
     from rich.text import Text
 
     compiled = pipe.compile()
     total = len(compiled.spec.steps)
+    width = min(24, max((len(s.id) for s in compiled.spec.steps), default=0))
+    printers: list[threading.Thread] = []  # the one that prints the logs, once the run exists
     statuses: dict[str, StepStatus] = {}
     console = get_console(stderr=True)
     started = time.monotonic()
@@ -104,9 +157,19 @@ def _run_with_progress(client: Any, pipe: Any, parameters: dict[str, Any], no_ca
     with Live(render(), console=console, refresh_per_second=8, transient=True) as live:
 
         def on_events(events: list[Any]) -> None:
+            if not printers and events:
+                printers.append(
+                    threading.Thread(
+                        target=_print_logs, args=(client, events[0].run_id, width), daemon=True
+                    )
+                )
+                printers[0].start()
             for e in events:
                 if e.step_id and e.step_status is not None:
                     statuses[e.step_id] = e.step_status
             live.update(render())
 
-        return client.run_pipeline(pipe, parameters, no_cache=no_cache, on_events=on_events)
+        run = client.run_pipeline(pipe, parameters, no_cache=no_cache, on_events=on_events)
+        for printer in printers:
+            printer.join()  # the log stream ends with the run: every line is printed first
+        return run

@@ -9,6 +9,7 @@ import click
 
 from plait._models import RunStatus
 from plait.cli._common import EPILOG, fail, get_console, print_run, styled
+from plait.cli._run import reconnect_notice
 from plait.errors import PlaitError
 
 
@@ -108,13 +109,24 @@ def runs_show(run_id: str) -> None:
 @runs.command("logs", epilog=EPILOG)
 @click.argument("run_id")
 @click.argument("step", required=False)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing output live until the run ends.")
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing output live, as the steps write it, until the run ends "
+    "(waiting out a restart of the server).",
+)
 def runs_logs(run_id: str, step: str | None, follow: bool) -> None:
-    """Print the captured stdout and stderr of a run's steps (or of STEP)."""
+    """Print the captured stdout and stderr of a run's steps (or of STEP).
+
+    Each step's output is headed by a line naming it and its attempt; stderr goes to standard
+    error. RUN_ID may be a unique prefix of the id.
+    """
     from plait._client import Client
 
     try:
         client = Client.default()
+        client.on_reconnect = reconnect_notice
         run = client.get_run(run_id)
         if step is not None and step not in run.steps:
             fail(
@@ -122,14 +134,21 @@ def runs_logs(run_id: str, step: str | None, follow: bool) -> None:
                 f"{', '.join(list(run.steps)[:20])}"
             )
         entries = client.stream_logs(run.run_id, step) if follow else client.logs(run.run_id, step)
+        current: tuple[str, int] | None = None
+        ended = {"stdout": True, "stderr": True}  # whether each stream's output ended a line
+        for e in entries:
+            if step is None and (e.step_id, e.attempt) != current:
+                for name, done in ended.items():
+                    if not done:  # the step stopped mid-line: the header starts a line
+                        click.echo("", err=name == "stderr")
+                        ended[name] = True
+                click.secho(f"--- {e.step_id} (attempt {e.attempt})", fg="cyan")
+                current = (e.step_id, e.attempt)
+            click.echo(e.text, nl=False, err=e.stream == "stderr")
+            if e.text:
+                ended[e.stream] = e.text.endswith("\n")
     except PlaitError as exc:
         fail(str(exc))
-    current = None
-    for e in entries:
-        if step is None and e.step_id != current:
-            click.secho(f"--- {e.step_id} (attempt {e.attempt})", fg="cyan", err=False)
-            current = e.step_id
-        click.echo(e.text, nl=False, err=e.stream == "stderr")
 
 
 @runs.command("watch", epilog=EPILOG)
@@ -137,12 +156,14 @@ def runs_logs(run_id: str, step: str | None, follow: bool) -> None:
 def runs_watch(run_id: str) -> None:
     """Follow a run live until it ends, printing each step's transitions.
 
-    Exits with status 1 when the run does not succeed.
+    When the server restarts meanwhile, the command says so on standard error, reconnects and
+    goes on after the last event it printed. Exits with status 1 when the run does not succeed.
     """
     from plait._client import Client
 
     try:
         client = Client.default()
+        client.on_reconnect = reconnect_notice
         run = client.get_run(run_id)
         console = get_console()
         for events in client.watch(run.run_id):

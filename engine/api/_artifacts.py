@@ -15,7 +15,7 @@ from plait.api.v1 import artifact_service_pb2_grpc
 from plait.engine.api._convert import name_id
 from plait.engine.api._errors import abort_on_plait_error
 from plait.engine.store._artifacts import get_artifact
-from plait.errors import ArtifactNotFoundError, PipelineError
+from plait.errors import ArtifactError, ArtifactNotFoundError, PipelineError
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -96,6 +96,10 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             except (FileNotFoundError, NotADirectoryError):
                 raise ArtifactNotFoundError(
                     f"no bytes with sha256 {request.digest} are in the control plane's store"
+                ) from None
+            except OSError as exc:
+                raise ArtifactError(
+                    f"cannot read the bytes with sha256 {request.digest}: {exc}"
                 ) from None
         size = request.chunk_size or DEFAULT_CHUNK
         digest = hashlib.sha256()

@@ -98,8 +98,15 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 task = await self.cp.pools.take(request.pool, left) if left > 0 else None
                 if task is None:
                     return pb.PollTaskResponse()
-                lease = Lease(token_from_proto(task.token), request.worker_id, handle, ask=True)
-                if await self.cp.ask(lease):
+                token = token_from_proto(task.token)
+                try:
+                    granted = await self.cp.ask(Lease(token, request.worker_id, handle, ask=True))
+                except BaseException:
+                    # the worker went away (a drain cancels its poll): hand the task back, to
+                    # the queue at once rather than to the reaper once its lease expires
+                    self.cp.submit(Release(token, request.worker_id))
+                    raise
+                if granted:
                     return pb.PollTaskResponse(task=task)
                 # the attempt ended while it waited (a cancelled run): take the next one
 
@@ -120,8 +127,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 )
             # the run is over (and forgotten): an attempt that ended under this epoch stops
             outcome = await self.cp.store.read(attempt_outcome, token)
+            # (a CRASHED one lost its lease: that is said as such)
             ended = outcome is not None and StepStatus(outcome[1]).is_final
-            if ended and outcome is not None and outcome[0] == token.epoch:
+            crashed = outcome is not None and outcome[1] == StepStatus.CRASHED
+            if ended and not crashed and outcome is not None and outcome[0] == token.epoch:
                 return pb.HeartbeatResponse(cancel_requested=True)
             raise _lost(token, "Heartbeat")
 

@@ -120,6 +120,8 @@ class Release:
     attempt, the next epoch). Answered True when it was taken back."""
 
     token: Token
+    holder: str = ""
+    """Only if this holder has it (empty: whoever has it)."""
     ask: bool = False
 
 

@@ -217,7 +217,11 @@ class Scheduler:
                 if cmd.ask:
                     fx.replies[id(cmd)] = granted
             elif isinstance(cmd, Release):
-                released = st.status is StepStatus.QUEUED and st.holder is not None
+                released = (
+                    st.status is StepStatus.QUEUED
+                    and st.holder is not None
+                    and cmd.holder in ("", st.holder)
+                )
                 if released:
                     self._release(run, st, fx)
                 if cmd.ask:
@@ -761,6 +765,8 @@ class Scheduler:
         if run is None or st is None or st.attempt != token.attempt or st.epoch != token.epoch:
             return Beat(alive=False)
         if not self._current(st, token):
+            if st.status is StepStatus.CRASHED:
+                return Beat(alive=False)  # its lease expired: lost, not cancelled
             return Beat(alive=True, cancel=True)  # the attempt ended: timed out, cancelled
         self._touched[run.run_id] = run
         st.lease_expires = now + self.lease_seconds

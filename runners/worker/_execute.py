@@ -7,7 +7,7 @@ line): that is the transport's business, behind `Reporter`.
 from __future__ import annotations
 
 import asyncio
-import codecs
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -15,8 +15,13 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -28,6 +33,13 @@ from plait._step import code_digest
 from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.ir.v1 import ir_pb2 as ir
+from plait.runners.worker._blobs import BlobStore, RemoteBlobStore
+from plait.runners.worker._code import SCRIPT_MODULE, CodeCache, CodeRoots
+from plait.runners.worker._lease import EXIT_CANCELLED as EXIT_CANCELLED
+from plait.runners.worker._lease import EXIT_LEASE_LOST as EXIT_LEASE_LOST
+from plait.runners.worker._lease import Cancelled as Cancelled
+from plait.runners.worker._lease import LeaseLost as LeaseLost
+from plait.runners.worker._lease import lease_keeper
 
 _SCRIPT_MODULE = "__plait_main__"
 
@@ -35,6 +47,8 @@ DEFAULT_LOG_LIMIT = 4 * 1024 * 1024
 """The bytes of stdout and stderr kept per attempt when the task names no limit."""
 LOG_CHUNK_BYTES = 256 * 1024
 """The most bytes of output one TaskLogs carries (far below gRPC's message limit)."""
+LOG_INTERVAL = 0.25
+"""How often a running step's new output is sent (a step that ends sooner sends it once)."""
 MAX_METADATA_BYTES = 1024 * 1024
 """The largest metadata one ``log_metadata`` call may attach."""
 MAX_ERROR_BYTES = 64 * 1024
@@ -46,9 +60,13 @@ class Reporter(Protocol):
     """Where the reports about one task go. Each transport implements it.
 
     For one task the executor calls `started` first, `metadata` any number of times while the
-    step runs, then, once the step has ended, `logs` once per non-empty stream and finally one
-    of `completed` or `failed`. Both of those carry the start time, so a transport may leave out
-    a TaskStarted it has not sent yet when `logs`, `completed` or `failed` arrives.
+    step runs, `logs` any number of times (while the step runs, from the capture's thread and
+    never two calls at once, and after it ends; each call carries the attempt's next `batch`
+    number and a transport must keep that order), and finally one of `completed` or `failed`.
+    Both of those carry the start time, so a transport may leave out a TaskStarted it has not
+    sent yet when `completed` or `failed` arrives, and may keep logs behind a TaskStarted it
+    holds. Meanwhile `heartbeat` keeps the lease (from another thread). A report may raise
+    `LeaseLost`: it goes up to the transport, out of `StepExecutor.run`.
     """
 
     def started(self, report: tasks.TaskStarted) -> None:
@@ -66,14 +84,65 @@ class Reporter(Protocol):
     def failed(self, report: tasks.TaskFailed) -> None:
         """The step, or loading it, or storing its outputs, raised."""
 
+    def heartbeat(self, token: tasks.LeaseToken) -> float:
+        """Extends the attempt's lease; returns how long it lasts, in seconds, counted from
+        when this call was made (``math.inf``: it cannot run out while this process lives).
+
+        Called only for a task with ``lease_seconds`` set, from the executor's lease thread
+        (not the step's), while the step runs: first a third of the lease after the step
+        started (a step that ends sooner gets none), then about every third of the lease the
+        last call returned. It may run at the same time as `metadata`. It should answer (or
+        raise) before the lease runs out.
+
+        Args:
+            token: the attempt's lease.
+
+        Raises:
+            Cancelled: the control plane asked the attempt to stop (its run was cancelled or
+                its timeout passed); the lease is not extended.
+            LeaseLost: the token is no longer current (the attempt was leased again, or it
+                ended); nothing the attempt reports counts any more.
+            Exception: anything else means this heartbeat did not get through: the executor
+                tries again soon, and stops the process (``EXIT_LEASE_LOST``) once the lease
+                runs out without one getting through.
+        """
+        ...
+
 
 class _Capture:
-    """Captures what the step writes to file descriptors 1 and 2 (print, C code, children)."""
+    """Captures what the step writes to file descriptors 1 and 2 (print, C code, children) and
+    reports it while the step runs.
+
+    The output goes to two temporary files. A step that ends within LOG_INTERVAL seconds sends
+    its output once, after it ends (`report`). For a longer step, one thread per process (made
+    on first use, asleep while no step runs) tails the files every LOG_INTERVAL seconds and
+    reports what is new. Every report is one `tasks.TaskLogs` of one stream, at most
+    LOG_CHUNK_BYTES, numbered from 1 per attempt in ``batch``; a batch ends at a line end when
+    there is one (a line that stays unfinished for an interval goes as it is), and never inside
+    a UTF-8 character.
+
+    At most ``limit`` bytes of the two streams together are sent per attempt, shared as
+    `_shares` says; a stream cut short ends with a line saying how much of it was dropped. While
+    the step runs a stream sends at most half the limit (its share is never less, whatever the
+    other stream writes later), the rest of its share once the step has ended.
+    """
 
     def __init__(self) -> None:
         # kept open for the process's life and reused by every step (closed at process exit)
         self._files = {fd: tempfile.TemporaryFile(mode="w+b") for fd in (1, 2)}  # noqa: SIM115
         self._saved: dict[int, int] = {}
+        # guards _live and every send: the tail thread and the step's thread both send
+        self._cond = threading.Condition(threading.Lock())
+        self._live: _Live | None = None
+        self._armed: _Live | None = None
+        self._tail: threading.Thread | None = None
+        self._idle = False  # the tail thread waits for a step (and must be woken)
+
+    def follow(self, token: tasks.LeaseToken, limit: int, reporter: Reporter) -> _Capture:
+        """Arms the capture for one attempt: use as ``with capture.follow(...):``, then call
+        `report` once the step has ended."""
+        self._armed = _Live(token, limit, reporter)
+        return self
 
     def __enter__(self) -> _Capture:
         sys.stdout.flush()
@@ -83,6 +152,18 @@ class _Capture:
             f.truncate()
             self._saved[fd] = os.dup(fd)
             os.dup2(f.fileno(), fd)
+        live, self._armed = self._armed, None
+        if live is not None:
+            live.due = time.monotonic() + LOG_INTERVAL
+            with self._cond:
+                self._live = live
+                if self._tail is None:
+                    self._tail = threading.Thread(
+                        target=self._follow, name="plait-log-tail", daemon=True
+                    )
+                    self._tail.start()
+                elif self._idle:
+                    self._cond.notify()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,42 +174,131 @@ class _Capture:
             os.close(saved)
         self._saved.clear()
 
-    def report(self, token: tasks.LeaseToken, limit: int, reporter: Reporter) -> None:
-        """Reports what was captured, in chunks of at most LOG_CHUNK_BYTES, keeping at most
-        `limit` bytes of the two streams together; a stream cut short ends with a line saying
-        how much of it was dropped. Only what is kept is read back."""
-        sizes = {
-            name: os.fstat(self._files[fd].fileno()).st_size
-            for fd, name in ((1, "stdout"), (2, "stderr"))
-        }
-        for (fd, name), keep in zip(
-            ((1, "stdout"), (2, "stderr")), _shares(limit, list(sizes.values())), strict=True
-        ):
-            size = sizes[name]
-            if not size:
-                continue
-            f = self._files[fd]
-            f.seek(0)
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            left = keep
-            last = "\n"
-            while left > 0:
-                data = f.read(min(LOG_CHUNK_BYTES, left))
+    def report(self) -> None:
+        """Reports what the step wrote and was not sent yet, and what was dropped; the tail
+        thread sends nothing more for this attempt. Call it after the ``with`` block."""
+        with self._cond:
+            live, self._live = self._live, None
+            if live is not None:
+                self._send(live, final=True)
+
+    def _follow(self) -> None:
+        """The tail thread: sleeps while no step runs; while one does, sends its new output
+        every LOG_INTERVAL seconds. A short step costs it nothing: it notices neither the step's
+        start (it is already waiting for the step before) nor its end."""
+        while True:
+            with self._cond:
+                while self._live is None:
+                    self._idle = True
+                    self._cond.wait()
+                    self._idle = False
+                live = self._live
+                while self._live is live and (delay := live.due - time.monotonic()) > 0:
+                    self._cond.wait(delay)
+                if self._live is not live:
+                    continue  # that step ended (and another may run): start over
+            # what the step printed may still sit in Python's buffer (stdout is block-buffered
+            # into a file); flushed outside the lock, as the step's own flush may wait for it
+            for stream in (sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    with contextlib.suppress(Exception):  # a closed or broken stream
+                        stream.flush()
+            with self._cond:
+                if self._live is live:
+                    live.due = time.monotonic() + LOG_INTERVAL
+                    with contextlib.suppress(Exception):  # a transport gone: the step goes on
+                        self._send(live, final=False)
+
+    def _send(self, live: _Live, *, final: bool) -> None:
+        """Sends the stream's output that is due (holding the lock)."""
+        sizes = [os.fstat(self._files[fd].fileno()).st_size for fd in (1, 2)]
+        if final:
+            # the shares of the whole output (never below what was sent live: see the class)
+            shares = _shares(live.limit, sizes)
+            ends = [max(share, sent) for share, sent in zip(shares, live.sent, strict=True)]
+        else:
+            ends = [min(size, live.limit // 2) for size in sizes]
+        for i, (fd, name) in enumerate(((1, "stdout"), (2, "stderr"))):
+            fileno = self._files[fd].fileno()
+            while live.sent[i] < ends[i]:
+                data = os.pread(fileno, min(LOG_CHUNK_BYTES, ends[i] - live.sent[i]), live.sent[i])
                 if not data:
                     break
-                left -= len(data)
-                text = decoder.decode(data, final=left == 0 and keep == size)
-                if text:
-                    last = text[-1]
-                    reporter.logs(tasks.TaskLogs(token=token, stream=name, text=text))
-            if keep < size:
-                marker = (
-                    f"[plait: {_size(size - keep)} of {name} dropped; "
-                    f"the log keeps the first {_size(keep)}]\n"
+                if final and live.sent[i] + len(data) == ends[i]:
+                    # the end of what is kept: all of the stream (a torn last character shows
+                    # as U+FFFD), or its share cut between two characters
+                    n = len(data) if ends[i] == sizes[i] else _whole_chars(data)
+                else:
+                    n = data.rfind(b"\n") + 1  # whole lines when there are any
+                    if not n and (
+                        final or len(data) == LOG_CHUNK_BYTES or live.waiting[i] == live.sent[i]
+                    ):
+                        # one long line, or one left unfinished for an interval: it goes as it
+                        # is, cut between two characters
+                        n = _whole_chars(data)
+                if not n:
+                    break
+                live.waiting[i] = -1
+                live.batch += 1
+                # counted as sent before it is: a transport that fails owns the retry (with the
+                # same batch number), never a second batch of the same text
+                live.sent[i] += n
+                live.last[i] = data[n - 1 : n]
+                live.reporter.logs(
+                    tasks.TaskLogs(
+                        token=live.token,
+                        stream=name,
+                        text=data[:n].decode("utf-8", "replace"),
+                        batch=live.batch,
+                    )
                 )
-                if last != "\n":
+            if not final:
+                live.waiting[i] = live.sent[i] if live.sent[i] < sizes[i] else -1
+            elif live.sent[i] < sizes[i]:
+                kept = live.sent[i]
+                marker = (
+                    f"[plait: {_size(sizes[i] - kept)} of {name} dropped; "
+                    f"the log keeps the first {_size(kept)}]\n"
+                )
+                if live.last[i] != b"\n":
                     marker = "\n" + marker
-                reporter.logs(tasks.TaskLogs(token=token, stream=name, text=marker))
+                live.batch += 1
+                live.reporter.logs(
+                    tasks.TaskLogs(token=live.token, stream=name, text=marker, batch=live.batch)
+                )
+
+
+@dataclass(eq=False)
+class _Live:
+    """One attempt's output as `_Capture` sends it."""
+
+    token: tasks.LeaseToken
+    limit: int
+    """The most bytes of the two streams together to send."""
+    reporter: Reporter
+    due: float = 0.0
+    """When the tail thread next sends (time.monotonic)."""
+    batch: int = 0
+    """The number of the last TaskLogs sent."""
+    sent: list[int] = field(default_factory=lambda: [0, 0])
+    """Bytes of stdout and of stderr sent."""
+    waiting: list[int] = field(default_factory=lambda: [-1, -1])
+    """Where an unfinished line of each stream was held back at the last tick (-1: none)."""
+    last: list[bytes] = field(default_factory=lambda: [b"\n", b"\n"])
+    """The last byte sent of each stream."""
+
+
+def _whole_chars(data: bytes) -> int:
+    """The length of the longest start of `data` that does not end inside a UTF-8 character
+    (bytes that are not UTF-8 there may be cut anywhere)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80 or byte >= 0xF8:  # ASCII, or no UTF-8 at all
+            return len(data)
+        if byte >= 0xC0:  # the lead byte of the last character: is all of it there?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)
 
 
 def _shares(limit: int, sizes: list[int]) -> list[int]:
@@ -189,10 +359,37 @@ class StepExecutor:
     across tasks, reuses one capture of fds 1 and 2, and runs async steps on its own event loop.
     """
 
-    def __init__(self) -> None:
-        self._modules: dict[tuple[str, str], ModuleType] = {}
+    def __init__(
+        self,
+        *,
+        channel: Any = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        home: str | os.PathLike[str] | None = None,
+        remote_artifacts: bool = False,
+    ) -> None:
+        """Args:
+        channel: a ``grpc.Channel`` to the control plane, to download what the artifact
+            store named by a task cannot give (a code archive); None: the store only.
+        metadata: the call metadata (the token) for calls on ``channel``.
+        home: where code archives are unpacked (``<home>/code/<digest>/``); the worker's
+            ``PLAIT_HOME`` by default.
+        remote_artifacts: read and write every artifact through the control plane's
+            ArtifactService over ``channel`` (a worker that cannot reach its store).
+        """
+        if remote_artifacts and channel is None:
+            raise ValueError("remote_artifacts needs a channel to the control plane")
+        self._modules: dict[tuple[str, str, str], ModuleType] = {}
         self._digests: dict[Any, str] = {}
-        self._stores: dict[str, LocalArtifactStore] = {}
+        self._stores: dict[str, BlobStore] = {}
+        self._channel = channel
+        self._metadata = metadata
+        self._home = Path(home) if home is not None else None
+        self._remote: RemoteBlobStore | None = (
+            RemoteBlobStore(channel, metadata) if channel is not None else None
+        )
+        self._remote_artifacts = remote_artifacts
+        self._roots = CodeRoots()
+        self._code: CodeCache | None = None
         self._loop = asyncio.new_event_loop()
         self._capture = _Capture()
 
@@ -203,10 +400,41 @@ class StepExecutor:
             task: the task, as the control plane assigned it.
             reporter: where the reports go.
 
+        While the step runs, its lease is kept (`Reporter.heartbeat`, for a task with
+        ``lease_seconds``); when the attempt must stop (cancelled, timed out, lease lost or not
+        renewable) the process exits with ``EXIT_CANCELLED`` or ``EXIT_LEASE_LOST``: the step
+        cannot be stopped otherwise.
+
         Raises:
             KeyboardInterrupt: the step was interrupted (re-raised after `Reporter.failed`).
             SystemExit: the step called ``sys.exit`` (re-raised after `Reporter.failed`).
+            LeaseLost: a report was refused: the attempt is no longer this worker's.
         """
+        token = task.token
+        lease = lease_keeper() if task.lease_seconds > 0 else None
+        if lease is not None:
+            lease.begin(token, task.lease_seconds, reporter)
+        try:
+            failure, outputs, start = self._run_step(task, reporter)
+        finally:
+            if lease is not None:
+                lease.end()
+        self._capture.report()
+        if failure is None:
+            reporter.completed(
+                tasks.TaskCompleted(token=token, outputs=outputs, start_time=start.start_time)
+            )
+            return
+        reporter.failed(
+            tasks.TaskFailed(token=token, error=_error(failure), start_time=start.start_time)
+        )
+        if isinstance(failure, KeyboardInterrupt | SystemExit):
+            raise failure
+
+    def _run_step(
+        self, task: tasks.Task, reporter: Reporter
+    ) -> tuple[BaseException | None, list[res.Artifact], tasks.TaskStarted]:
+        """The part of `run` under the lease: start, call the step, store its outputs."""
         token = task.token
         start = tasks.TaskStarted(token=token)
         start.start_time.GetCurrentTime()
@@ -236,11 +464,11 @@ class StepExecutor:
         for var in task.step.settings.environment.env:
             env_before[var.name] = os.environ.get(var.name)
             os.environ[var.name] = var.value
-        with self._capture:
+        with self._capture.follow(token, task.log_limit_bytes or DEFAULT_LOG_LIMIT, reporter):
             reset = _context.set_context(ctx)
             try:
                 store = self._store(task.artifact_store_uri)
-                fn = self._function(task.step.code)
+                fn = self._function(task.step.code, task.code_archive, task.artifact_store_uri)
                 kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
                 result = fn(**kwargs)
                 if inspect.isawaitable(result):
@@ -255,31 +483,30 @@ class StepExecutor:
                         os.environ.pop(name, None)
                     else:
                         os.environ[name] = old
-        self._capture.report(token, task.log_limit_bytes or DEFAULT_LOG_LIMIT, reporter)
-        if failure is None:
-            reporter.completed(
-                tasks.TaskCompleted(token=token, outputs=outputs, start_time=start.start_time)
-            )
-            return
-        reporter.failed(
-            tasks.TaskFailed(token=token, error=_error(failure), start_time=start.start_time)
-        )
-        if isinstance(failure, KeyboardInterrupt | SystemExit):
-            raise failure
+        return failure, outputs, start
 
-    def _module(self, code: ir.CodeRef) -> ModuleType:
-        key = (code.module, code.file)
+    def _module(self, code: ir.CodeRef, root: Path | None = None) -> ModuleType:
+        """The step's module: from the unpacked code archive ``root``, else from this process's
+        own path (``code.file`` relative to the working folder, or absolute in older IR)."""
+        key = (str(root or ""), code.module, code.file)
         module = self._modules.get(key)
         if module is not None:
             return module
-        if code.module == "__main__":
+        if root is not None or self._roots.current is not None:
+            self._roots.activate(root)
+            # modules of another archive are gone from sys.modules: so from this cache too
+            for other in [k for k in self._modules if k[0] != key[0]]:
+                del self._modules[other]
+        if root is not None:
+            module = self._roots.load(code)
+        elif code.module == "__main__":
             if not code.file:
                 raise RuntimeError("the step is defined in __main__ without a source file")
-            spec = importlib.util.spec_from_file_location(_SCRIPT_MODULE, code.file)
+            spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, code.file)
             if spec is None or spec.loader is None:
                 raise ImportError(f"cannot load {code.file}")
             module = importlib.util.module_from_spec(spec)
-            sys.modules[_SCRIPT_MODULE] = module
+            sys.modules[SCRIPT_MODULE] = module
             spec.loader.exec_module(module)
         else:
             try:
@@ -296,22 +523,59 @@ class StepExecutor:
         self._modules[key] = module
         return module
 
-    def _function(self, code: ir.CodeRef) -> Any:
-        fn = self._lookup(code)
+    def _function(self, code: ir.CodeRef, archive: str = "", store_uri: str = "") -> Any:
+        """The step function, checked against ``code.code_digest``.
+
+        Args:
+            code: the step's code reference.
+            archive: the sha256 of the run's code archive (``Task.code_archive``); empty: the
+                code comes from this process's own path.
+            store_uri: the task's artifact store, where the archive is read from when it can
+                be (else it is downloaded over the executor's channel).
+        """
+        root = self._code_root(archive, store_uri) if archive else None
+        fn = self._lookup(code, root)
         if self._digest(fn) != code.code_digest:
             # the module changed since this process imported it: import it afresh, once
-            self._modules.pop((code.module, code.file), None)
-            sys.modules.pop(_SCRIPT_MODULE if code.module == "__main__" else code.module, None)
-            fn = self._lookup(code)
+            self._modules.pop((str(root or ""), code.module, code.file), None)
+            sys.modules.pop(SCRIPT_MODULE if code.module == "__main__" else code.module, None)
+            fn = self._lookup(code, root)
             if self._digest(fn) != code.code_digest:
+                where = f"code archive {archive}" if archive else "this worker"
                 raise RuntimeError(
-                    f"the code of {code.module}.{code.qualname} in this worker differs from the "
+                    f"the code of {code.module}.{code.qualname} in {where} differs from the "
                     f"code the pipeline was compiled from (was the file edited during the run?)"
                 )
         return fn
 
-    def _lookup(self, code: ir.CodeRef) -> Any:
-        obj: Any = self._module(code)
+    def _code_root(self, archive: str, store_uri: str) -> Path:
+        """The folder the archive is unpacked in, fetched and unpacked first when needed."""
+        if self._code is None:
+            if self._home is None:
+                from plait._settings import plait_home
+
+                self._home = plait_home()
+            self._code = CodeCache(self._home)
+
+        def fetch(digest: str) -> bytes:
+            failure: Exception | None = None
+            if not self._remote_artifacts:
+                try:
+                    return self._store(store_uri).get(digest)
+                except (OSError, ValueError) as exc:  # not here, or not a store we can read
+                    failure = exc
+            if self._remote is None:
+                raise RuntimeError(
+                    f"code archive {digest} cannot be read from the artifact store "
+                    f"{store_uri or '(none)'} ({failure}), and this worker has no channel to "
+                    f"download it from the control plane"
+                )
+            return self._remote.get(digest)
+
+        return self._code.root(archive, fetch)
+
+    def _lookup(self, code: ir.CodeRef, root: Path | None = None) -> Any:
+        obj: Any = self._module(code, root)
         for part in code.qualname.split("."):
             obj = getattr(obj, part)
         return getattr(obj, "fn", obj)
@@ -322,13 +586,17 @@ class StepExecutor:
             digest = self._digests[fn] = code_digest(fn)
         return digest
 
-    def _store(self, uri: str) -> LocalArtifactStore:
+    def _store(self, uri: str) -> BlobStore:
+        """The task's artifact store: the local one its URI names, or the control plane's
+        over gRPC for a worker made with ``remote_artifacts``."""
+        if self._remote_artifacts and self._remote is not None:
+            return self._remote
         store = self._stores.get(uri)
         if store is None:
             store = self._stores[uri] = LocalArtifactStore.from_uri(uri)
         return store
 
-    def _value(self, v: tasks.Value, store: LocalArtifactStore) -> Any:
+    def _value(self, v: tasks.Value, store: BlobStore) -> Any:
         kind = v.WhichOneof("kind")
         if kind == "json":
             return json.loads(v.json)
@@ -339,9 +607,7 @@ class StepExecutor:
             return [self._value(i, store) for i in v.list.items]
         return {e.key: self._value(e.value, store) for e in v.map.entries}
 
-    def _store_outputs(
-        self, task: tasks.Task, result: Any, store: LocalArtifactStore
-    ) -> list[res.Artifact]:
+    def _store_outputs(self, task: tasks.Task, result: Any, store: BlobStore) -> list[res.Artifact]:
         specs = list(task.step.outputs)
         if not specs:
             return []
