@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import grpc
@@ -75,36 +75,37 @@ LAZY_LEASE_DELAY = 0.2
 (see ControlPlane.note_lease)."""
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _setting(
+    value: str | float | None, variable: str, default: _N, kind: type[_N], low: _N, high: _N
+) -> _N:
+    """`value` (a flag or a config key), else the environment `variable`, else `default`; a
+    number of `kind` above `low` and at most `high`, or PlaitError naming the setting."""
+    raw = value if value is not None else os.environ.get(variable) or None
+    if raw is None:
+        return default
+    try:
+        number = kind(raw)
+    except (TypeError, ValueError):
+        number = low
+    if isinstance(raw, bool) or not (low < number <= high):
+        name = variable.removeprefix("PLAIT_").lower()
+        raise PlaitError(f"{name}: expected a number above {low} and at most {high}, got {raw!r}")
+    return number
+
+
 def heartbeat_timeout_setting(value: str | float | None = None) -> float:
     """The lease length: `value` (a flag or a config key), else ``PLAIT_HEARTBEAT_TIMEOUT``, else
-    DEFAULT_LEASE_SECONDS; a positive number of seconds, or PlaitError."""
-    raw = value if value is not None else os.environ.get("PLAIT_HEARTBEAT_TIMEOUT") or None
-    if raw is None:
-        return DEFAULT_LEASE_SECONDS
-    try:
-        seconds = float(raw)
-    except (TypeError, ValueError):
-        seconds = 0.0
-    if isinstance(raw, bool) or not (0 < seconds <= 86400):
-        raise PlaitError(
-            f"heartbeat_timeout: expected a number of seconds between 0 and 86400, got {raw!r}"
-        )
-    return seconds
+    DEFAULT_LEASE_SECONDS; seconds above 0 and at most a day, or PlaitError."""
+    return _setting(value, "PLAIT_HEARTBEAT_TIMEOUT", DEFAULT_LEASE_SECONDS, float, 0.0, 86400.0)
 
 
 def max_log_bytes_setting(value: str | int | None = None) -> int:
     """The log limit: `value` (a flag or a config key), else ``PLAIT_MAX_LOG_BYTES``, else
     DEFAULT_MAX_LOG_BYTES; a positive number of bytes, or PlaitError."""
-    raw = value if value is not None else os.environ.get("PLAIT_MAX_LOG_BYTES") or None
-    if raw is None:
-        return DEFAULT_MAX_LOG_BYTES
-    try:
-        limit = int(raw)
-    except (TypeError, ValueError):
-        limit = 0
-    if isinstance(raw, bool) or limit < 1:
-        raise PlaitError(f"max_log_bytes: expected a positive number of bytes, got {raw!r}")
-    return limit
+    return _setting(value, "PLAIT_MAX_LOG_BYTES", DEFAULT_MAX_LOG_BYTES, int, 0, 2**62)
 
 
 @dataclass(frozen=True)

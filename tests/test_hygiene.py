@@ -257,6 +257,14 @@ def test_an_unreadable_or_invalid_config_is_one_line(tmp_path: Path) -> None:
     assert "port must be an integer" in _one_line(_plait(home, "server", "start"))
     config.write_text("max_log_bytes = 0\n")
     assert "max_log_bytes" in _one_line(_plait(home, "server", "start", "--foreground"))
+    config.write_text('heartbeat_timeout = "soon"\n')
+    assert "heartbeat_timeout must be a number of seconds" in _one_line(
+        _plait(home, "server", "start")
+    )
+    config.write_text("heartbeat_timeout = -1\n")
+    assert "heartbeat_timeout: expected a number above 0" in _one_line(
+        _plait(home, "server", "start", "--foreground")
+    )
     config.unlink()
     config.mkdir()  # unreadable as a file, even for root
     assert "cannot read" in _one_line(_plait(home, "server", "start"))

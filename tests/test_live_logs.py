@@ -6,7 +6,6 @@ line, never on the clock.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import queue
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from processes import DEADLINE, kill_group, spawned, wait_for
-from test_security import free_port
+from processes import DEADLINE, spawned, wait_for
+from test_security import Daemon
 
 import plait
 from plait._models import LogEntry
@@ -108,55 +107,6 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[plait.Cl
         yield c
     finally:
         c.shutdown()
-
-
-class Daemon:
-    """`plait server start --foreground` in a process group of its own (its workers in it)."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.address = f"127.0.0.1:{free_port()}"
-        self.env = {**os.environ, "PLAIT_HOME": str(home), "PLAIT_WORKERS": "1"}
-        for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
-            self.env.pop(key, None)
-        home.mkdir(parents=True, exist_ok=True)
-        with open(home / "foreground.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [PLAIT, "server", "start", "--foreground", "--port", self.address.split(":")[1]],
-                env=self.env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        try:
-
-            def started() -> bool:
-                if self.proc.poll() is not None:
-                    raise AssertionError((home / "foreground.log").read_text())
-                return (home / "server.pid").exists()
-
-            wait_for(started, "the daemon writing server.pid")
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def credential(self) -> str:
-        """The local admin token the daemon wrote in its PLAIT_HOME."""
-        return str(json.loads((self.home / "credentials.json").read_text())["token"])
-
-    def client_env(self) -> dict[str, str]:
-        """A client of this daemon: same PLAIT_HOME, so the local credential is used."""
-        return {**self.env, "PLAIT_SERVER": self.address}
-
-    def stop(self) -> None:
-        try:
-            self.proc.terminate()
-            self.proc.wait(timeout=DEADLINE)
-        finally:
-            kill_group(self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

@@ -76,6 +76,10 @@ class Daemon:
         )
         return out.stdout.strip()
 
+    def client_env(self) -> dict[str, str]:
+        """A client of this daemon: same PLAIT_HOME, so the local credential is used."""
+        return {**self.env, "PLAIT_SERVER": self.address}
+
     def kill(self) -> None:
         """SIGKILL the daemon alone (what it started is left to fend for itself); start another
         with the same home and port to restart it. Its group is still killed by stop()."""

@@ -97,6 +97,19 @@ def stuck_in_c(d: str) -> None:
 
 
 @plait.step(pool="p", cache=False)
+def chatty(d: str) -> None:
+    """Prints a line, then waits until the test has seen it through a follower."""
+    print("hello from a remote step", flush=False)
+    _wait_for(Path(d, "seen"))
+    print("bye")
+
+
+@plait.pipeline
+def chatting(d: str) -> None:
+    chatty(d)
+
+
+@plait.step(pool="p", cache=False)
 def quick(n: int) -> str:
     print(f"quick {n}")
     return f"{os.environ.get('PLAIT_WORKER_ID', 'one-shot')}:{n}"
@@ -461,3 +474,17 @@ def test_a_running_step_reports_to_its_restarted_control_plane(
             assert again.steps["quick"].output() == "A:8", a.log()
     finally:
         fx.close()
+
+
+def test_a_remote_steps_output_reaches_a_follower_while_it_runs(fx: Fixture) -> None:
+    with worker(fx, "a", "--artifacts", "remote"):
+        run_id = fx.start(fx.steps.chatting, d=str(fx.marks))
+        texts = []
+        for entry in fx.client.stream_logs(run_id, "chatty"):
+            texts.append(entry.text)
+            if "hello from a remote step" in entry.text:
+                # the step cannot end before this file exists: it was running
+                (fx.marks / "seen").touch()
+        assert (fx.marks / "seen").exists(), texts
+        assert "".join(texts) == "hello from a remote step\nbye\n"
+        assert fx.client.wait(run_id).status == "SUCCEEDED"

@@ -40,7 +40,55 @@ BACKOFF_MAX = 5.0
 POLL_MARGIN = 10.0
 """How much longer than its wait a PollTask call may take before the worker gives up on it."""
 
+STARTED_DELAY = 0.005
+"""How long a StartTask waits for the step to end: a step done by then sends only its
+completion, which carries the start time (one call, and one commit on the control plane, less)."""
+
 _R = TypeVar("_R")
+
+
+class _DeferredStarts:
+    """One thread per process that sends StartTask reports STARTED_DELAY after the step
+    started, unless the step ended first (its completion or failure then implies the start)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def hold(self, key: int, send: Callable[[], None]) -> None:
+        with self._cond:
+            self._due[key] = (time.monotonic() + STARTED_DELAY, send)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="plait-deferred-starts", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def drop(self, key: int) -> None:
+        """The step ended: its StartTask, if still held, is not sent."""
+        with self._cond:
+            self._due.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                key, (when, send) = min(self._due.items(), key=lambda kv: kv[1][0])
+                left = when - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                del self._due[key]
+            try:
+                send()
+            except Exception:  # a start report lost changes nothing that matters
+                continue
+
+
+_STARTS = _DeferredStarts()
 
 
 def reason(exc: grpc.RpcError) -> str:
@@ -266,7 +314,9 @@ class UnaryReporter:
         self._batch = 0
 
     def started(self, report: tasks.TaskStarted) -> None:
-        self._report(self._stub.StartTask, ws.StartTaskRequest(started=report))
+        """Held STARTED_DELAY: a step that ends sooner sends no StartTask at all."""
+        request = ws.StartTaskRequest(started=report)
+        _STARTS.hold(id(self), lambda: self._report(self._stub.StartTask, request))
 
     def metadata(self, report: tasks.TaskMetadata) -> None:
         self._report(self._stub.LogMetadata, ws.LogMetadataRequest(metadata=report))
@@ -282,9 +332,11 @@ class UnaryReporter:
         )
 
     def completed(self, report: tasks.TaskCompleted) -> None:
+        _STARTS.drop(id(self))
         self._report(self._stub.CompleteTask, ws.CompleteTaskRequest(completed=report))
 
     def failed(self, report: tasks.TaskFailed) -> None:
+        _STARTS.drop(id(self))
         self._report(self._stub.FailTask, ws.FailTaskRequest(failed=report))
 
     def heartbeat(self, token: tasks.LeaseToken) -> float:
