@@ -123,6 +123,8 @@ class SourceArchive:
     content: bytes | None = field(default=None, repr=False, compare=False)
     """The archive's bytes when this pack made them; None when the digest came from the
     record of an earlier pack (see :meth:`with_content`)."""
+    listed: list[str] = field(default_factory=list, repr=False, compare=False)
+    """The files packed, relative and sorted."""
 
     def with_content(self) -> SourceArchive:
         """This archive with its bytes: itself when it holds them, else the root packed again.
@@ -564,9 +566,71 @@ def _signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode & 0o111]
 
 
+_Quick = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a pack of a root depends on that stat calls can read: the packed files, the folders
+    holding them (a file added or removed changes its folder) and git's index, HEAD and branch
+    (a commit, an add). Paths are kept absolute, so that checking costs one stat each."""
+
+    paths: tuple[str, ...]
+    signatures: _Quick
+    files: int
+    """How many of the paths, from the first, are packed files."""
+
+    @classmethod
+    def read(cls, root: Path, files: list[str], work_tree: Path | None) -> _Seen | None:
+        base = str(root)
+        paths = [os.path.join(base, rel) for rel in files]
+        paths += [
+            os.path.join(base, folder)
+            for folder in sorted({os.path.dirname(rel) for rel in files} | {""})
+        ]
+        if work_tree is not None:
+            git = work_tree / ".git"
+            if not git.is_dir():
+                return None  # a linked work tree or a submodule: not worth following
+            names = ["index", "HEAD", "packed-refs"]
+            try:
+                head = (git / "HEAD").read_text().strip()
+            except OSError:
+                return None
+            if head.startswith("ref: "):
+                names.append(head[5:])
+            paths += [str(git / name) for name in names]
+        signatures = _signatures(paths)
+        return None if signatures is None else cls(tuple(paths), signatures, len(files))
+
+    def unchanged(self) -> bool:
+        return _signatures(self.paths) == self.signatures
+
+
+def _signatures(paths: list[str] | tuple[str, ...]) -> _Quick | None:
+    out: list[tuple[int, ...]] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            out.append(())  # absent (a packed-refs file a repository has not made)
+            continue
+        except OSError:
+            return None
+        out.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode))
+    return tuple(out)
+
+
+_MEMO: dict[tuple[str, str], tuple[_Seen, SourceArchive, int]] = {}
+"""This process's last pack of each (root, home): what it depended on, what it made, when."""
+
+
 def pack_source(root: Path, *, home: Path | None = None) -> SourceArchive:
     """Packs ``root`` (or finds that the last archive of it is still right) and returns what
     it is; the bytes are not kept (see :meth:`SourceArchive.data`).
+
+    A process that packs the same root again (a run started in a loop, a notebook) checks with
+    stat calls alone that nothing changed since its last pack, and then asks git nothing.
 
     Args:
         root: the source root.
@@ -577,6 +641,24 @@ def pack_source(root: Path, *, home: Path | None = None) -> SourceArchive:
     """
     root = root.resolve()
     home = home if home is not None else plait_home()
+    key = (str(root), str(home))
+    memo = _MEMO.get(key)
+    if memo is not None:
+        seen, made, made_ns = memo
+        racy = made_ns - RACY_SECONDS * 1e9
+        # a file written within the racy window may change again unseen by its mtime
+        files = seen.signatures[: seen.files]
+        if seen.unchanged() and all(s[1] < racy for s in files):
+            return made
+    made_ns = time.time_ns()
+    archive = _pack(root, home)
+    memo_seen = _Seen.read(root, archive.listed, _git_dir(root))
+    if memo_seen is not None:
+        _MEMO[key] = (memo_seen, dataclasses.replace(archive, content=None), made_ns)
+    return archive
+
+
+def _pack(root: Path, home: Path) -> SourceArchive:
     by_git, listing = _listing(root)
     stats = {rel: _signature(st) for rel, st in listing.items()}
     commit, dirty = _git_state(root) if by_git else ("", False)
@@ -594,7 +676,13 @@ def pack_source(root: Path, *, home: Path | None = None) -> SourceArchive:
         and all(s[1] < state.get("written_ns", 0) - RACY_SECONDS * 1e9 for s in stats.values())
     ):
         return SourceArchive(
-            root, str(state["digest"]), int(state["size"]), len(stats), commit, dirty
+            root,
+            str(state["digest"]),
+            int(state["size"]),
+            len(stats),
+            commit,
+            dirty,
+            listed=sorted(stats),
         )
     written = time.time_ns()
     entries = _read_entries(root, sorted(stats))
@@ -611,7 +699,9 @@ def pack_source(root: Path, *, home: Path | None = None) -> SourceArchive:
     with contextlib.suppress(OSError):  # only a cache: the next pack reads the files again
         _private_dirs(home, state_file.parent)
         write_private(state_file, json.dumps(record, separators=(",", ":")))
-    return SourceArchive(root, digest, len(data), len(entries), commit, dirty, content=data)
+    return SourceArchive(
+        root, digest, len(data), len(entries), commit, dirty, content=data, listed=sorted(stats)
+    )
 
 
 # ---- what a server already has ----

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -620,3 +621,36 @@ def test_a_worker_elsewhere_runs_the_pipeline_from_the_archive(
         kill_group(proc.pid)
         proc.kill()
         proc.wait()
+
+
+def test_a_process_packs_a_root_again_only_when_something_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plait import _archive
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname = 'p'\n")
+    (root / "a.py").write_text("A = 1\n")
+    old = time.time() - 60  # older than the racy window: stat alone may vouch for them
+    for f in root.iterdir():
+        os.utime(f, (old, old))
+    listings = []
+    real = _archive._listing
+
+    def counted(r: Path) -> Any:
+        listings.append(r)
+        return real(r)
+
+    monkeypatch.setattr(_archive, "_listing", counted)
+    home = tmp_path / "home"
+    first = _archive.pack_source(root, home=home)
+    assert _archive.pack_source(root, home=home).digest == first.digest
+    assert len(listings) == 1  # nothing changed: no second listing (no git, no walk)
+    (root / "sub").mkdir()
+    (root / "sub" / "b.py").write_text("B = 2\n")  # a new file in a new folder
+    second = _archive.pack_source(root, home=home)
+    assert second.digest != first.digest and len(listings) == 2
+    os.utime(root / "a.py", (old, old + 1))  # touched: looked at again
+    assert _archive.pack_source(root, home=home).digest == second.digest
+    assert len(listings) == 3

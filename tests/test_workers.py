@@ -488,3 +488,43 @@ def test_a_remote_steps_output_reaches_a_follower_while_it_runs(fx: Fixture) -> 
         assert (fx.marks / "seen").exists(), texts
         assert "".join(texts) == "hello from a remote step\nbye\n"
         assert fx.client.wait(run_id).status == "SUCCEEDED"
+
+
+def _lease_row(fx: Fixture, run_id: str, step: str) -> tuple[float, float]:
+    """(leased_at, lease_expires_at) of attempt 1, as the store has them."""
+    import sqlite3
+
+    con = sqlite3.connect(fx.daemon.home / "plait.db")
+    try:
+        row = con.execute(
+            "SELECT leased_at, lease_expires_at FROM attempts "
+            "WHERE run_id = ? AND step_id = ? AND attempt = 1",
+            (run_id, step),
+        ).fetchone()
+    finally:
+        con.close()
+    assert row is not None and row[0] is not None, row
+    return float(row[0]), float(row[1])
+
+
+def test_heartbeats_extend_a_running_steps_lease_and_a_short_step_sends_none(
+    fx: Fixture,
+) -> None:
+    with worker(fx, "A"):
+        # a short step: its lease is as PollTask granted it, never extended
+        quick = fx.client.wait(fx.start(fx.steps.quickly, n=7))
+        assert quick.status == "SUCCEEDED"
+        leased_at, expires = _lease_row(fx, quick.run_id, "quick")
+        assert abs(expires - leased_at - 2.0) < 1e-3  # --heartbeat-timeout 2, no heartbeat
+        # a step that runs past a third of its lease: heartbeats push its lease on
+        run_id = fx.start(fx.steps.holding, d=str(fx.marks))
+        wait_for((fx.marks / "started-1").exists, "the step starting")
+
+        def extended() -> bool:
+            leased, until = _lease_row(fx, run_id, "hold")
+            return until - leased > 2.1
+
+        wait_for(extended, "a heartbeat extending the lease")
+        (fx.marks / "go").touch()
+        done = fx.client.wait(run_id)
+        assert done.status == "SUCCEEDED" and done.steps["hold"].attempt == 1
