@@ -589,22 +589,41 @@ class _Seen:
             for folder in sorted({os.path.dirname(rel) for rel in files} | {""})
         ]
         if work_tree is not None:
-            git = work_tree / ".git"
-            if not git.is_dir():
-                return None  # a linked work tree or a submodule: not worth following
-            names = ["index", "HEAD", "packed-refs"]
+            git = _git_dirs(work_tree)
+            if git is None:
+                return None
+            own, common = git
             try:
-                head = (git / "HEAD").read_text().strip()
+                head = (own / "HEAD").read_text().strip()
             except OSError:
                 return None
+            paths += [str(own / "index"), str(own / "HEAD"), str(common / "packed-refs")]
             if head.startswith("ref: "):
-                names.append(head[5:])
-            paths += [str(git / name) for name in names]
+                paths.append(str(common / head[5:]))
         signatures = _signatures(paths)
         return None if signatures is None else cls(tuple(paths), signatures, len(files))
 
     def unchanged(self) -> bool:
         return _signatures(self.paths) == self.signatures
+
+
+def _git_dirs(work_tree: Path) -> tuple[Path, Path] | None:
+    """A work tree's own git folder (its index and HEAD) and the common one (its refs): the
+    same folder for a plain clone; for a linked work tree (``git worktree``), ``.git`` is a file
+    naming its own folder, which names the common one."""
+    dot_git = work_tree / ".git"
+    if dot_git.is_dir():
+        return dot_git, dot_git
+    try:
+        line = dot_git.read_text().strip()
+        if not line.startswith("gitdir: "):
+            return None
+        own = (work_tree / line[len("gitdir: ") :]).resolve()
+        common_file = own / "commondir"
+        common = (own / common_file.read_text().strip()).resolve() if common_file.exists() else own
+    except OSError:
+        return None
+    return own, common
 
 
 def _signatures(paths: list[str] | tuple[str, ...]) -> _Quick | None:

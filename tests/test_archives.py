@@ -654,3 +654,38 @@ def test_a_process_packs_a_root_again_only_when_something_changed(
     os.utime(root / "a.py", (old, old + 1))  # touched: looked at again
     assert _archive.pack_source(root, home=home).digest == second.digest
     assert len(listings) == 3
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["clone", "git-worktree"])
+def test_a_git_commit_is_seen_by_a_process_that_packed_the_root_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, linked: bool
+) -> None:
+    from plait import _archive
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    (repo / "pyproject.toml").write_text("[project]\nname = 'p'\n")
+    (repo / "a.py").write_text("A = 1\n")
+    subprocess.run([*git, "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "-C", str(repo), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "one"], check=True)
+    root = repo
+    if linked:
+        root = tmp_path / "linked"
+        subprocess.run([*git, "-C", str(repo), "worktree", "add", "-q", str(root)], check=True)
+    old = time.time() - 60
+    for f in ("pyproject.toml", "a.py"):
+        os.utime(root / f, (old, old))
+    listings = []
+    real = _archive._listing
+    monkeypatch.setattr(_archive, "_listing", lambda r: listings.append(r) or real(r))
+    home = tmp_path / "home"
+    first = _archive.pack_source(root, home=home)
+    assert _archive.pack_source(root, home=home) == first and len(listings) == 1
+    # a commit that touches no file of the root: only git's refs change
+    empty_commit = [*git, "-C", str(root), "commit", "-q", "--allow-empty", "-m", "two"]
+    subprocess.run(empty_commit, check=True)
+    after = _archive.pack_source(root, home=home)
+    assert after.git_commit != first.git_commit and after.digest == first.digest
+    assert len(listings) == 2
