@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -162,6 +163,10 @@ class Client:
         self.address = address
         self._config = ChannelConfig.from_env(address, token=token, tls_ca=tls_ca)
         self._metadata = self._config.metadata
+        self._packer: ThreadPoolExecutor | None = None
+        """Packs the source root while the pipeline registers (one thread, made on first use)."""
+        self._uploaded: set[str] = set()
+        """Archive digests this client uploaded or found remembered (saves reading the record)."""
         self._channel = open_channel(self._config)
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
@@ -190,10 +195,12 @@ class Client:
     def close(self) -> None:
         """Closes this client's connection (an embedded control plane keeps running)."""
         self._channel.close()
+        if self._packer is not None:
+            self._packer.shutdown(wait=False)
 
     def shutdown(self) -> None:
         """Closes the connection and stops the embedded control plane of this client's home."""
-        self._channel.close()
+        self.close()
         if self.home is not None:
             from plait._embedded import stop_embedded
 
@@ -239,8 +246,12 @@ class Client:
         from plait._archive import remember_upload, was_uploaded
 
         home, server = self._code_home(), self._server_key()
-        if not force and was_uploaded(home, server, archive.digest):
+        if not force and (
+            archive.digest in self._uploaded or was_uploaded(home, server, archive.digest)
+        ):
+            self._uploaded.add(archive.digest)
             return archive
+        self._uploaded.discard(archive.digest)
         archive = archive.with_content()
         assert archive.content is not None
         digest = self.upload_artifact(archive.content)
@@ -249,6 +260,7 @@ class Client:
                 f"the control plane stored the code archive as {digest}, not {archive.digest}"
             )
         remember_upload(home, server, archive.digest)
+        self._uploaded.add(archive.digest)
         _log.info(
             "uploaded code archive %s (%d files, %d bytes) of %s to %s",
             archive.digest,
@@ -289,8 +301,13 @@ class Client:
         on_events: Callable[[list[RunEvent]], None] | None = None,
     ) -> Run:
         """Registers the pipeline, starts a run and (with ``wait``) follows it to its end."""
-        version = self.register(pipeline)
-        archive = self._pack(pipeline)
+        if self._packer is None:
+            self._packer = ThreadPoolExecutor(1, thread_name_prefix="plait-pack")
+        packing = self._packer.submit(self._pack, pipeline)  # while the pipeline registers
+        try:
+            version = self.register(pipeline)
+        finally:
+            archive = packing.result()
         code = None
         if archive is not None:
             archive = self._upload_code(archive)
