@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 import anyio
-from anyio.abc import Process, TaskGroup, TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from plait.api.v1 import task_service_pb2 as tasks
@@ -22,7 +22,7 @@ from plait.runners._protocol import RunnerContext
 @dataclass
 class _Worker:
     id: str
-    process: Process
+    process: subprocess.Popen[bytes]
     task: tasks.LeaseToken | None = None
     connected: bool = False
     killed: bool = field(default=False)
@@ -80,6 +80,7 @@ class LocalRunner:
         self._waiting = 0
         self._ids = itertools.count(1)
         self._ctx: RunnerContext | None = None
+        self._waiters: anyio.CapacityLimiter | None = None
         self._tg: TaskGroup | None = None
 
     async def run(
@@ -87,6 +88,7 @@ class LocalRunner:
     ) -> None:
         """Runs the pool until cancelled, then kills and reaps every worker process."""
         self._ctx = ctx
+        self._waiters = anyio.CapacityLimiter(math.inf)  # one blocked thread per worker
         _reap_own_children()
         try:
             async with anyio.create_task_group() as tg:
@@ -115,7 +117,12 @@ class LocalRunner:
         env.pop("PLAIT_WORKER_TOKEN", None)
         if self._ctx.token:
             env["PLAIT_WORKER_TOKEN"] = self._ctx.token
-        process = await anyio.open_process(
+        # the Popen object is the one owner of the process: only its wait() reaps it (asyncio's
+        # subprocess transport could reap it from close() behind its own watcher's back, which
+        # then reports a made-up exit status). Started from the event loop's own thread, as
+        # asyncio does: the worker's PR_SET_PDEATHSIG follows the thread that forks it, and this
+        # one lives as long as the control plane
+        process = subprocess.Popen(  # noqa: ASYNC220
             [
                 sys.executable,
                 "-m",
@@ -136,8 +143,15 @@ class LocalRunner:
         self._workers[worker_id] = worker
         self._tg.start_soon(self._watch, worker)
 
+    async def _reaped(self, process: subprocess.Popen[bytes]) -> int:
+        """Waits for the process to end and reaps it, in a thread of the runner's own."""
+        assert self._waiters is not None
+        return await anyio.to_thread.run_sync(
+            process.wait, abandon_on_cancel=True, limiter=self._waiters
+        )
+
     async def _watch(self, worker: _Worker) -> None:
-        code = await worker.process.wait()
+        code = await self._reaped(worker.process)
         self._workers.pop(worker.id, None)
         if worker.task is not None and self._ctx is not None:
             reason = "killed (timeout or cancel)" if worker.killed else _exit_reason(code)
@@ -209,4 +223,4 @@ class LocalRunner:
         # reap them before the event loop that watches them goes away
         with anyio.move_on_after(5):
             for worker in workers:
-                await worker.process.wait()
+                await self._reaped(worker.process)
