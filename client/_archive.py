@@ -677,6 +677,20 @@ def pack_source(root: Path, *, home: Path | None = None) -> SourceArchive:
     return archive
 
 
+def git_state(root: Path) -> tuple[str, bool]:
+    """(the commit checked out in ``root``'s work tree, whether the root has changes it does not
+    hold); ("", False) outside git. What this process saw at its last pack of the root when
+    stat calls show nothing changed since, else one ``git status``."""
+    root = root.resolve()
+    for (memo_root, _), (seen, made, made_ns) in _MEMO.items():
+        if memo_root == str(root):
+            racy = made_ns - RACY_SECONDS * 1e9
+            files = seen.signatures[: seen.files]
+            if seen.unchanged() and all(s[1] < racy for s in files):
+                return made.git_commit, made.git_dirty
+    return _git_state(root) if _git_dir(root) is not None else ("", False)
+
+
 def _pack(root: Path, home: Path) -> SourceArchive:
     by_git, listing = _listing(root)
     stats = {rel: _signature(st) for rel, st in listing.items()}

@@ -271,6 +271,28 @@ class Client:
         )
         return archive
 
+    def _run_code(self, pipeline: Pipeline[Any]) -> tuple[CodeSource | None, SourceArchive | None]:
+        """What a run records of its code, and the archive it ships (uploaded).
+
+        The embedded engine runs in this very process, on this machine: its workers import the
+        code in place from the source root (no archive to pack, upload and unpack); a run
+        records the root's git commit and dirty flag. A control plane elsewhere gets the
+        archive.
+        """
+        from plait._archive import git_state, pipeline_root
+
+        if self.embedded:
+            root = pipeline_root(pipeline.fn)
+            if root is None:
+                return None, None
+            commit, dirty = git_state(root)
+            return CodeSource("", commit, dirty, local_root=str(root)), None
+        archive = self._pack(pipeline)
+        if archive is None:
+            return None, None
+        archive = self._upload_code(archive)
+        return CodeSource(archive.digest, archive.git_commit, archive.git_dirty), archive
+
     def push_code(self, pipeline: Pipeline[Any]) -> CodeSource | None:
         """Packs the pipeline's source root and uploads the archive once per digest.
 
@@ -303,15 +325,11 @@ class Client:
         """Registers the pipeline, starts a run and (with ``wait``) follows it to its end."""
         if self._packer is None:
             self._packer = ThreadPoolExecutor(1, thread_name_prefix="plait-pack")
-        packing = self._packer.submit(self._pack, pipeline)  # while the pipeline registers
+        packing = self._packer.submit(self._run_code, pipeline)  # while the pipeline registers
         try:
             version = self.register(pipeline)
         finally:
-            archive = packing.result()
-        code = None
-        if archive is not None:
-            archive = self._upload_code(archive)
-            code = CodeSource(archive.digest, archive.git_commit, archive.git_dirty)
+            code, archive = packing.result()
         params = []
         for name, value in parameters.items():
             try:

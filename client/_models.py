@@ -439,15 +439,26 @@ class CodeSource:
     """The commit checked out in the source root, when it is in a git work tree."""
     git_dirty: bool = False
     """True when the source root had changes that commit does not hold."""
+    local_root: str = ""
+    """The source root's path on the client's machine, for an embedded control plane, whose
+    workers run the code in place (no archive); a daemon ignores it."""
 
     def to_proto(self) -> res.CodeSource:
         return res.CodeSource(
-            archive=self.archive, git_commit=self.git_commit, git_dirty=self.git_dirty
+            archive=self.archive,
+            git_commit=self.git_commit,
+            git_dirty=self.git_dirty,
+            local_root=self.local_root,
         )
 
     @classmethod
     def from_proto(cls, c: res.CodeSource) -> CodeSource:
-        return cls(archive=c.archive, git_commit=c.git_commit, git_dirty=c.git_dirty)
+        return cls(
+            archive=c.archive,
+            git_commit=c.git_commit,
+            git_dirty=c.git_dirty,
+            local_root=c.local_root,
+        )
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,7 @@ class ControlPlane:
                 code_archive=getattr(code, "archive", "") or "",
                 git_commit=getattr(code, "git_commit", "") or "",
                 git_dirty=bool(getattr(code, "git_dirty", False)),
+                code_root=getattr(code, "local_root", "") or "",
             )
         )
         if isinstance(answer, Exception):

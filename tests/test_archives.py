@@ -37,7 +37,9 @@ from plait._archive import (
 )
 from plait.api.v1 import artifact_service_pb2 as apb
 from plait.api.v1 import artifact_service_pb2_grpc as apb_grpc
+from plait.api.v1 import resources_pb2, run_service_pb2
 from plait.errors import PipelineDefinitionError
+from plait.ir.v1 import ir_pb2
 from plait.runners.worker._blobs import RemoteBlobStore
 from plait.runners.worker._code import CodeCache, UnsafeArchiveError, unpack
 
@@ -409,7 +411,8 @@ def test_git_commit_and_dirty_flag_are_recorded(tmp_path: Path) -> None:
     (project / "notes.txt").write_text("untracked, not ignored: shipped, so the tree is dirty")
     dirty, _ = script(project, env, "run")
     assert (dirty["git_commit"], dirty["git_dirty"]) == (commit, True)
-    assert dirty["archive"] != clean["archive"]
+    # the embedded engine runs the code in place: no archive (a daemon's runs get one)
+    assert dirty["archive"] == clean["archive"] == ""
 
     (project / ".gitignore").write_text("notes.txt\n")
     git(project, "add", ".gitignore")
@@ -689,3 +692,49 @@ def test_a_git_commit_is_seen_by_a_process_that_packed_the_root_before(
     after = _archive.pack_source(root, home=home)
     assert after.git_commit != first.git_commit and after.digest == first.digest
     assert len(listings) == 2
+
+
+def test_a_daemon_never_runs_code_from_a_clients_local_path(tmp_path: Path) -> None:
+    # a CreateRun that names a folder instead of an archive: only an embedded engine (the
+    # client's own process) may run code in place; a daemon's workers must not import from it
+    secret = tmp_path / "elsewhere"
+    secret.mkdir()
+    (secret / "far_steps.py").write_text(
+        textwrap.dedent(
+            """
+            import plait
+
+            @plait.step
+            def touch(path: str) -> None:
+                open(path, "w").close()
+
+            @plait.pipeline
+            def far(path: str) -> None:
+                touch(path)
+            """
+        )
+    )
+    sys.path.insert(0, str(secret))
+    try:
+        import far_steps  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(secret))
+        sys.modules.pop("far_steps", None)
+    daemon = Daemon(tmp_path / "home")
+    try:
+        client = plait.Client(daemon.address, token=daemon.credential)
+        version = client.register(far_steps.far)
+        marker = tmp_path / "ran"
+        request = run_service_pb2.CreateRunRequest(
+            pipeline_version=version,
+            parameters=[ir_pb2.NamedValue(name="path", json=json.dumps(str(marker)))],
+            code=resources_pb2.CodeSource(local_root=str(secret)),
+        )
+        run_id = client._runs.CreateRun(request, metadata=client._metadata).run.run_id
+        done = client.wait(run_id)
+        client.close()
+    finally:
+        daemon.stop()
+    assert done.status == "FAILED" and not marker.exists()
+    error = done.steps["touch"].error
+    assert error is not None and "far_steps" in error.message, error

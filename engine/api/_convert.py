@@ -150,6 +150,7 @@ def task_to_proto(order: TaskOrder, store_uri: str, log_limit_bytes: int = 0) ->
         artifact_store_uri=store_uri,
         log_limit_bytes=log_limit_bytes,
         code_archive=order.code_archive,
+        code_root=order.code_root,
         lease_seconds=order.lease_seconds,
         pool=order.pool,
     )

@@ -92,6 +92,7 @@ LIMITS: dict[str, int] = {
     _API + "CreateRunRequest.request_id": NAME,
     _API + "CodeSource.archive": NAME,
     _API + "CodeSource.git_commit": NAME,
+    _API + "CodeSource.local_root": PATH,
     _API + "GetRunRequest.name": NAME,
     _API + "ListRunsRequest.page_token": NAME,
     _API + "ListRunsRequest.pipeline": NAME,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,10 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                     raise PipelineValidationError(f"parameters: {p.name!r} given twice")
                 params[p.name] = p.json
             code = _code_source(request)
+            if code is not None and code.local_root and self.cp.config.api_tokens:
+                # a path on some client's machine: only the embedded engine of that very
+                # process may run code from it (a daemon's workers never do)
+                code = dataclasses.replace(code, local_root="")
             if code is not None and code.archive and not self.cp.artifacts.exists(code.archive):
                 # the client uploads it and asks again (it may remember an upload to another
                 # server that had this address)

@@ -31,6 +31,9 @@ class CreateRun:
     """The sha256 of the code archive the run's steps import from; empty: their own path."""
     git_commit: str = ""
     git_dirty: bool = False
+    code_root: str = ""
+    """With no archive: the folder an embedded engine's workers import the code from (the
+    source root of its own client, on this machine). Not stored: embedded runs never resume."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ class TaskOrder:
     pool: str = ""
     """The remote worker pool it waits in; empty: the runner's own."""
     code_archive: str = ""
+    code_root: str = ""
     lease_seconds: float = 0.0
     """How long a lease on it lasts without a heartbeat."""
 

@@ -362,7 +362,7 @@ class Scheduler:
             run = self._rebuild(row, lookups)
             old = self._detached.get(row.run_id) or self.runs.get(row.run_id)
             if old is not None:
-                run.code_archive = old.code_archive
+                run.code_archive, run.code_root = old.code_archive, old.code_root
             for st in run.steps.values():
                 if st.key is not None and all(
                     run.steps[u].outputs is not None for u in st.upstream
@@ -460,6 +460,7 @@ class Scheduler:
             open_steps=len(steps),
             default_runner=stack_runner,
             code_archive=cmd.code_archive,
+            code_root=cmd.code_root,
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
@@ -654,6 +655,7 @@ class Scheduler:
             timeout=settings.timeout_seconds if settings.HasField("timeout_seconds") else None,
             pool=st.pool,
             code_archive=run.code_archive,
+            code_root=run.code_root,
             lease_seconds=self.lease_seconds,
         )
 

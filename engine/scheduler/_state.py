@@ -97,6 +97,8 @@ class RunState:
     """The runner of the run's stack, for steps that name none."""
     code_archive: str = ""
     """The code archive the run's steps import from."""
+    code_root: str = ""
+    """With no archive, the local folder they import from (an embedded engine's runs)."""
 
     def move(self, to: RunStatus) -> None:
         if to not in RUN_TRANSITIONS[self.status]:

@@ -468,7 +468,9 @@ class StepExecutor:
             reset = _context.set_context(ctx)
             try:
                 store = self._store(task.artifact_store_uri)
-                fn = self._function(task.step.code, task.code_archive, task.artifact_store_uri)
+                fn = self._function(
+                    task.step.code, task.code_archive, task.artifact_store_uri, task.code_root
+                )
                 kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
                 result = fn(**kwargs)
                 if inspect.isawaitable(result):
@@ -485,10 +487,12 @@ class StepExecutor:
                         os.environ[name] = old
         return failure, outputs, start
 
-    def _module(self, code: ir.CodeRef, root: Path | None = None) -> ModuleType:
+    def _module(self, code: ir.CodeRef, root: Path | None = None, local: str = "") -> ModuleType:
         """The step's module: from the unpacked code archive ``root``, else from this process's
-        own path (``code.file`` relative to the working folder, or absolute in older IR)."""
-        key = (str(root or ""), code.module, code.file)
+        own path (``code.file`` relative to the ``local`` source root when given, else to the
+        working folder, or absolute in older IR)."""
+        file = os.path.join(local, code.file) if local and code.file else code.file
+        key = (str(root or local), code.module, code.file)
         module = self._modules.get(key)
         if module is not None:
             return module
@@ -500,11 +504,11 @@ class StepExecutor:
         if root is not None:
             module = self._roots.load(code)
         elif code.module == "__main__":
-            if not code.file:
+            if not file:
                 raise RuntimeError("the step is defined in __main__ without a source file")
-            spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, code.file)
+            spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, file)
             if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load {code.file}")
+                raise ImportError(f"cannot load {file}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[SCRIPT_MODULE] = module
             spec.loader.exec_module(module)
@@ -512,9 +516,9 @@ class StepExecutor:
             try:
                 module = importlib.import_module(code.module)
             except ImportError:
-                if not code.file:
+                if not file:
                     raise
-                spec = importlib.util.spec_from_file_location(code.module, code.file)
+                spec = importlib.util.spec_from_file_location(code.module, file)
                 if spec is None or spec.loader is None:
                     raise
                 module = importlib.util.module_from_spec(spec)
@@ -523,7 +527,9 @@ class StepExecutor:
         self._modules[key] = module
         return module
 
-    def _function(self, code: ir.CodeRef, archive: str = "", store_uri: str = "") -> Any:
+    def _function(
+        self, code: ir.CodeRef, archive: str = "", store_uri: str = "", code_root: str = ""
+    ) -> Any:
         """The step function, checked against ``code.code_digest``.
 
         Args:
@@ -532,14 +538,18 @@ class StepExecutor:
                 code comes from this process's own path.
             store_uri: the task's artifact store, where the archive is read from when it can
                 be (else it is downloaded over the executor's channel).
+            code_root: with no archive, the local folder the code is imported from as the
+                source root (an embedded engine's own client's); empty: this process's path.
         """
         root = self._code_root(archive, store_uri) if archive else None
-        fn = self._lookup(code, root)
+        # a local root is this process's own path, not an archive: nothing is unloaded for it
+        local = "" if archive else code_root
+        fn = self._lookup(code, root, local)
         if self._digest(fn) != code.code_digest:
             # the module changed since this process imported it: import it afresh, once
-            self._modules.pop((str(root or ""), code.module, code.file), None)
+            self._modules.pop((str(root or local), code.module, code.file), None)
             sys.modules.pop(SCRIPT_MODULE if code.module == "__main__" else code.module, None)
-            fn = self._lookup(code, root)
+            fn = self._lookup(code, root, local)
             if self._digest(fn) != code.code_digest:
                 where = f"code archive {archive}" if archive else "this worker"
                 raise RuntimeError(
@@ -574,8 +584,8 @@ class StepExecutor:
 
         return self._code.root(archive, fetch)
 
-    def _lookup(self, code: ir.CodeRef, root: Path | None = None) -> Any:
-        obj: Any = self._module(code, root)
+    def _lookup(self, code: ir.CodeRef, root: Path | None = None, local: str = "") -> Any:
+        obj: Any = self._module(code, root, local)
         for part in code.qualname.split("."):
             obj = getattr(obj, part)
         return getattr(obj, "fn", obj)

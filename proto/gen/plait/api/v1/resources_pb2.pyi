@@ -207,6 +207,7 @@ class CodeSource(_message.Message):
     ARCHIVE_FIELD_NUMBER: _builtins.int
     GIT_COMMIT_FIELD_NUMBER: _builtins.int
     GIT_DIRTY_FIELD_NUMBER: _builtins.int
+    LOCAL_ROOT_FIELD_NUMBER: _builtins.int
     archive: _builtins.str
     """The sha256 of the archive (stored with UploadArtifact, read with DownloadBlob); empty when
     workers import the code from their own path.
@@ -215,16 +216,22 @@ class CodeSource(_message.Message):
     """The commit checked out in the source root, when it is a git repository."""
     git_dirty: _builtins.bool
     """True when the source root had changes not committed to git."""
+    local_root: _builtins.str
+    """The source root's absolute path on the client's machine, for an embedded control plane
+    (the client's own process): its workers run the code in place, with no archive. A daemon
+    ignores it.
+    """
     def __init__(
         self,
         *,
         archive: _builtins.str = ...,
         git_commit: _builtins.str = ...,
         git_dirty: _builtins.bool = ...,
+        local_root: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "git_commit", b"git_commit", "git_dirty", b"git_dirty"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "git_commit", b"git_commit", "git_dirty", b"git_dirty", "local_root", b"local_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -72,6 +72,7 @@ class Task(_message.Message):
     CODE_ARCHIVE_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    CODE_ROOT_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
     """The pipeline's name."""
     artifact_store_uri: _builtins.str
@@ -91,6 +92,10 @@ class Task(_message.Message):
     """
     pool: _builtins.str
     """The remote worker pool the step runs in; empty for a runner's own pool."""
+    code_root: _builtins.str
+    """With no code_archive: the folder (on the worker's machine) the step's code is imported
+    from, as the source root (an embedded control plane's own client's).
+    """
     @_builtins.property
     def token(self) -> Global___LeaseToken:
         """The lease."""
@@ -120,10 +125,11 @@ class Task(_message.Message):
         code_archive: _builtins.str = ...,
         lease_seconds: _builtins.float = ...,
         pool: _builtins.str = ...,
+        code_root: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "code_archive", b"code_archive", "inputs", b"inputs", "lease_seconds", b"lease_seconds", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "pool", b"pool", "step", b"step", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "code_archive", b"code_archive", "code_root", b"code_root", "inputs", b"inputs", "lease_seconds", b"lease_seconds", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "pool", b"pool", "step", b"step", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
