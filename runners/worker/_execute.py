@@ -49,6 +49,8 @@ LOG_CHUNK_BYTES = 256 * 1024
 """The most bytes of output one TaskLogs carries (far below gRPC's message limit)."""
 LOG_INTERVAL = 0.25
 """How often a running step's new output is sent (a step that ends sooner sends it once)."""
+IDLE_TICKS = 8
+"""Intervals with no step after which the log tail thread sleeps until a step wakes it."""
 MAX_METADATA_BYTES = 1024 * 1024
 """The largest metadata one ``log_metadata`` call may attach."""
 MAX_ERROR_BYTES = 64 * 1024
@@ -183,20 +185,29 @@ class _Capture:
                 self._send(live, final=True)
 
     def _follow(self) -> None:
-        """The tail thread: sleeps while no step runs; while one does, sends its new output
-        every LOG_INTERVAL seconds. A short step costs it nothing: it notices neither the step's
-        start (it is already waiting for the step before) nor its end."""
+        """The tail thread: while steps run, it wakes every LOG_INTERVAL and sends the new output
+        of a step that has run for longer than that. A short step costs it nothing: nobody wakes
+        the thread when a step starts or ends (a wake-up per step would cost the step two
+        thread switches). After IDLE_TICKS intervals with no step it sleeps until the next step
+        wakes it, so an idle worker costs nothing either."""
+        quiet = 0
         while True:
             with self._cond:
-                while self._live is None:
-                    self._idle = True
-                    self._cond.wait()
-                    self._idle = False
+                if self._live is None:
+                    quiet += 1
+                    if quiet > IDLE_TICKS:
+                        self._idle = True
+                        while self._live is None:
+                            self._cond.wait()
+                        self._idle = False
+                        quiet = 0
+                else:
+                    quiet = 0
+            time.sleep(LOG_INTERVAL)
+            with self._cond:
                 live = self._live
-                while self._live is live and (delay := live.due - time.monotonic()) > 0:
-                    self._cond.wait(delay)
-                if self._live is not live:
-                    continue  # that step ended (and another may run): start over
+                if live is None or live.due > time.monotonic():
+                    continue
             # what the step printed may still sit in Python's buffer (stdout is block-buffered
             # into a file); flushed outside the lock, as the step's own flush may wait for it
             for stream in (sys.__stdout__, sys.__stderr__):

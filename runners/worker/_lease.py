@@ -33,6 +33,9 @@ EXIT_CANCELLED = 5
 """Exit code of a step process that stopped because the control plane asked it to (the run was
 cancelled or the step's timeout passed)."""
 
+IDLE_ROUNDS = 3
+"""Waits of one heartbeat interval with no task after which the lease thread sleeps until a
+task wakes it."""
 RETRY_SECONDS = 1.0
 """The longest wait before another try after a heartbeat that did not get through."""
 
@@ -89,8 +92,10 @@ class _Held:
 class LeaseKeeper:
     """Heartbeats the lease of the task this process runs, from one thread started on first use.
 
-    `begin` and `end` cost a lock and a notify: nothing else happens for a step that ends
-    within the first third of its lease.
+    `begin` and `end` cost a lock: nothing else happens for a step that ends within the first
+    third of its lease. The thread is not woken per task (two thread switches a step): while
+    tasks come, it wakes on its own once an interval and finds the task that runs then; only
+    after a while with none does it sleep until `begin` wakes it.
     """
 
     def __init__(self) -> None:
@@ -98,6 +103,8 @@ class LeaseKeeper:
         self._held: _Held | None = None
         self._thread: threading.Thread | None = None
         self._stderr = -1
+        self._wake_at = math.inf
+        """When the thread wakes on its own (-inf: it is awake; inf: only when woken)."""
 
     def begin(self, token: tasks.LeaseToken, lease_seconds: float, reporter: Heartbeater) -> None:
         """Keeps `token`'s lease, `lease_seconds` long from now, through `reporter`.
@@ -113,7 +120,8 @@ class LeaseKeeper:
                 self._thread = threading.Thread(target=self._loop, name="plait-lease", daemon=True)
                 self._thread.start()
             self._held = held
-            self._cond.notify()
+            if self._wake_at > held.due:  # it would not look in time by itself
+                self._cond.notify()
 
     def end(self) -> None:
         """The step is over: stop heartbeating (a heartbeat in flight is ignored)."""
@@ -121,12 +129,21 @@ class LeaseKeeper:
             self._held = None
 
     def _loop(self) -> None:
+        idle, interval = 0, 1.0
         while True:
             with self._cond:
                 held = self._held
                 if held is None:
-                    self._cond.wait()
+                    if idle < IDLE_ROUNDS:
+                        idle += 1
+                        self._wake_at = time.monotonic() + interval
+                        self._cond.wait(interval)
+                    else:
+                        self._wake_at = math.inf
+                        self._cond.wait()
+                    self._wake_at = -math.inf
                     continue
+                idle, interval = 0, min(held.interval, 60.0)
                 now = time.monotonic()
                 if now >= held.expires:
                     self._stop(
@@ -140,7 +157,9 @@ class LeaseKeeper:
                 if now < held.due:
                     wake = min(held.due, held.expires)
                     # an infinite lease (a stream that dies with its control plane) needs none
+                    self._wake_at = wake
                     self._cond.wait(None if math.isinf(wake) else wake - now)
+                    self._wake_at = -math.inf
                     continue
             sent = time.monotonic()
             try:
