@@ -267,8 +267,6 @@ class ControlPlane:
             raise
         return self._answers.pop(id(cmd))
 
-    _ask = ask
-
     async def create_run(
         self,
         version: str,
@@ -279,7 +277,7 @@ class ControlPlane:
     ) -> RunCreated:
         """Creates a run (or finds the one ``request_id`` made). ``code``: a CodeSource record
         (archive, git_commit, git_dirty), or None."""
-        answer = await self._ask(
+        answer = await self.ask(
             CreateRun(
                 version,
                 parameters,
@@ -298,7 +296,7 @@ class ControlPlane:
 
     async def cancel_run(self, run_id: str) -> bool:
         """Cancels an active run; False when it was not active (already ended)."""
-        return bool(await self._ask(CancelRun(run_id)))
+        return bool(await self.ask(CancelRun(run_id)))
 
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
         self.submit(

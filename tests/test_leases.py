@@ -21,6 +21,7 @@ import pytest
 from grpc_status import rpc_status
 from processes import kill_group, wait_for
 from test_security import PLAIT, Daemon
+from test_workers import running
 
 import plait
 from plait.api.v1 import task_service_pb2 as tasks
@@ -165,7 +166,7 @@ def test_a_killed_daemons_step_stops_before_its_retry_starts(tmp_path: Path, pro
         pid = int(first.name.split("-")[1])
         started[0].kill()
         # the step's process dies with its control plane (it does not wait for a lease)
-        wait_for(lambda: not _alive(pid), "the orphaned step process stopping")
+        wait_for(lambda: not running(pid), "the orphaned step process stopping")
         d = restart(started)
         run = finished(d, run_id)
         assert run.status == "SUCCEEDED", run
@@ -197,7 +198,7 @@ def test_a_stopped_worker_loses_its_lease_and_the_step_is_retried(
         events = [e for batch in client(d).watch(run_id) for e in batch]
         retried = [e for e in events if e.step_status == "RETRYING"]
         assert len(retried) == 1 and "lease expired" in retried[0].message
-        wait_for(lambda: not _alive(pid), "the stopped worker being killed")
+        wait_for(lambda: not running(pid), "the stopped worker being killed")
 
 
 def test_a_timeout_is_enforced_on_a_step_stuck_in_c_code(tmp_path: Path, project: Path) -> None:
@@ -329,12 +330,3 @@ def test_exit_statuses_are_true_even_when_sigchld_was_ignored(tmp_path: Path) ->
     assert status == "FAILED"
     assert int(attempts_made) == 4  # the first attempt and the crash budget's three
     assert "exited with code 3" in message
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

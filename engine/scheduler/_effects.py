@@ -77,9 +77,6 @@ class Effects:
     replies: dict[int, RunCreated | Beat | bool | Exception] = field(default_factory=dict)
     """Answers by ``id(command)``: RunCreated or an error for CreateRun, found for CancelRun,
     applied or not for a report or lease command that asked, a Beat for a Heartbeat."""
-    released: list[Token] = field(default_factory=list)
-    """Attempts that lost their holder without ending (handed back, or re-dispatched at a
-    restart): their earlier tokens are fenced off by a new epoch."""
 
     def step(self, run_id: str, step_id: str, **values: Any) -> None:
         self.step_updates.setdefault((run_id, step_id), {}).update(values)

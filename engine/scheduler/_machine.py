@@ -15,7 +15,7 @@ import hashlib
 import heapq
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -703,34 +703,39 @@ class Scheduler:
 
     def _arm(self, run_id: str, st: StepState) -> None:
         """Puts the current attempt's deadlines on the reaper's heap."""
+        for kind, when in enumerate((st.queue_deadline, st.lease_expires, st.close_deadline)):
+            if when is not None:
+                self._push(when, kind, run_id, st)
+
+    def _push(self, when: float, kind: int, run_id: str, st: StepState) -> None:
         self._pushes += 1
         if self._pushes >= COMPACT_EVERY:
             self._compact()
-        for when, kind in (
-            (st.queue_deadline, _QUEUE),
-            (st.lease_expires, _LEASE),
-            (st.close_deadline, _CLOSE),
-        ):
-            if when is not None:
-                heapq.heappush(
-                    self._deadlines, (when, kind, run_id, st.spec.id, st.attempt, st.epoch)
-                )
+        heapq.heappush(self._deadlines, (when, kind, run_id, st.spec.id, st.attempt, st.epoch))
+
+    @staticmethod
+    def _still_due(
+        entry: tuple[float, int, str, str, int, int], runs: Mapping[str, RunState]
+    ) -> tuple[RunState, StepState] | None:
+        """The run and step of a heap entry that is still the deadline of its kind of the
+        step's current, open attempt; None for an entry left behind."""
+        when, kind, run_id, step_id, attempt, epoch = entry
+        run = runs.get(run_id)
+        st = run.steps.get(step_id) if run is not None else None
+        if run is None or st is None or (st.attempt, st.epoch) != (attempt, epoch):
+            return None
+        if st.status is not StepStatus.QUEUED and st.status is not StepStatus.RUNNING:
+            return None
+        if when != (st.queue_deadline, st.lease_expires, st.close_deadline)[kind]:
+            return None
+        return run, st
 
     def _compact(self) -> None:
         """Drops the heap's entries that no longer match a current attempt's deadline (most
         attempts end long before their queue deadline), so that it holds about what is due."""
         self._pushes = 0
-        kept = []
-        for entry in self._deadlines:
-            when, kind, run_id, step_id, attempt, epoch = entry
-            run = self.runs.get(run_id) or self._detached.get(run_id)
-            st = run.steps.get(step_id) if run is not None else None
-            if st is None or (st.attempt, st.epoch) != (attempt, epoch):
-                continue
-            if st.status is not StepStatus.QUEUED and st.status is not StepStatus.RUNNING:
-                continue
-            if when == (st.queue_deadline, st.lease_expires, st.close_deadline)[kind]:
-                kept.append(entry)
+        runs = {**self._detached, **self.runs}
+        kept = [entry for entry in self._deadlines if self._still_due(entry, runs)]
         heapq.heapify(kept)
         self._deadlines = kept
 
@@ -773,10 +778,7 @@ class Scheduler:
         self._touched[run.run_id] = run
         st.lease_expires = now + self.lease_seconds
         fx.attempt(run.run_id, st.spec.id, st.attempt, lease_expires_at=st.lease_expires)
-        heapq.heappush(
-            self._deadlines,
-            (st.lease_expires, _LEASE, run.run_id, st.spec.id, st.attempt, st.epoch),
-        )
+        self._push(st.lease_expires, _LEASE, run.run_id, st)
         return Beat(alive=True, lease_seconds=self.lease_seconds)
 
     def _release(self, run: RunState, st: StepState, fx: Effects) -> None:
@@ -805,21 +807,16 @@ class Scheduler:
         its timeout (FAILED, a TimeoutError). Runners are told to stop the last two."""
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            when, kind, run_id, step_id, attempt, epoch = heapq.heappop(heap)
-            run = self.runs.get(run_id)
-            st = run.steps.get(step_id) if run is not None else None
-            if (
-                run is None
-                or st is None
-                or st.attempt != attempt
-                or st.epoch != epoch
-                or st.status not in (StepStatus.QUEUED, StepStatus.RUNNING)
-            ):
+            entry = heapq.heappop(heap)
+            found = self._still_due(entry, self.runs)
+            if found is None:
                 continue
-            token = Token(run_id, step_id, attempt, epoch)
+            run, st = found
+            kind, run_id = entry[1], entry[2]
+            token = Token(run_id, st.spec.id, st.attempt, st.epoch)
             where = f"of pool {st.pool!r}" if st.pool else f"of runner {st.runner!r}"
             if kind == _QUEUE:
-                if st.holder is not None or st.queue_deadline != when:
+                if st.holder is not None:
                     continue
                 error = StepError(
                     "plait.QueueTimeout",
@@ -827,7 +824,7 @@ class Scheduler:
                 )
                 failed = Failed(token, error, crashed=True)
             elif kind == _LEASE:
-                if st.holder is None or st.lease_expires != when:
+                if st.holder is None:
                     continue
                 error = StepError(
                     "plait.LeaseExpired",
@@ -837,8 +834,6 @@ class Scheduler:
                 failed = Failed(token, error, crashed=True)
                 fx.cancels.append(token)
             else:
-                if st.close_deadline != when:
-                    continue
                 limit = st.spec.settings.timeout_seconds
                 error = StepError(
                     "builtins.TimeoutError",

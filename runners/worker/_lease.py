@@ -201,6 +201,23 @@ class LeaseKeeper:
             os.write(self._stderr, f"plait: {line}\n".encode(errors="replace"))
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Asks the kernel to SIGKILL this process when its parent (the control plane, or a
+    worker's supervisor) dies (Linux), so that no step goes on beside its own retry; exits now
+    if ``parent`` is gone already (it died before the request took effect)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _short(exc: BaseException) -> str:
     """An exception in a few words: a gRPC status code's name when it has one."""
     code = getattr(exc, "code", None)

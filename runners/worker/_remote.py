@@ -46,6 +46,7 @@ from plait.runners.worker._lease import (
     Cancelled,
     LeaseLost,
     describe,
+    die_with_parent,
 )
 from plait.runners.worker._unary import (
     REFUSED,
@@ -584,16 +585,6 @@ class _ChildReporter(UnaryReporter):
         self.outcome = f"failed: {report.error.type or 'error'}"
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the supervisor dies (Linux); exit now if it is gone already."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def child_main(argv: Sequence[str] | None = None) -> int:
     """A slot's child process: runs the tasks the supervisor hands it, one at a time, until
     its task pipe closes."""
@@ -606,7 +597,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--artifacts", choices=("auto", "local", "remote"), default="auto")
     opts = parser.parse_args(argv)
-    _die_with_parent(opts.parent)
+    die_with_parent(opts.parent)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # stopping is the supervisor's decision
 

@@ -26,6 +26,7 @@ from plait.api.v1 import task_service_pb2 as tasks
 from plait.api.v1 import worker_service_pb2 as ws
 from plait.api.v1 import worker_service_pb2_grpc as ws_grpc
 from plait.runners.worker._lease import Cancelled, LeaseLost
+from plait.runners.worker._stream import STARTED_DELAY
 
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 """Status codes that mean: try again (the control plane is down, restarting or slow)."""
@@ -40,9 +41,6 @@ BACKOFF_MAX = 5.0
 POLL_MARGIN = 10.0
 """How much longer than its wait a PollTask call may take before the worker gives up on it."""
 
-STARTED_DELAY = 0.005
-"""How long a StartTask waits for the step to end: a step done by then sends only its
-completion, which carries the start time (one call, and one commit on the control plane, less)."""
 
 _R = TypeVar("_R")
 
