@@ -51,6 +51,9 @@ runs = sa.Table(
     sa.Column("code_archive", sa.String),
     sa.Column("git_commit", sa.String),
     sa.Column("git_dirty", sa.Boolean),
+    # the control-plane replica that schedules the run (see the replicas table); another takes
+    # it over when that one's lease expires
+    sa.Column("owner", sa.String, index=True),
 )
 
 step_runs = sa.Table(
@@ -67,6 +70,8 @@ step_runs = sa.Table(
     sa.Column("error", sa.JSON),
     sa.Column("started_at", sa.Float),
     sa.Column("ended_at", sa.Float),
+    # RETRYING: when the next attempt is due (a retry's delay, backoff and jitter applied)
+    sa.Column("retry_at", sa.Float),
 )
 
 attempts = sa.Table(
@@ -171,6 +176,17 @@ stacks = sa.Table(
     # kind -> component name
     sa.Column("components", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    # the control planes sharing this database: each renews its row while it lives; one whose
+    # row expired is gone, and a live one takes over its runs
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("address", sa.String, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 settings = sa.Table(
