@@ -40,6 +40,7 @@ from plait.engine.scheduler import (
 )
 from plait.engine.scheduler._effects import Beat
 from plait.engine.scheduler._machine import (
+    DEFAULT_CRASH_RETRIES,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_QUEUE_TIMEOUT,
     RUNNER_HOLDER,
@@ -146,6 +147,12 @@ class ControlPlaneConfig:
     (CRASHED, retried). Workers heartbeat about three times in that span."""
     queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT
     """How long a queued attempt may wait for a worker (schedule-to-start); None: forever."""
+    crash_retries: int = DEFAULT_CRASH_RETRIES
+    """Attempts a step may lose to its infrastructure (CRASHED: a lost worker, an expired
+    lease) and still be retried; they never use up the step's own retries."""
+    pool_limits: Mapping[str, int] = field(default_factory=dict)
+    """The most steps running at once per pool (a runner's name, or a remote pool's); a pool
+    not named has no limit beyond its workers."""
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'plait.db'}"
@@ -172,6 +179,8 @@ class ControlPlane:
             log_limit_bytes=config.max_log_bytes,
             lease_seconds=config.heartbeat_timeout,
             queue_timeout=config.queue_timeout,
+            crash_retries=config.crash_retries,
+            pool_limits=config.pool_limits,
         )
         self.pools = TaskPools()
         self._lookups = SqlLookups(self.artifacts.exists)

@@ -152,8 +152,10 @@ class Scheduler:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT,
         crash_retries: int = DEFAULT_CRASH_RETRIES,
+        pool_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._runners = runners
+        self._pool_limits = dict(pool_limits or {})
         self.lease_seconds = lease_seconds
         self._queue_timeout = queue_timeout
         self._crash_retries = crash_retries
