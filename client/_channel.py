@@ -7,6 +7,7 @@ The SDK's :class:`plait.Client` and every CLI command that talks to a server use
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ class ChannelConfig:
     ``PLAIT_TOKEN``, ``PLAIT_TLS_CA``, ``PLAIT_TLS_CERT`` and ``PLAIT_TLS_KEY``."""
 
     address: str
-    """host:port."""
+    """host:port, or several comma-separated: the replicas of one control plane."""
     token: str = ""
     """Bearer token sent with every call; empty sends none."""
     tls_ca: str = ""
@@ -68,10 +69,39 @@ class ChannelConfig:
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
 
+def target(address: str) -> str:
+    """The gRPC target of ``address``: ``host:port``, or several, comma-separated: the
+    replicas of one control plane (sharing one database). gRPC then talks to the first that
+    answers and, when it goes away, to the next (its ``pick_first`` policy), so a client
+    reconnects to another replica by itself. Several addresses are resolved here, once."""
+    if "," not in address:
+        return address
+    v4: list[str] = []
+    v6: list[str] = []
+    items = [item.strip() for item in address.split(",")]
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            raise errors.PlaitError(f"not a host:port in the server list {address!r}: {item!r}")
+        try:
+            found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise errors.PlaitError(f"cannot resolve {item!r}: {exc}") from None
+        v4 += [f"{a[0]}:{a[1]}" for f, *_, a in found if f == socket.AF_INET][:1]
+        v6 += [f"[{a[0]}]:{a[1]}" for f, *_, a in found if f == socket.AF_INET6][:1]
+    # one address family per target (gRPC's ipv4: and ipv6: schemes)
+    if len(v4) == len(items):
+        return "ipv4:" + ",".join(v4)
+    if len(v6) == len(items):
+        return "ipv6:" + ",".join(v6)
+    raise errors.PlaitError(f"the servers {address!r} do not share an address family")
+
+
 def open_channel(config: ChannelConfig) -> Any:
-    """A ``grpc.Channel`` to the control plane: TLS when ``config.tls_ca`` is set."""
+    """A ``grpc.Channel`` to the control plane (to one of its replicas, see :func:`target`):
+    TLS when ``config.tls_ca`` is set."""
     if not config.tls_ca:
-        return grpc.insecure_channel(config.address, options=_OPTIONS)
+        return grpc.insecure_channel(target(config.address), options=_OPTIONS)
     try:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=Path(config.tls_ca).read_bytes(),
@@ -80,7 +110,7 @@ def open_channel(config: ChannelConfig) -> Any:
         )
     except OSError as exc:
         raise errors.PlaitError(f"cannot read the TLS files: {exc}") from None
-    return grpc.secure_channel(config.address, credentials, options=_OPTIONS)
+    return grpc.secure_channel(target(config.address), credentials, options=_OPTIONS)
 
 
 def is_serving(config: ChannelConfig, timeout: float = 2.0) -> bool:

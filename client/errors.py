@@ -37,6 +37,7 @@ __all__ = [
     "RpcError",
     "RunNotFoundError",
     "StepFailedError",
+    "UnavailableError",
 ]
 
 
@@ -138,6 +139,13 @@ class InUseError(PlaitError):
     """Something cannot be deleted or changed while others use it (FAILED_PRECONDITION)."""
 
     reason = "IN_USE"
+
+
+class UnavailableError(PlaitError):
+    """The control plane cannot serve the call now, but another try may succeed: the run is
+    scheduled by another control-plane replica, or by one that is gone and not yet taken over."""
+
+    reason = "UNAVAILABLE"
 
 
 class RpcError(PlaitError):

@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import secrets
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +50,20 @@ from plait.engine.scheduler._machine import (
 from plait.engine.store import Store
 from plait.engine.store._engine import Backoff, is_transient
 from plait.engine.store._pipelines import register_pipeline
+from plait.engine.store._replicas import (
+    claim_runs,
+    orphans_exist,
+    register_replica,
+    remove_replica,
+    renew_replica,
+    run_owner,
+)
 from plait.engine.store._scheduling import (
     SqlLookups,
     load_active_runs,
-    load_unfinished_runs,
     write_effects,
 )
-from plait.errors import PlaitError
+from plait.errors import PlaitError, UnavailableError
 from plait.ir.canonical import message_digest
 from plait.ir.v1 import ir_pb2
 from plait.runners import LocalRunner, Runner, RunnerContext
@@ -74,6 +83,17 @@ REAP_INTERVAL = 0.1
 LAZY_LEASE_DELAY = 0.2
 """How long the lease of a local pool's hand-off may wait to ride along with the next batch
 (see ControlPlane.note_lease)."""
+REPLICA_FILE = "replica-id"
+"""The file in PLAIT_HOME that keeps a daemon's replica id across restarts."""
+
+
+class ReplicaLostError(PlaitError):
+    """This control plane's replica row is gone: another replica took it for dead and took its
+    runs over. It must not write about them any more."""
+
+
+class _TakeOver:
+    """Tells the scheduler loop to take over the runs of replicas that are gone."""
 
 
 _N = TypeVar("_N", int, float)
@@ -188,7 +208,9 @@ class ControlPlane:
         """Runs rolled back out of the scheduler's view by a failed transaction, to restore
         from the store before the next one (see _commit)."""
         self.hub = EventHub()
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Command](math.inf)
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[Command | _TakeOver](
+            math.inf
+        )
         self._replies: dict[int, anyio.Event] = {}
         """Who waits for the answer to a command, by ``id(command)``."""
         self._answers: dict[int, Any] = {}
@@ -203,6 +225,14 @@ class ControlPlane:
         # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
         self.worker_secret = secrets.token_urlsafe(32)
         self.owner_secret = secrets.token_urlsafe(32)
+        self.replica_id = _replica_id(config)
+        """This control plane's row in the replicas table (see store/_replicas.py)."""
+        self._renewed = 0.0
+        """When (monotonic) the replica row was last renewed."""
+        self._taking_over = False
+        """A _TakeOver is in the inbox."""
+        self.lost_replica = False
+        """Another replica took this one for dead (and its runs over): it stopped."""
 
     def _listen(self, server: Any, address: str) -> int:
         if self.config.tls_cert or self.config.tls_key:
@@ -244,7 +274,7 @@ class ControlPlane:
 
     # ---- inputs from servicers ----
 
-    def submit(self, item: Command) -> None:
+    def submit(self, item: Command | _TakeOver) -> None:
         self._inbox_send.send_nowait(item)
 
     async def register_pipeline(self, spec: ir_pb2.PipelineSpec) -> tuple[str, bool]:
@@ -266,6 +296,9 @@ class ControlPlane:
         """Submits a command and waits for its answer, given once its batch is committed (a
         CreateRun's RunCreated or error, a CancelRun's found, a report's or lease command's
         applied, a Heartbeat's Beat)."""
+        token = getattr(cmd, "token", None)
+        if token is not None and token.run_id not in self.scheduler.runs:
+            await self._check_owner(token.run_id)
         done = self._replies[id(cmd)] = anyio.Event()
         self.submit(cmd)
         try:
@@ -275,6 +308,23 @@ class ControlPlane:
             self._answers.pop(id(cmd), None)
             raise
         return self._answers.pop(id(cmd))
+
+    async def _check_owner(self, run_id: str) -> None:
+        """A worker's call about a run this replica does not schedule: when another replica
+        does (or will, once it takes over from one that is gone), the worker is told to try
+        again (UNAVAILABLE) rather than that its lease is lost."""
+        active, owner, alive = await self.store.read(run_owner, run_id, time.time())
+        if not active or owner == self.replica_id:
+            return  # ended, or ours: the scheduler answers (a stale report changes nothing)
+        if alive:
+            raise UnavailableError(
+                f"run {run_id} is scheduled by another control-plane replica ({owner}); "
+                f"report to it (list every replica in PLAIT_SERVER)"
+            )
+        raise UnavailableError(
+            f"run {run_id} was scheduled by a control-plane replica that is gone; a live one "
+            f"takes it over within the heartbeat timeout: try again"
+        )
 
     async def create_run(
         self,
@@ -316,9 +366,26 @@ class ControlPlane:
 
     def _tick(self, conn: Connection, batch: list[Command], now: float) -> Effects:
         """One batch in one transaction: the scheduler decides, the store writes."""
+        self._fence(conn, now)
         fx = self.scheduler.apply(batch, now, self._lookups.bind(conn))
+        for row in fx.run_inserts:
+            row["owner"] = self.replica_id
         fx.events = write_effects(conn, fx)
         return fx
+
+    def _fence(self, conn: Connection, now: float) -> None:
+        """Refuses to write when this replica may have been taken for dead: when its row was
+        last renewed more than half its lease ago (the renewing task has been held up: a
+        paused process, a long stall), it is renewed here, in this transaction, or the
+        transaction fails with ReplicaLostError (another replica schedules these runs now)."""
+        if time.monotonic() - self._renewed < self.config.heartbeat_timeout / 2:
+            return
+        if not renew_replica(conn, self.replica_id, now, self.config.heartbeat_timeout):
+            raise ReplicaLostError(
+                f"this control plane (replica {self.replica_id}) was taken for dead by another "
+                f"replica, which now schedules its runs"
+            )
+        self._renewed = time.monotonic()
 
     def _fail_runs(self, conn: Connection, run_ids: list[str], reason: str, now: float) -> Effects:
         fx = self.scheduler.abort(run_ids, now, reason, RunStatus.FAILED)
@@ -335,10 +402,31 @@ class ControlPlane:
         return r.alive(handle)
 
     def _recover(self, conn: Connection, now: float) -> Effects:
+        """At start: takes up this daemon's own unfinished runs (its runner can tell whether
+        their workers live), then those of replicas that are gone (whose workers only their
+        leases can tell about)."""
+        own = claim_runs(conn, self.replica_id, now, own=True)
         fx = self.scheduler.recover(
-            load_unfinished_runs(conn), now, self._lookups.bind(conn), self._alive
+            load_active_runs(conn, own), now, self._lookups.bind(conn), self._alive
         )
         fx.events = write_effects(conn, fx)
+        more = self._take_over(conn, now)
+        fx.events += more.events
+        fx.tasks += more.tasks
+        fx.cancels += more.cancels
+        return fx
+
+    def _take_over(self, conn: Connection, now: float) -> Effects:
+        """Takes over the unfinished runs of replicas that are gone: the same attempts go on
+        (a worker that still holds one may finish it here) until their leases expire."""
+        run_ids = claim_runs(conn, self.replica_id, now)
+        self.scheduler.forget(run_ids)  # a retried transaction claims them again
+        fx = self.scheduler.recover(
+            load_active_runs(conn, run_ids), now, self._lookups.bind(conn), _unknown
+        )
+        fx.events = write_effects(conn, fx)
+        if run_ids:
+            log.warning("took over %d run(s) of control-plane replicas that are gone", len(run_ids))
         return fx
 
     def _write(self, conn: Connection, fx: Effects) -> Effects:
@@ -354,6 +442,18 @@ class ControlPlane:
 
     async def _loop(self) -> None:
         async for first in self._inbox:
+            if isinstance(first, _TakeOver):
+                self._taking_over = False
+                try:
+                    fx = await self._commit(self._take_over)
+                except ReplicaLostError as exc:
+                    self._lost(exc)
+                    return
+                except Exception:
+                    log.exception("could not take over the runs of replicas that are gone")
+                    continue
+                await self._act(fx)
+                continue
             batch = [first]
             if self._lazy:  # leases first: they precede every report of their workers
                 batch[:0] = self._lazy
@@ -369,11 +469,20 @@ class ControlPlane:
                     self._expiring = False
             try:
                 fx = await self._commit(self._tick, batch, now=now, small=len(batch) <= SMALL_TICK)
+            except ReplicaLostError as exc:
+                self._lost(exc)
+                return
             except Exception as exc:
                 await self._isolate(batch, exc)
                 continue
             self._answer(fx.replies)
             await self._act(fx)
+
+    def _lost(self, exc: ReplicaLostError) -> None:
+        """Another replica schedules this one's runs now: stop, writing nothing more."""
+        log.critical("%s; this control plane stops", exc)
+        self.lost_replica = True
+        self.stop()
 
     async def _act(self, fx: Effects) -> None:
         """What a committed batch implies: publish its events, stop and start attempts."""
@@ -558,6 +667,29 @@ class ControlPlane:
         if handle is not None:  # a process started for it: its handle goes on the lease
             self.submit(Lease(order.token, f"{RUNNER_HOLDER}{order.runner}", handle))
 
+    async def _replicate(self) -> None:
+        """Renews this replica's row while it lives (three times per heartbeat timeout); a
+        daemon (which resumes runs) also looks for runs whose replica is gone, and takes them
+        over (a _TakeOver through the scheduler loop)."""
+        ttl = self.config.heartbeat_timeout
+        while True:
+            await anyio.sleep(ttl / 3)
+            try:
+                renewed = await self.store.write(renew_replica, self.replica_id, time.time(), ttl)
+                if renewed:
+                    self._renewed = time.monotonic()
+                orphans = self.config.resume and await self.store.read(orphans_exist, time.time())
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                continue  # the store is away: the scheduler's loop says so, and waits for it
+            if not renewed:
+                self._lost(ReplicaLostError(f"replica {self.replica_id}'s row is gone"))
+                return
+            if orphans and not self._taking_over:
+                self._taking_over = True
+                self.submit(_TakeOver())
+
     async def _reap(self) -> None:
         """Wakes the scheduler when a deadline of the store's queue has passed (an attempt no
         one took, a lease not renewed, a timeout), and sends along leases that waited too long
@@ -607,6 +739,16 @@ class ControlPlane:
             path = self.config.credential_file
             token = await self.store.write(local_admin_token, path)
             write_credential(path, token, port)
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = socket.gethostname()
+        await self.store.write(
+            register_replica,
+            self.replica_id,
+            f"{host}:{port}",
+            time.time(),
+            self.config.heartbeat_timeout,
+        )
+        self._renewed = time.monotonic()
         # local workers report over loopback, in the clear, with a token that lives in memory
         worker_address = self.address
         if self.config.tls_cert:
@@ -617,6 +759,7 @@ class ControlPlane:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._loop)
                 tg.start_soon(self._reap)
+                tg.start_soon(self._replicate)
                 ctx = RunnerContext(
                     address=worker_address,
                     home=self.config.home,
@@ -632,7 +775,7 @@ class ControlPlane:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                if self.scheduler.runs and not self.config.resume:
+                if self.scheduler.runs and not self.config.resume and not self.lost_replica:
                     # nothing resumes an embedded engine's runs: say so rather than leave
                     # them RUNNING forever
                     try:
@@ -644,10 +787,45 @@ class ControlPlane:
                     except Exception:
                         log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
+                if not self.lost_replica:
+                    try:  # another replica may take its unfinished runs over at once
+                        await self.store.write(remove_replica, self.replica_id)
+                    except Exception:
+                        log.exception("could not remove this replica's row")
                 await self.store.aclose()
                 # nothing is read from the inbox any more: close it (no stream left to the GC)
                 self._inbox_send.close()
                 self._inbox.close()
+        if self.lost_replica:
+            raise ReplicaLostError(
+                f"stopped: another control-plane replica took this one ({self.replica_id}) for "
+                f"dead and schedules its runs"
+            )
+
+
+def _unknown(runner: str, handle: str | None) -> None:
+    """Whether a worker of another replica lives: this one cannot tell (its lease will)."""
+    return None
+
+
+def _replica_id(config: ControlPlaneConfig) -> str:
+    """A daemon's replica id, kept in PLAIT_HOME so that after a restart it takes up its own
+    runs at once (and its runner can tell which of their workers live); an embedded engine's,
+    new each time (several processes may embed one over the same PLAIT_HOME)."""
+    if not config.resume:
+        return uuid.uuid4().hex
+    path = config.home / REPLICA_FILE
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if len(found) == 32 and found.isalnum():
+        return found
+    new = uuid.uuid4().hex
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new + "\n")
+    return new
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,8 +1,10 @@
 """Committed events, fanned out live, and the resumable streams built on them.
 
 A watcher reads the backlog from the store (after the sequence it last saw), then follows the
-live events the hub publishes after each commit. Subscribing before reading the backlog means no
-event falls between the two; sequence numbers drop the ones seen twice.
+live events the hub publishes after each commit, and reads the store again whenever none came
+for a while (a run scheduled by another replica sharing the database publishes nothing here).
+Subscribing before reading the backlog means no event falls between the two; sequence numbers
+drop the ones seen twice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 
 PAGE = 1000
 """Backlog rows read per query."""
+STORE_POLL = 0.5
+"""How long a watcher waits for live events before it reads the store: the events of a run
+another control-plane replica schedules reach it only that way."""
 
 
 class EventHub:
@@ -79,7 +84,14 @@ async def watch_events(
             yield backlog
             if _ends_run(backlog):
                 return
-        async for batch in live:
+        while True:
+            batch: list[RunEvent] | None = None
+            # the hub has the events of the runs this control plane schedules; those of a run
+            # another replica schedules (or takes over) are read from the store, now and then
+            with anyio.move_on_after(STORE_POLL):
+                batch = await live.receive()
+            if batch is None:
+                batch = await store.read(_runs.list_events, run_id, last, PAGE, run_events_only)
             events = [e for e in batch if e.sequence > last and not (run_events_only and e.step_id)]
             if not events:
                 continue

@@ -20,6 +20,7 @@ STATUS_FOR: tuple[tuple[type[errors.PlaitError], grpc.StatusCode], ...] = (
     (errors.LeaseLostError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.InUseError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.PlaitError, grpc.StatusCode.INTERNAL),
 )
 

@@ -1,0 +1,116 @@
+"""Control-plane replicas sharing one database: who is alive, and who schedules which run.
+
+Every control plane has a row in ``replicas`` that it renews while it lives (``expires_at``),
+and schedules the runs whose ``owner`` it is: the runs it created, and those it took over. A
+replica whose row expired is gone; a live one that may resume runs deletes that row and takes
+its unfinished runs over, in one transaction whose row locks skip what another replica holds
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite has one writer at a time anyway), so every
+run gets exactly one new owner. A replica that finds its own row gone was taken for dead: it
+must stop scheduling (see ``ControlPlane``), since another one schedules its runs now.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from plait.engine.store import _schema as db
+
+_ACTIVE = ("PENDING", "RUNNING")
+
+
+def register_replica(
+    conn: Connection, replica_id: str, address: str, now: float, ttl: float
+) -> None:
+    """Adds (or replaces: a daemon restarting under its own id) this replica's row."""
+    conn.execute(sa.delete(db.replicas).where(db.replicas.c.id == replica_id))
+    conn.execute(
+        sa.insert(db.replicas).values(
+            id=replica_id, address=address, started_at=now, expires_at=now + ttl
+        )
+    )
+
+
+def renew_replica(conn: Connection, replica_id: str, now: float, ttl: float) -> bool:
+    """Pushes this replica's expiry on; False when its row is gone (another replica took it
+    for dead and took its runs over)."""
+    done = conn.execute(
+        sa.update(db.replicas).where(db.replicas.c.id == replica_id).values(expires_at=now + ttl)
+    )
+    return done.rowcount == 1
+
+
+def remove_replica(conn: Connection, replica_id: str) -> None:
+    """Deletes this replica's row (a clean stop): another replica may take its runs at once."""
+    conn.execute(sa.delete(db.replicas).where(db.replicas.c.id == replica_id))
+
+
+def orphans_exist(conn: Connection, now: float) -> bool:
+    """Whether some replica has expired, or some unfinished run has no live owner: there is
+    something to take over."""
+    expired = conn.execute(
+        sa.select(db.replicas.c.id).where(db.replicas.c.expires_at < now).limit(1)
+    ).first()
+    if expired is not None:
+        return True
+    orphan = conn.execute(sa.select(db.runs.c.id).where(_orphaned(now)).limit(1)).first()
+    return orphan is not None
+
+
+def _orphaned(now: float) -> sa.ColumnElement[bool]:
+    live = sa.select(db.replicas.c.id).where(db.replicas.c.expires_at >= now)
+    return sa.and_(
+        db.runs.c.status.in_(_ACTIVE),
+        sa.or_(db.runs.c.owner.is_(None), db.runs.c.owner.not_in(live.scalar_subquery())),
+    )
+
+
+def claim_runs(conn: Connection, replica_id: str, now: float, *, own: bool = False) -> list[str]:
+    """Takes over the unfinished runs of replicas that expired (their rows are deleted) and of
+    none (an owner that stopped, or runs from before replicas): their owner becomes
+    ``replica_id``. With ``own``, returns instead the unfinished runs already its own (a
+    daemon restarting under its id). Rows another replica is claiming right now are skipped
+    (it takes them). Returns the ids of the runs, oldest first."""
+    if own:
+        query = sa.select(db.runs.c.id).where(
+            db.runs.c.status.in_(_ACTIVE), db.runs.c.owner == replica_id
+        )
+        return list(conn.execute(query.order_by(db.runs.c.created_at)).scalars())
+    dead = (
+        sa.select(db.replicas.c.id)
+        .where(db.replicas.c.expires_at < now, db.replicas.c.id != replica_id)
+        .with_for_update(skip_locked=True)
+    )
+    dead_ids = list(conn.execute(dead).scalars())
+    if dead_ids:
+        conn.execute(sa.delete(db.replicas).where(db.replicas.c.id.in_(dead_ids)))
+    mine = conn.execute(
+        sa.select(db.runs.c.id)
+        .where(_orphaned(now))
+        .order_by(db.runs.c.created_at)
+        .with_for_update(skip_locked=True)
+    )
+    run_ids = list(mine.scalars())
+    if run_ids:
+        conn.execute(sa.update(db.runs).where(db.runs.c.id.in_(run_ids)).values(owner=replica_id))
+    return run_ids
+
+
+def run_owner(conn: Connection, run_id: str, now: float) -> tuple[bool, str | None, bool]:
+    """About a run this replica does not hold: (whether the store has it unfinished, its
+    owner, whether that owner is alive)."""
+    row = conn.execute(
+        sa.select(db.runs.c.status, db.runs.c.owner).where(db.runs.c.id == run_id)
+    ).first()
+    if row is None or row.status not in _ACTIVE:
+        return False, None, False
+    alive = (
+        row.owner is not None
+        and conn.execute(
+            sa.select(db.replicas.c.id).where(
+                db.replicas.c.id == row.owner, db.replicas.c.expires_at >= now
+            )
+        ).first()
+        is not None
+    )
+    return True, row.owner, alive

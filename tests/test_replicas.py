@@ -1,0 +1,244 @@
+"""Several control-plane replicas on one PostgreSQL: they share the runs, a SIGKILLed one's runs
+are finished by the others once its leases expire (each taken over by exactly one), clients
+reconnect to another replica, and a replica taken for dead stops instead of writing on."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import textwrap
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from processes import DEADLINE, wait_for
+from sqlalchemy.ext.asyncio import create_async_engine
+from test_postgres import postgres_database
+from test_security import Daemon
+
+import plait
+
+pytestmark = pytest.mark.postgres
+
+STEPS = """
+import os
+from pathlib import Path
+
+import plait
+from plait import step, pipeline
+
+
+@step
+def work(d: str, i: int, k: int) -> int:
+    ctx = plait.get_step_context()
+    line = f"{ctx.run_id} {ctx.step_id} {ctx.attempt}\\n"
+    fd = os.open(Path(d) / "executions", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, line.encode())
+    os.close(fd)
+    while not (Path(d) / "go").exists():
+        import time
+        time.sleep(0.05)
+    return i * i
+
+
+@step
+def total(xs: list[int], k: int) -> int:
+    return sum(xs)
+
+
+@pipeline
+def spread(d: str, k: int) -> int:
+    return total([work(d, i, k) for i in range(3)], k)
+"""
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    folder = tmp_path_factory.mktemp("replica_steps")
+    (folder / "replica_steps.py").write_text(textwrap.dedent(STEPS))
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module("replica_steps")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("replica_steps", None)
+
+
+class Replicas:
+    """Daemons sharing one fresh PostgreSQL database and one artifact store, 2-second leases."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp: Path) -> None:
+        self.tmp = tmp
+        self.url, self._drop = postgres_database(request)
+        self.flags = (
+            "--database-url",
+            self.url,
+            "--artifact-store",
+            (tmp / "artifacts").as_uri(),
+            "--heartbeat-timeout",
+            "2",
+        )
+        self.daemons: list[Daemon] = []
+        self.token = ""
+
+    def start(self, name: str) -> Daemon:
+        daemon = Daemon(self.tmp / name, *self.flags)
+        self.daemons.append(daemon)
+        if not self.token:  # an API token of the shared store: good on every replica
+            self.token = daemon.token("create", "replicas-test")
+        return daemon
+
+    def client(self, *daemons: Daemon) -> plait.Client:
+        return plait.Client(",".join(d.address for d in daemons), token=self.token)
+
+    def replica_id(self, daemon: Daemon) -> str:
+        return (daemon.home / "replica-id").read_text().strip()
+
+    def query(self, sql: str) -> list[Any]:
+        async def go() -> list[Any]:
+            engine = create_async_engine(self.url)
+            try:
+                async with engine.connect() as conn:
+                    return list((await conn.execute(sa.text(sql))).all())
+            finally:
+                await engine.dispose()
+
+        return anyio.run(go)
+
+    def close(self) -> None:
+        try:
+            for daemon in self.daemons:
+                daemon.stop()
+        finally:
+            self._drop()
+
+
+@pytest.fixture
+def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Replicas]:
+    r = Replicas(request, tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def _executions(d: Path) -> Counter[tuple[str, str, int]]:
+    path = d / "executions"
+    lines = path.read_text().split() if path.exists() else []
+    return Counter((lines[i], lines[i + 1], int(lines[i + 2])) for i in range(0, len(lines), 3))
+
+
+def _check_once(replicas: Replicas, d: Path, run_ids: list[str]) -> None:
+    """Every step of every run succeeded, with one SUCCEEDED attempt; no attempt ran twice;
+    a step ran again only after an attempt of it CRASHED."""
+    executions = _executions(d)
+    assert max(executions.values()) == 1, executions  # no attempt dispatched twice
+    ids = ",".join(f"'{r}'" for r in run_ids)
+    rows = replicas.query(
+        f"SELECT run_id, step_id, attempt, status FROM attempts WHERE run_id IN ({ids})"
+    )
+    succeeded = Counter((r, s) for r, s, _, status in rows if status == "SUCCEEDED")
+    assert set(succeeded.values()) == {1}, succeeded
+    assert len(succeeded) == len(run_ids) * 4  # three work steps and the total, each run
+    for run_id, step_id, attempt in executions:
+        status = {(r, s, a): st for r, s, a, st in rows}[(run_id, step_id, attempt)]
+        assert status in ("SUCCEEDED", "CRASHED"), (run_id, step_id, attempt, status)
+
+
+def test_replicas_share_runs_and_finish_a_killed_ones_runs(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    a, b, c = replicas.start("a"), replicas.start("b"), replicas.start("c")
+    d = tmp_path / "marks"
+    d.mkdir()
+    via_a = replicas.client(a, b, c)  # a first; the others when a is gone
+    via_b, via_c = replicas.client(b), replicas.client(c)
+    try:
+        runs = {
+            name: [
+                client.run_pipeline(steps.spread, {"d": str(d), "k": 10 * n + k}, wait=False).run_id
+                for k in range(3)
+            ]
+            for n, (name, client) in enumerate((("a", via_a), ("b", via_b), ("c", via_c)))
+        }
+        owners = dict(replicas.query("SELECT id, owner FROM runs"))
+        for name, daemon in (("a", a), ("b", b), ("c", c)):
+            assert {owners[r] for r in runs[name]} == {replicas.replica_id(daemon)}
+
+        def started_on_every_replica() -> bool:
+            seen = {r for r, _, _ in _executions(d)}
+            return all(seen & set(ids) for ids in runs.values())
+
+        wait_for(started_on_every_replica, "a step running on every replica")
+        a.kill()  # its local workers die with it, mid-step
+        (d / "go").touch()
+
+        # a client of the killed replica reconnects to another and follows its runs to the end
+        ended = {run_id: via_a.wait(run_id) for run_id in runs["a"]}
+        assert {r.status for r in ended.values()} == {plait.RunStatus.SUCCEEDED}
+        assert {r.steps["total"].output() for r in ended.values()} == {0 + 1 + 4}
+        for run_id in runs["b"] + runs["c"]:
+            assert via_b.wait(run_id).status is plait.RunStatus.SUCCEEDED
+    finally:
+        for client in (via_a, via_b, via_c):
+            client.close()
+    all_runs = [r for ids in runs.values() for r in ids]
+    _check_once(replicas, d, all_runs)
+    # a's runs were taken over by b or c, each by one of them; a's row is gone
+    owners = dict(replicas.query("SELECT id, owner FROM runs"))
+    survivors = {replicas.replica_id(b), replicas.replica_id(c)}
+    assert {owners[r] for r in runs["a"]} <= survivors
+    live = {row[0] for row in replicas.query("SELECT id FROM replicas")}
+    assert replicas.replica_id(a) not in live
+    # the attempt a's worker held when a died CRASHED (its lease expired) and ran again
+    crashed = replicas.query(
+        "SELECT run_id FROM attempts WHERE status = 'CRASHED' AND run_id IN ("
+        + ",".join(f"'{r}'" for r in runs["a"])
+        + ")"
+    )
+    assert crashed
+
+
+def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    d = tmp_path / "marks"
+    d.mkdir()
+    via_a, via_b = replicas.client(a), replicas.client(b)
+    try:
+        run_id = via_a.run_pipeline(steps.spread, {"d": str(d), "k": 0}, wait=False).run_id
+        wait_for(lambda: bool(_executions(d)), "a step of the run running")
+        os.kill(a.proc.pid, signal.SIGSTOP)  # paused past its lease: b takes its run over
+        try:
+            me = replicas.replica_id(b)
+
+            def taken() -> bool:
+                return replicas.query(f"SELECT owner FROM runs WHERE id = '{run_id}'")[0][0] == me
+
+            wait_for(taken, "b taking the paused replica's run over")
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        # back, a finds itself taken for dead, and stops rather than write about the run
+        a.proc.wait(timeout=DEADLINE)
+        assert a.proc.returncode != 0
+        assert "for dead" in a.log.read_text()
+        (d / "go").touch()
+        result: dict[str, plait.Run] = {}
+        waiter = threading.Thread(target=lambda: result.setdefault("run", via_b.wait(run_id)))
+        waiter.start()
+        waiter.join(DEADLINE)
+        assert result["run"].status is plait.RunStatus.SUCCEEDED
+        assert result["run"].steps["total"].output() == 5
+    finally:
+        via_a.close()
+        via_b.close()
+    _check_once(replicas, d, [run_id])
