@@ -19,10 +19,10 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
-from processes import DEADLINE, wait_for
+from processes import DEADLINE, spawned, wait_for
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_postgres import postgres_database
-from test_security import Daemon
+from test_security import PLAIT, Daemon
 
 import plait
 
@@ -52,6 +52,24 @@ def work(d: str, i: int, k: int) -> int:
 @step
 def total(xs: list[int], k: int) -> int:
     return sum(xs)
+
+
+@step(pool="p")
+def remote(d: str, k: int) -> int:
+    ctx = plait.get_step_context()
+    line = f"{ctx.run_id} {ctx.step_id} {ctx.attempt}\\n"
+    fd = os.open(Path(d) / "executions", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(fd, line.encode())
+    os.close(fd)
+    while not (Path(d) / "go").exists():
+        import time
+        time.sleep(0.05)
+    return k + 1
+
+
+@pipeline
+def away(d: str, k: int) -> int:
+    return total([remote(d, k)], k)
 
 
 @pipeline
@@ -136,7 +154,7 @@ def _executions(d: Path) -> Counter[tuple[str, str, int]]:
     return Counter((lines[i], lines[i + 1], int(lines[i + 2])) for i in range(0, len(lines), 3))
 
 
-def _check_once(replicas: Replicas, d: Path, run_ids: list[str]) -> None:
+def _check_once(replicas: Replicas, d: Path, run_ids: list[str], steps_per_run: int = 4) -> None:
     """Every step of every run succeeded, with one SUCCEEDED attempt; no attempt ran twice;
     a step ran again only after an attempt of it CRASHED."""
     executions = _executions(d)
@@ -147,7 +165,7 @@ def _check_once(replicas: Replicas, d: Path, run_ids: list[str]) -> None:
     )
     succeeded = Counter((r, s) for r, s, _, status in rows if status == "SUCCEEDED")
     assert set(succeeded.values()) == {1}, succeeded
-    assert len(succeeded) == len(run_ids) * 4  # three work steps and the total, each run
+    assert len(succeeded) == len(run_ids) * steps_per_run
     for run_id, step_id, attempt in executions:
         status = {(r, s, a): st for r, s, a, st in rows}[(run_id, step_id, attempt)]
         assert status in ("SUCCEEDED", "CRASHED"), (run_id, step_id, attempt, status)
@@ -242,3 +260,72 @@ def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
         via_a.close()
         via_b.close()
     _check_once(replicas, d, [run_id])
+
+
+def test_a_run_is_cancelled_through_a_replica_that_does_not_schedule_it(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    d = tmp_path / "marks"
+    d.mkdir()
+    via_a, via_b = replicas.client(a), replicas.client(b)
+    try:
+        run_id = via_a.run_pipeline(steps.spread, {"d": str(d), "k": 0}, wait=False).run_id
+        wait_for(lambda: bool(_executions(d)), "a step of the run running")
+        via_b.cancel_run(run_id)  # b marks it; a, its owner, cancels it
+        assert via_b.wait(run_id).status is plait.RunStatus.CANCELLED
+        statuses = {s.status for s in via_a.get_run(run_id).steps.values()}
+        assert statuses == {plait.StepStatus.CANCELLED}
+    finally:
+        via_a.close()
+        via_b.close()
+
+
+def test_a_remote_worker_moves_on_to_another_replica(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    d = tmp_path / "marks"
+    d.mkdir()
+    worker_token = a.token("create", "w", "--role", "worker")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
+    env |= {"PLAIT_HOME": str(tmp_path / "worker-home"), "PLAIT_TOKEN": worker_token}
+    via_a = replicas.client(a, b)
+    log = tmp_path / "worker.log"
+    try:
+        with (
+            open(log, "wb") as out,
+            spawned(
+                [
+                    PLAIT,
+                    "worker",
+                    "--server",
+                    f"{a.address},{b.address}",
+                    "--pool",
+                    "p",
+                    "--worker-id",
+                    "w1",
+                ],
+                env=env,
+                cwd=Path(steps.__file__).parent,
+                stdout=out,
+                stderr=out,
+            ),
+        ):
+            run_id = via_a.run_pipeline(steps.away, {"d": str(d), "k": 41}, wait=False).run_id
+            wait_for(lambda: bool(_executions(d)), "the worker running the step")
+            a.kill()
+            (d / "go").touch()  # the step ends while its replica is gone
+            run = via_a.wait(run_id)  # reconnects to b, which takes the run over
+            assert run.status is plait.RunStatus.SUCCEEDED, log.read_text()
+            assert run.steps["total"].output() == 42
+    finally:
+        via_a.close()
+    _check_once(replicas, d, [run_id], steps_per_run=2)
+    # the attempt the worker held while a died was lost with a (its lease ran out before a
+    # replica scheduling the run could hear from it); the same worker, moved on to b, ran the
+    # retry
+    assert replicas.query(
+        f"SELECT attempt, status, holder FROM attempts "
+        f"WHERE run_id = '{run_id}' AND step_id = 'remote' ORDER BY attempt"
+    ) == [(1, "CRASHED", "w1"), (2, "SUCCEEDED", "w1")]

@@ -96,6 +96,27 @@ def claim_runs(conn: Connection, replica_id: str, now: float, *, own: bool = Fal
     return run_ids
 
 
+def request_cancel(conn: Connection, run_id: str, now: float) -> bool:
+    """Asks the owner of an unfinished run to cancel it (see :func:`cancels_requested`);
+    False when the run is not unfinished."""
+    done = conn.execute(
+        sa.update(db.runs)
+        .where(db.runs.c.id == run_id, db.runs.c.status.in_(_ACTIVE))
+        .values(cancel_requested_at=now)
+    )
+    return done.rowcount == 1
+
+
+def cancels_requested(conn: Connection, replica_id: str) -> list[str]:
+    """The unfinished runs of ``replica_id`` whose cancellation another replica was asked."""
+    query = sa.select(db.runs.c.id).where(
+        db.runs.c.owner == replica_id,
+        db.runs.c.status.in_(_ACTIVE),
+        db.runs.c.cancel_requested_at.is_not(None),
+    )
+    return list(conn.execute(query).scalars())
+
+
 def run_owner(conn: Connection, run_id: str, now: float) -> tuple[bool, str | None, bool]:
     """About a run this replica does not hold: (whether the store has it unfinished, its
     owner, whether that owner is alive)."""

@@ -54,6 +54,8 @@ runs = sa.Table(
     # the control-plane replica that schedules the run (see the replicas table); another takes
     # it over when that one's lease expires
     sa.Column("owner", sa.String, index=True),
+    # a cancellation asked of a replica that does not schedule the run: its owner carries it out
+    sa.Column("cancel_requested_at", sa.Float),
 )
 
 step_runs = sa.Table(

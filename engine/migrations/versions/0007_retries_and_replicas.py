@@ -18,6 +18,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("retry_at", sa.Float()))
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("owner", sa.String()))
+        batch.add_column(sa.Column("cancel_requested_at", sa.Float()))
         batch.create_index("ix_runs_owner", ["owner"])
     op.create_table(
         "replicas",
@@ -32,6 +33,7 @@ def downgrade() -> None:
     op.drop_table("replicas")
     with op.batch_alter_table("runs") as batch:
         batch.drop_index("ix_runs_owner")
+        batch.drop_column("cancel_requested_at")
         batch.drop_column("owner")
     with op.batch_alter_table("step_runs") as batch:
         batch.drop_column("retry_at")
