@@ -212,14 +212,36 @@ class Client:
         except grpc.RpcError as exc:
             raise _map_rpc_error(exc) from None
 
+    def _call_again(self, fn: Callable[..., Any], request: Any, what: str) -> Any:
+        """An idempotent call (registering a version, creating a run under its request id),
+        tried again, with backoff and jitter, while the control plane is away (restarting, or a
+        replica gone and the channel moving to another) for up to `reconnect_timeout`."""
+        delay, longest = RECONNECT_DELAYS
+        lost_since: float | None = None
+        while True:
+            try:
+                return fn(request, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if not _lost(exc):
+                    raise _map_rpc_error(exc) from None
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    self._notify(f"lost the control plane at {self.address} ({what}); retrying")
+                if now - lost_since >= self.reconnect_timeout:
+                    raise _map_rpc_error(exc) from None
+                time.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, longest)
+
     # ---- pipelines and runs ----
 
     def register(self, pipeline: Pipeline[Any]) -> str:
         """Registers a pipeline's current version; returns its resource name."""
         compiled = pipeline.compile()
-        resp = self._call(
+        resp = self._call_again(
             self._pipelines.RegisterPipeline,
             pipeline_service_pb2.RegisterPipelineRequest(spec=compiled.spec),
+            f"registering {compiled.spec.name}",
         )
         return str(resp.name)
 
@@ -346,8 +368,9 @@ class Client:
         )
         if code is not None:
             request.code.CopyFrom(code.to_proto())
+        what = f"creating a run of {pipeline.name}"
         try:
-            resp = self._call(self._runs.CreateRun, request)
+            resp = self._call_again(self._runs.CreateRun, request, what)
         except errors.ArtifactNotFoundError:
             if archive is None:
                 raise
@@ -356,7 +379,7 @@ class Client:
             request.code.CopyFrom(
                 CodeSource(archive.digest, archive.git_commit, archive.git_dirty).to_proto()
             )
-            resp = self._call(self._runs.CreateRun, request)
+            resp = self._call_again(self._runs.CreateRun, request, what)
         run_id = resp.run.run_id
         if not wait:
             return Run.from_proto(resp.run, self)

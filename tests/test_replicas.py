@@ -205,6 +205,10 @@ def test_replicas_share_runs_and_finish_a_killed_ones_runs(
         assert {r.steps["total"].output() for r in ended.values()} == {0 + 1 + 4}
         for run_id in runs["b"] + runs["c"]:
             assert via_b.wait(run_id).status is plait.RunStatus.SUCCEEDED
+        # and a new run, through the same client, goes to a live replica
+        late = via_a.run_pipeline(steps.spread, {"d": str(d), "k": 99})
+        assert late.status is plait.RunStatus.SUCCEEDED
+        runs["late"] = [late.run_id]
     finally:
         for client in (via_a, via_b, via_c):
             client.close()

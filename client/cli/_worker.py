@@ -24,7 +24,8 @@ number when a second signal stopped it at once.
     envvar="PLAIT_SERVER",
     required=True,
     metavar="HOST:PORT",
-    help="The control plane to pull steps from [env PLAIT_SERVER].",
+    help="The control plane to pull steps from: host:port, or its replicas comma-separated "
+    "(the first that answers is used, the next when it goes away) [env PLAIT_SERVER].",
 )
 @click.option("--pool", required=True, help='The pool to run: steps declared with pool="NAME".')
 @click.option(
