@@ -22,8 +22,17 @@ _ACTIVE = ("PENDING", "RUNNING")
 def register_replica(
     conn: Connection, replica_id: str, address: str, now: float, ttl: float
 ) -> None:
-    """Adds (or replaces: a daemon restarting under its own id) this replica's row."""
-    conn.execute(sa.delete(db.replicas).where(db.replicas.c.id == replica_id))
+    """Adds (or replaces: a daemon restarting under its own id) this replica's row, and drops
+    the rows of replicas that expired owning no unfinished run (embedded engines killed)."""
+    owners = sa.select(db.runs.c.owner).where(
+        db.runs.c.status.in_(_ACTIVE), db.runs.c.owner.is_not(None)
+    )
+    conn.execute(
+        sa.delete(db.replicas).where(
+            (db.replicas.c.id == replica_id)
+            | ((db.replicas.c.expires_at < now) & db.replicas.c.id.not_in(owners.scalar_subquery()))
+        )
+    )
     conn.execute(
         sa.insert(db.replicas).values(
             id=replica_id, address=address, started_at=now, expires_at=now + ttl
