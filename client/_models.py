@@ -312,28 +312,51 @@ class StepError:
     """The qualified name of the exception type (``builtins.ValueError``)."""
     message: str
     traceback: str = ""
+    types: tuple[str, ...] = ()
+    """The qualified names of the exception's class and its bases, most derived first
+    (``object`` left out): what a step's ``retry_on`` and ``no_retry_on`` match, subclasses
+    included. Empty when no exception describes the failure (then ``type`` alone counts)."""
 
     @classmethod
     def of(cls, exc: BaseException, traceback: str = "") -> StepError:
         """The record of an exception."""
-        return cls(f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), traceback)
+        chain = tuple(_qualified(c) for c in type(exc).__mro__ if c is not object)
+        return cls(chain[0], str(exc), traceback, chain)
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
     def to_proto(self) -> res.StepError:
-        return res.StepError(type=self.type, message=self.message, traceback=self.traceback)
+        return res.StepError(
+            type=self.type, message=self.message, traceback=self.traceback, types=self.types
+        )
 
     @classmethod
     def from_proto(cls, e: res.StepError) -> StepError:
-        return cls(e.type, e.message, e.traceback)
+        return cls(e.type, e.message, e.traceback, tuple(e.types))
 
-    def to_json(self) -> dict[str, str]:
-        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "type": self.type,
+            "message": self.message,
+            "traceback": self.traceback,
+        }
+        if self.types:  # left out when empty: rows of failures without them stay as they were
+            d["types"] = list(self.types)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StepError:
-        return cls(d.get("type", ""), d.get("message", ""), d.get("traceback", ""))
+        return cls(
+            d.get("type", ""),
+            d.get("message", ""),
+            d.get("traceback", ""),
+            tuple(d.get("types", ())),
+        )
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -405,12 +428,7 @@ class StepRun:
         if self.end_time is not None:
             to_timestamp(self.end_time, msg.end_time)
         if self.error is not None:
-            e = msg.error
-            e.type, e.message, e.traceback = (
-                self.error.type,
-                self.error.message,
-                self.error.traceback,
-            )
+            msg.error.CopyFrom(self.error.to_proto())
 
     @classmethod
     def from_proto(cls, s: res.StepRun, reader: ArtifactReader | None = None) -> StepRun:

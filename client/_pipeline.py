@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, overload
 
 from plait._archive import code_file, pipeline_root, relative_file
-from plait._step import Step
+from plait._step import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_JITTER, Step
 from plait._types import element_type, is_compatible, strip_annotated, type_expr
 from plait.errors import PipelineDefinitionError, PipelineValidationError
 from plait.ir.canonical import canonical_json, message_digest
@@ -374,12 +374,33 @@ class CompiledPipeline:
 class Pipeline(Generic[P]):
     """A pipeline: call it to run it (embedded engine or ``PLAIT_SERVER``) and get a Run."""
 
-    def __init__(self, fn: Callable[P, Any], *, name: str | None = None, pool: str = "") -> None:
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str | None = None,
+        pool: str = "",
+        max_concurrency: int | None = None,
+        fail_fast: bool = False,
+    ) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
         self.pool = pool
         """The remote worker pool of the steps that name none."""
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise PipelineDefinitionError(
+                f"pipeline {self.name!r}: max_concurrency must be an integer >= 1 or None, "
+                f"not {max_concurrency!r}"
+            )
+        self.max_concurrency = max_concurrency
+        """The most steps of one run queued or running at once; None: no limit."""
+        self.fail_fast = fail_fast
+        """Whether a run cancels its other steps at the first step that fails for good."""
         self.signature = inspect.signature(fn)
         self.hints = typing.get_type_hints(fn, include_extras=True)
         for p in self.signature.parameters.values():
@@ -436,12 +457,22 @@ def pipeline(fn: Callable[P, Any], /) -> Pipeline[P]: ...
 
 @overload
 def pipeline(
-    *, name: str | None = None, pool: str = ""
+    *,
+    name: str | None = None,
+    pool: str = "",
+    max_concurrency: int | None = None,
+    fail_fast: bool = False,
 ) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
 
 
 def pipeline(
-    fn: Callable[P, Any] | None = None, /, *, name: str | None = None, pool: str = ""
+    fn: Callable[P, Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    pool: str = "",
+    max_concurrency: int | None = None,
+    fail_fast: bool = False,
 ) -> Pipeline[P] | Callable[[Callable[P, Any]], Pipeline[P]]:
     """Declares a pipeline: a function that calls steps. Calling it runs it and returns a Run.
 
@@ -452,10 +483,19 @@ def pipeline(
         name: the pipeline's name; the function's name by default.
         pool: the remote worker pool (``plait worker --pool NAME``) of every step that names
             none itself.
+        max_concurrency: the most steps of one run that may be queued or running at once;
+            a ready step past it waits (first come, first served) until one ends. None (the
+            default): no limit but the runners' and pools' own.
+        fail_fast: at the first step that fails for good (its retries used up, or crashed
+            past the crash budget), cancel the run's other steps, stopping those running,
+            and end the run FAILED. False (the default): independent branches keep going and
+            only the failed step's downstream is skipped.
     """
 
     def wrap(f: Callable[P, Any]) -> Pipeline[P]:
-        return Pipeline(f, name=name, pool=pool)
+        return Pipeline(
+            f, name=name, pool=pool, max_concurrency=max_concurrency, fail_fast=fail_fast
+        )
 
     return wrap(fn) if fn is not None else wrap
 
@@ -520,6 +560,17 @@ def _settings(step: Step[..., Any], pool: str = "") -> ir_pb2.StepSettings:
         out.timeout_seconds = float(s.timeout)
     if s.environment is not None:
         out.environment.CopyFrom(s.environment.to_proto())
+    # a retry policy's defaults stay out of the IR: a pipeline that names none keeps its version
+    if s.retry_delay:
+        out.retry_delay_seconds = float(s.retry_delay)
+    if s.retry_backoff != DEFAULT_RETRY_BACKOFF:
+        out.retry_backoff = float(s.retry_backoff)
+    if s.retry_max_delay is not None:
+        out.retry_max_delay_seconds = float(s.retry_max_delay)
+    if s.retry_jitter != DEFAULT_RETRY_JITTER:
+        out.retry_jitter = float(s.retry_jitter)
+    out.retry_on.extend(s.retry_on)
+    out.no_retry_on.extend(s.no_retry_on)
     return out
 
 
@@ -529,7 +580,11 @@ def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
 
     tracer = trace(pipe)
     root = pipeline_root(pipe.fn)
-    spec = ir_pb2.PipelineSpec(name=pipe.name, description=inspect.getdoc(pipe.fn) or "")
+    spec = ir_pb2.PipelineSpec(
+        name=pipe.name, description=inspect.getdoc(pipe.fn) or "", fail_fast=pipe.fail_fast
+    )
+    if pipe.max_concurrency is not None:
+        spec.max_concurrency = pipe.max_concurrency
     for name, param in pipe.signature.parameters.items():
         ps = spec.parameters.add(
             name=name, type=ir_pb2.TypeSpec(expr=type_expr(pipe.hints.get(name, param.annotation)))

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import math
 import textwrap
 import typing
 from collections.abc import Callable, Mapping
@@ -24,6 +25,46 @@ SINGLE_OUTPUT = "output"
 """The name of the output of a step whose return annotation names none."""
 
 
+DEFAULT_RETRY_BACKOFF = 2.0
+"""The factor a retry's delay grows by when a step names none (the IR's default too)."""
+DEFAULT_RETRY_JITTER = 0.1
+"""The fraction a retry's delay is jittered by when a step names none (the IR's default too)."""
+
+ExceptionTypes = type[BaseException] | str | tuple[type[BaseException] | str, ...]
+"""Exception types as ``retry_on`` and ``no_retry_on`` take them: one or a tuple, each a class
+or its qualified name (``"mypkg.errors.Flaky"``)."""
+
+
+def _type_names(what: str, types: Any) -> tuple[str, ...]:
+    """Qualified names ("builtins.ValueError") of exception classes or names, in order."""
+    items = types if isinstance(types, tuple | list) else (types,)
+    names: list[str] = []
+    for t in items:
+        if isinstance(t, type) and issubclass(t, BaseException):
+            names.append(f"{t.__module__}.{t.__qualname__}")
+        elif isinstance(t, str) and t and " " not in t:
+            names.append(t)
+        else:
+            raise PipelineDefinitionError(
+                f"{what}: {t!r} is neither an exception class nor its qualified name "
+                f'("mypkg.errors.Flaky")'
+            )
+    return tuple(names)
+
+
+def _check_retry_policy(s: StepSettings) -> None:
+    def finite(name: str, value: float, low: float, high: float = math.inf) -> None:
+        if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+            bounds = f"between {low:g} and {high:g}" if high < math.inf else f">= {low:g}"
+            raise PipelineDefinitionError(f"{name} must be a finite number {bounds}, not {value!r}")
+
+    finite("retry_delay", s.retry_delay, 0.0)
+    finite("retry_backoff", s.retry_backoff, 1.0)
+    if s.retry_max_delay is not None:
+        finite("retry_max_delay", s.retry_max_delay, 0.0)
+    finite("retry_jitter", s.retry_jitter, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """Settings of a step; :meth:`Step.with_options` changes them per invocation."""
@@ -33,7 +74,21 @@ class StepSettings:
     cache_version: str = ""
     """Part of the cache key: change it to invalidate the step's cache entries."""
     retries: int = 0
-    """How many more attempts a failed or crashed attempt gets."""
+    """How many more attempts a failed attempt gets (crashes have their own budget)."""
+    retry_delay: float = 0.0
+    """Seconds before the first retry; 0 retries at once."""
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF
+    """The factor the delay grows by from one retry to the next."""
+    retry_max_delay: float | None = None
+    """The longest delay before a retry, in seconds; None: no cap (but a day)."""
+    retry_jitter: float = DEFAULT_RETRY_JITTER
+    """The fraction by which each delay is moved at random, up or down."""
+    retry_on: tuple[str, ...] = ()
+    """Qualified names of the exception types that are retried (subclasses too); empty: all.
+    Types given as classes are turned into their names."""
+    no_retry_on: tuple[str, ...] = ()
+    """Qualified names of the exception types never retried (subclasses too); wins over
+    ``retry_on``."""
     timeout: float | None = None
     """Wall-clock limit of one attempt in seconds; None means none."""
     environment: Environment | None = None
@@ -45,6 +100,11 @@ class StepSettings:
     ``plait worker --pool``); empty means the pipeline's pool, else the runner's own workers."""
     materializer: str | Mapping[str, str] = ""
     """A materializer name for every output, or one per output name ("pickle" is an opt-in)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retry_on", _type_names("retry_on", self.retry_on))
+        object.__setattr__(self, "no_retry_on", _type_names("no_retry_on", self.no_retry_on))
+        _check_retry_policy(self)
 
     def materializer_for(self, output: str) -> str:
         if isinstance(self.materializer, str):
@@ -208,6 +268,12 @@ def step(
     cache: bool = True,
     cache_version: str = "",
     retries: int = 0,
+    retry_delay: float = 0.0,
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+    retry_max_delay: float | None = None,
+    retry_jitter: float = DEFAULT_RETRY_JITTER,
+    retry_on: ExceptionTypes = (),
+    no_retry_on: ExceptionTypes = (),
     timeout: float | None = None,
     environment: Environment | None = None,
     runner: str = "",
@@ -224,6 +290,12 @@ def step(
     cache: bool = True,
     cache_version: str = "",
     retries: int = 0,
+    retry_delay: float = 0.0,
+    retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+    retry_max_delay: float | None = None,
+    retry_jitter: float = DEFAULT_RETRY_JITTER,
+    retry_on: ExceptionTypes = (),
+    no_retry_on: ExceptionTypes = (),
     timeout: float | None = None,
     environment: Environment | None = None,
     runner: str = "",
@@ -236,7 +308,21 @@ def step(
         name: the step's name; the function's name by default.
         cache: whether runs may serve this step from the cache.
         cache_version: part of the cache key; change it to invalidate earlier results.
-        retries: how many more attempts a failed or crashed attempt gets.
+        retries: how many more attempts a failed attempt gets. An attempt lost to the
+            infrastructure (CRASHED: a dead worker, an expired lease) does not count: it draws
+            on the control plane's crash budget (``plait server start --crash-retries``).
+        retry_delay: seconds before the first retry; 0 (the default) retries at once.
+        retry_backoff: the factor the delay grows by from one retry to the next (>= 1):
+            retry ``k`` waits ``min(retry_max_delay, retry_delay * retry_backoff ** (k - 1))``.
+        retry_max_delay: the longest delay before a retry, in seconds; None: no cap (but a
+            day, the longest the engine accepts).
+        retry_jitter: the fraction (0 to 1) by which the control plane moves each delay at
+            random, up or down, so that steps that failed together do not retry together.
+        retry_on: exception classes (or their qualified names, ``"mypkg.errors.Flaky"``) that
+            are retried, subclasses included; empty (the default) retries every exception.
+            A failure that matches none is FAILED at once.
+        no_retry_on: exception classes (or names) never retried, subclasses included; they
+            win over ``retry_on``.
         timeout: wall-clock limit of one attempt, in seconds.
         environment: what the step's process needs (see :class:`plait.Environment`).
         runner: the runner that executes it; the default runner when empty.
@@ -256,6 +342,12 @@ def step(
         cache=cache,
         cache_version=cache_version,
         retries=retries,
+        retry_delay=retry_delay,
+        retry_backoff=retry_backoff,
+        retry_max_delay=retry_max_delay,
+        retry_jitter=retry_jitter,
+        retry_on=_type_names("retry_on", retry_on),
+        no_retry_on=_type_names("no_retry_on", no_retry_on),
         timeout=timeout,
         environment=environment,
         runner=runner,

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -22,6 +23,7 @@ from plait.engine._control_plane import (
     heartbeat_timeout_setting,
     max_log_bytes_setting,
 )
+from plait.engine.scheduler._machine import DEFAULT_CRASH_RETRIES
 from plait.errors import PlaitError
 
 log = logging.getLogger("plait.server")
@@ -37,6 +39,37 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 """The size at which server.log rotates (PLAIT_SERVER_LOG_BYTES overrides it)."""
 LOG_BACKUPS = 3
 """Rotated logs kept: server.log.1 … server.log.3."""
+MAX_CRASH_RETRIES = 100
+"""The largest crash budget a daemon takes."""
+MAX_POOL_LIMIT = 1_000_000
+"""The largest per-pool limit of steps at once."""
+
+
+def crash_retries_setting(value: int | None) -> int:
+    """The crash budget: ``value`` (a flag, the variable or a config key), else
+    DEFAULT_CRASH_RETRIES; 0 to MAX_CRASH_RETRIES, or PlaitError."""
+    if value is None:
+        return DEFAULT_CRASH_RETRIES
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CRASH_RETRIES:
+        raise PlaitError(f"crash retries: expected 0 to {MAX_CRASH_RETRIES}, got {value!r}")
+    return value
+
+
+def pool_limits_setting(limits: Mapping[str, int] | None) -> dict[str, int]:
+    """Per-pool limits of steps at once, by pool (a runner's name, ``local``, or a remote
+    pool's); each name non-empty and each limit 1 to MAX_POOL_LIMIT, or PlaitError."""
+    checked: dict[str, int] = {}
+    for pool, limit in (limits or {}).items():
+        if not pool or len(pool) > 256 or any(c.isspace() or c in ",=" for c in pool):
+            raise PlaitError(f"pool limit: {pool!r} is not a pool name")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise PlaitError(f"pool limit of {pool!r}: expected a number of steps, got {limit!r}")
+        if not 1 <= limit <= MAX_POOL_LIMIT:
+            raise PlaitError(
+                f"pool limit of {pool!r}: expected 1 to {MAX_POOL_LIMIT} steps at once, got {limit}"
+            )
+        checked[pool] = limit
+    return checked
 
 
 class _Log(logging.handlers.RotatingFileHandler):
@@ -173,13 +206,17 @@ def run_daemon(
     tls_client_ca: str = "",
     max_log_bytes: int | None = None,
     heartbeat_timeout: float | None = None,
+    crash_retries: int | None = None,
+    pool_limits: Mapping[str, int] | None = None,
     log_file: Path | None = None,
 ) -> None:
     """Runs the daemon in this process (``plait server start --foreground``).
 
     ``auth`` None means on, everywhere, loopback included; False (``--no-auth``) is allowed
     only on loopback. ``max_log_bytes`` None means PLAIT_MAX_LOG_BYTES or the default, and
-    ``heartbeat_timeout`` None PLAIT_HEARTBEAT_TIMEOUT or the default. With
+    ``heartbeat_timeout`` None PLAIT_HEARTBEAT_TIMEOUT or the default. ``crash_retries`` is
+    the crash budget of every step (None: DEFAULT_CRASH_RETRIES); ``pool_limits`` the most
+    steps queued or running at once by pool (a runner's name, or a remote pool's). With
     ``log_file``, logs (and fds 1 and 2) go to that file, rotated by size; else to stderr.
     """
     # the daemon is a process of its own: everything it creates (logs, database, pid file,
@@ -190,6 +227,8 @@ def run_daemon(
         raise PlaitError("--tls-cert and --tls-key go together")
     if tls_client_ca and not tls_cert:
         raise PlaitError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    crashes = crash_retries_setting(crash_retries)
+    limits = pool_limits_setting(pool_limits)
     private_dir(home)
     _hold_lock(home)  # held until this process exits
     config = ControlPlaneConfig(
@@ -205,6 +244,8 @@ def run_daemon(
         tls_client_ca=tls_client_ca,
         max_log_bytes=max_log_bytes_setting(max_log_bytes),
         heartbeat_timeout=heartbeat_timeout_setting(heartbeat_timeout),
+        crash_retries=crashes,
+        pool_limits=limits,
     )
     try:
         anyio.run(serve_daemon, config, host, port)

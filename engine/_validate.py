@@ -12,6 +12,18 @@ from plait.errors import PipelineValidationError
 from plait.ir.v1 import ir_pb2
 
 MAX_STEPS = 100_000
+MAX_RETRIES = 100
+"""The most retries a step may ask for."""
+MAX_RETRY_DELAY = 86_400.0
+"""The longest delay before a retry, in seconds (a day); a step's own cap is at most this."""
+MAX_RETRY_BACKOFF = 100.0
+"""The largest growth factor of retry delays."""
+MAX_RETRY_TYPES = 64
+"""The most exception type names in a step's retry_on, and in its no_retry_on."""
+MAX_TYPE_NAME = 1024
+"""The longest qualified exception type name, in characters."""
+MAX_CONCURRENCY = MAX_STEPS
+"""The largest per-run limit of steps at once (more than that is no limit)."""
 
 
 def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
@@ -24,6 +36,10 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
         raise PipelineValidationError("steps: a pipeline needs at least one step")
     if len(spec.steps) > MAX_STEPS:
         raise PipelineValidationError(f"steps: more than {MAX_STEPS} steps")
+    if spec.HasField("max_concurrency") and not 1 <= spec.max_concurrency <= MAX_CONCURRENCY:
+        raise PipelineValidationError(
+            f"max_concurrency: {spec.max_concurrency} is not between 1 and {MAX_CONCURRENCY}"
+        )
     params: set[str] = set()
     for i, p in enumerate(spec.parameters):
         where = f"parameters[{i}]"
@@ -45,6 +61,7 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
             raise PipelineValidationError(
                 f"{where}.settings.timeout_seconds: {timeout} is not a finite number >= 0"
             )
+        _check_retry_policy(f"{where}.settings", s.settings)
         names = [o.name for o in s.outputs]
         if len(set(names)) != len(names) or not all(names):
             raise PipelineValidationError(f"{where}.outputs: empty or duplicate output names")
@@ -64,6 +81,37 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
     if not nx.is_directed_acyclic_graph(graph):
         raise PipelineValidationError("steps: the bindings form a cycle")
     return graph
+
+
+def _check_retry_policy(where: str, s: ir_pb2.StepSettings) -> None:
+    if s.retries > MAX_RETRIES:
+        raise PipelineValidationError(f"{where}.retries: {s.retries} is more than {MAX_RETRIES}")
+    bounds = [("retry_delay_seconds", 0.0, MAX_RETRY_DELAY)]
+    if s.HasField("retry_max_delay_seconds"):
+        bounds.append(("retry_max_delay_seconds", 0.0, MAX_RETRY_DELAY))
+    if s.HasField("retry_backoff"):
+        bounds.append(("retry_backoff", 1.0, MAX_RETRY_BACKOFF))
+    if s.HasField("retry_jitter"):
+        bounds.append(("retry_jitter", 0.0, 1.0))
+    for name, low, high in bounds:
+        value = getattr(s, name)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise PipelineValidationError(
+                f"{where}.{name}: {value} is not a finite number between {low:g} and {high:g}"
+            )
+    for name in ("retry_on", "no_retry_on"):
+        types = getattr(s, name)
+        if len(types) > MAX_RETRY_TYPES:
+            raise PipelineValidationError(
+                f"{where}.{name}: {len(types)} types; the limit is {MAX_RETRY_TYPES}"
+            )
+        for k, t in enumerate(types):
+            if not t or len(t) > MAX_TYPE_NAME or any(c.isspace() for c in t):
+                raise PipelineValidationError(
+                    f"{where}.{name}[{k}]: not a qualified exception type name "
+                    f'("builtins.ValueError": non-empty, no spaces, at most {MAX_TYPE_NAME} '
+                    f"characters)"
+                )
 
 
 _TYPE_NODES = (

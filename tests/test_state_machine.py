@@ -572,6 +572,7 @@ class Rows:
                         queue_deadline=attempt.get("queue_deadline") if attempt else None,
                         close_deadline=attempt.get("close_deadline") if attempt else None,
                         log_batch=attempt.get("log_batch", 0) if attempt else 0,
+                        retry_at=row.get("retry_at"),
                     )
                 )
             out.append(

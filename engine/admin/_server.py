@@ -19,6 +19,10 @@ from plait._settings import private_dir
 from plait.cli._common import EPILOG, fail, healthy
 from plait.errors import PlaitError
 
+MAX_CRASH_RETRIES = 100
+"""The largest crash budget ``--crash-retries`` takes (engine/_daemon.py's MAX_CRASH_RETRIES:
+this module loads no engine until a command runs)."""
+
 
 def _server_files() -> tuple[Path, Path]:
     """The pid file and the log file of this PLAIT_HOME's daemon."""
@@ -119,11 +123,15 @@ _CONFIG_KEYS = (
     "tls_client_ca",
     "max_log_bytes",
     "heartbeat_timeout",
+    "crash_retries",
+    "pool_limits",
 )
 _CONFIG_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "port": (int, "an integer"),
     "max_log_bytes": (int, "an integer"),
     "heartbeat_timeout": ((int, float), "a number of seconds"),
+    "crash_retries": (int, "an integer"),
+    "pool_limits": (dict, "a table of pool names and step counts ({ local = 4, gpu = 1 })"),
     "auth": (bool, "true or false"),
 }
 """The keys that are not strings: their type and how to say it."""
@@ -154,7 +162,25 @@ def _server_config(path: str | None) -> dict[str, Any]:
         # bool is an int in Python, not in TOML
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             fail(f"{file}: {key} must be {said}, not {value!r}")
+    for pool, limit in data.get("pool_limits", {}).items():
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            fail(f"{file}: pool_limits.{pool} must be an integer, not {limit!r}")
     return data
+
+
+class _PoolLimit(click.ParamType):  # type: ignore[type-arg]
+    """``NAME=N``: at most N steps of pool NAME (a runner's name, or a remote pool's) at once."""
+
+    name = "NAME=N"
+    envvar_list_splitter = ","  # PLAIT_POOL_LIMITS="local=4,gpu=1"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        pool, sep, limit = str(value).strip().partition("=")
+        if not sep or not pool or not limit.strip().isdigit():
+            self.fail(f"{value!r} is not NAME=N (a pool name and a number of steps)", param, ctx)
+        return pool.strip(), int(limit)
 
 
 _SERVER_OPTIONS = [
@@ -166,8 +192,8 @@ _SERVER_OPTIONS = [
         type=click.Path(dir_okay=False),
         help="A TOML file of these settings (keys: host, port, database_url, "
         "artifact_store, auth, tls_cert, tls_key, tls_client_ca, max_log_bytes, "
-        "heartbeat_timeout) [default: PLAIT_HOME/server.toml if it exists]; flags and "
-        "variables win over it.",
+        "heartbeat_timeout, crash_retries, pool_limits) [default: PLAIT_HOME/server.toml if "
+        "it exists]; flags and variables win over it.",
     ),
     click.option(
         "--host",
@@ -210,6 +236,25 @@ _SERVER_OPTIONS = [
         help="Seconds a step's lease lasts without a heartbeat: a worker silent for longer "
         "(hung, stopped, cut off) loses the attempt, which is CRASHED and retried. Workers "
         "heartbeat about three times in that span [default: 30; env PLAIT_HEARTBEAT_TIMEOUT].",
+    ),
+    click.option(
+        "--crash-retries",
+        type=click.IntRange(min=0, max=MAX_CRASH_RETRIES),
+        default=None,
+        envvar="PLAIT_CRASH_RETRIES",
+        help="Attempts a step may lose to its infrastructure (CRASHED: a lost worker, an "
+        "expired lease, a vanished container) and still be retried; they never use up the "
+        "step's own retries. 0 makes a crash final [default: 3; env PLAIT_CRASH_RETRIES].",
+    ),
+    click.option(
+        "--pool-limit",
+        "pool_limits",
+        type=_PoolLimit(),
+        multiple=True,
+        envvar="PLAIT_POOL_LIMITS",
+        help="NAME=N: at most N steps of a pool queued or running at once; a pool is a runner "
+        "(local) or a remote worker pool (@step(pool=...)). Repeatable [env PLAIT_POOL_LIMITS "
+        'as "local=4,gpu=1"; config key pool_limits, a table].',
     ),
     click.option(
         "--foreground",
@@ -275,6 +320,8 @@ def server_start(
     config_file: str | None = None,
     max_log_bytes: int | None = None,
     heartbeat_timeout: float | None = None,
+    crash_retries: int | None = None,
+    pool_limits: tuple[tuple[str, int], ...] = (),
     log_file: str | None = None,
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
@@ -293,7 +340,12 @@ def server_start(
     import time
 
     from plait._settings import plait_home
-    from plait.engine._daemon import DEFAULT_PORT, run_daemon
+    from plait.engine._daemon import (
+        DEFAULT_PORT,
+        crash_retries_setting,
+        pool_limits_setting,
+        run_daemon,
+    )
 
     cfg = _server_config(config_file)
     host = host or str(cfg.get("host", "127.0.0.1"))
@@ -308,6 +360,15 @@ def server_start(
         max_log_bytes = int(cfg["max_log_bytes"])
     if heartbeat_timeout is None and "heartbeat_timeout" in cfg:
         heartbeat_timeout = float(cfg["heartbeat_timeout"])
+    if crash_retries is None and "crash_retries" in cfg:
+        crash_retries = int(cfg["crash_retries"])
+    # the file's table, each pool's limit replaced by a flag's (or the variable's) for it
+    limits: dict[str, int] = {**cfg.get("pool_limits", {}), **dict(pool_limits)}
+    try:  # refused here, not by a background daemon's first line of log
+        crash_retries_setting(crash_retries)
+        pool_limits_setting(limits)
+    except PlaitError as exc:
+        fail(str(exc))
     if foreground:
         try:
             run_daemon(
@@ -322,6 +383,8 @@ def server_start(
                 tls_client_ca=tls_client_ca,
                 max_log_bytes=max_log_bytes,
                 heartbeat_timeout=heartbeat_timeout,
+                crash_retries=crash_retries,
+                pool_limits=limits,
                 log_file=Path(log_file) if log_file else None,
             )
         except PlaitError as exc:
@@ -355,6 +418,10 @@ def server_start(
         cmd += ["--max-log-bytes", str(max_log_bytes)]
     if heartbeat_timeout is not None:
         cmd += ["--heartbeat-timeout", repr(heartbeat_timeout)]
+    if crash_retries is not None:
+        cmd += ["--crash-retries", str(crash_retries)]
+    for pool, limit in limits.items():
+        cmd += ["--pool-limit", f"{pool}={limit}"]
     if database_url:
         cmd += ["--database-url", database_url]
     if artifact_store:

@@ -76,6 +76,8 @@ LIMITS: dict[str, int] = {
     _IR + "StepSettings.cache_version": NAME,
     _IR + "StepSettings.runner": NAME,
     _IR + "StepSettings.pool": NAME,
+    _IR + "StepSettings.retry_on": PATH,
+    _IR + "StepSettings.no_retry_on": PATH,
     _IR + "Environment.parent_image": PATH,
     _IR + "Environment.python_version": NAME,
     _IR + "Environment.requirements": PATH,
@@ -144,6 +146,7 @@ LIMITS: dict[str, int] = {
     _API + "StepError.type": PATH,
     _API + "StepError.message": TRACEBACK,  # the worker cuts both to 64 Ki characters
     _API + "StepError.traceback": TRACEBACK,
+    _API + "StepError.types": PATH,
     # WorkerService (remote workers; their reports reuse the TaskService messages above)
     _API + "PollTaskRequest.pool": NAME,
     _API + "PollTaskRequest.worker_id": NAME,
@@ -164,10 +167,15 @@ COUNTS: dict[str, int] = {
     _IR + "Environment.requirements": 1_000,
     _IR + "Environment.apt_packages": 1_000,
     _IR + "Environment.env": 1_000,
+    # validation allows fewer (MAX_RETRY_TYPES); a small count here would shrink _SMALL and
+    # make every small request pay for a walk
+    _IR + "StepSettings.retry_on": 1_000,
+    _IR + "StepSettings.no_retry_on": 1_000,
     _API + "CreateRunRequest.parameters": 1_000,
     _API + "Stack.components": 1_000,
     _API + "TaskCompleted.outputs": 1_000,
     _API + "AppendLogsRequest.chunks": 1_000,
+    _API + "StepError.types": 1_000,  # a worker sends at most 64 (its MAX_ERROR_TYPES)
 }
 """The most items of each repeated field of every request, by the field's full name."""
 

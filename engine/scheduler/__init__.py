@@ -28,6 +28,7 @@ from plait.engine.scheduler._machine import (
     StoredRun,
     StoredStep,
     artifact_id_for,
+    retry_delay,
 )
 from plait.engine.scheduler._state import (
     RUN_TRANSITIONS,
@@ -67,4 +68,5 @@ __all__ = [
     "Token",
     "Value",
     "artifact_id_for",
+    "retry_delay",
 ]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
+import random
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from plait.engine.scheduler._commands import (
     Token,
 )
 from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder, Value
-from plait.engine.scheduler._state import RunState, StepState
+from plait.engine.scheduler._state import RunState, Slots, StepState
 from plait.errors import PipelineError, PlaitError
 from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
@@ -58,6 +60,12 @@ DEFAULT_QUEUE_TIMEOUT = 3600.0
 DEFAULT_CRASH_RETRIES = 3
 """Attempts a step may lose to its infrastructure (a lost worker, an expired lease) and still
 be retried; they never use up the step's own retries."""
+DEFAULT_RETRY_BACKOFF = 2.0
+"""The growth factor of retry delays when a step's IR names none (``plait.step``'s default)."""
+DEFAULT_RETRY_JITTER = 0.1
+"""The jitter fraction of retry delays when a step's IR names none (``plait.step``'s default)."""
+MAX_RETRY_DELAY = 86_400.0
+"""The longest delay before a retry, whatever a step asks (validation allows no more)."""
 
 RUNNER_HOLDER = "runner:"
 """The holder prefix of an attempt a runner has started a process for (``runner:docker``): that
@@ -66,8 +74,17 @@ process may claim the lease for itself."""
 COMPACT_EVERY = 10_000
 """Deadline pushes between two compactions of the reaper's heap."""
 
-# the kinds of deadline the reaper enforces, in the order they are checked at the same instant
-_QUEUE, _LEASE, _CLOSE = 0, 1, 2
+# the kinds of deadline the reaper enforces, in the order they are checked at the same instant:
+# those of an attempt (no one took it, its lease, its timeout), then a delayed retry coming due
+_QUEUE, _LEASE, _CLOSE, _RETRY = 0, 1, 2, 3
+
+_TIMEOUT_TYPES = (
+    "builtins.TimeoutError",
+    "builtins.OSError",
+    "builtins.Exception",
+    "builtins.BaseException",
+)
+"""The class chain of the TimeoutError an attempt past its timeout fails with (for retry_on)."""
 
 Alive = Callable[[str, str | None], bool | None]
 """Whether the process a runner (or pool) has under a handle is still alive: True, False, or
@@ -115,6 +132,8 @@ class StoredStep:
     queue_deadline: float | None = None
     close_deadline: float | None = None
     log_batch: int = 0
+    retry_at: float | None = None
+    """When a RETRYING step's delayed retry is due; None: retry it now."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,28 @@ def _when(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
 
+def retry_delay(settings: ir_pb2.StepSettings, k: int) -> float:
+    """The delay before retry ``k`` (1, 2, ...) of a failed step, before jitter:
+    ``min(retry_max_delay, retry_delay * retry_backoff ** (k - 1))``."""
+    base = settings.retry_delay_seconds
+    if base <= 0:
+        return 0.0
+    cap = MAX_RETRY_DELAY
+    if settings.HasField("retry_max_delay_seconds"):
+        cap = min(cap, settings.retry_max_delay_seconds)
+    backoff = (
+        settings.retry_backoff if settings.HasField("retry_backoff") else DEFAULT_RETRY_BACKOFF
+    )
+    # compared in logarithms: backoff ** (k - 1) may overflow a float long before the cap
+    if backoff > 1 and (k - 1) * math.log(backoff) >= math.log(cap / base):
+        return cap
+    return min(cap, base * backoff ** (k - 1))
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.1f}" if t >= 1 else f"{t:.2g}"
+
+
 class Scheduler:
     """The in-memory view of active runs and the transition logic. Used from one thread."""
 
@@ -155,7 +196,18 @@ class Scheduler:
         pool_limits: Mapping[str, int] | None = None,
     ) -> None:
         self._runners = runners
-        self._pool_limits = dict(pool_limits or {})
+        for pool, limit in (pool_limits or {}).items():
+            if limit < 1:
+                raise ValueError(f"pool {pool!r}: a limit of {limit} steps at once is below 1")
+        self._pools = {pool: Slots(limit) for pool, limit in (pool_limits or {}).items()}
+        """The limited pools (a runner's name, or a remote pool's) and their slots."""
+        self._freed: list[Slots] = []
+        """Limits a slot of which came free while steps wait for one: the next schedule
+        hands their turns out."""
+        self._requeue: Ready = []
+        """Ready steps of runs restore rebuilt, waiting for a slot: the next apply schedules
+        them again."""
+        self._random = random.Random()
         self.lease_seconds = lease_seconds
         self._queue_timeout = queue_timeout
         self._crash_retries = crash_retries
@@ -182,6 +234,10 @@ class Scheduler:
         """Applies a batch of commands; returns what to write and do."""
         fx = Effects()
         ready: Ready = []
+        if self._requeue:
+            ready, self._requeue = self._requeue, []
+            for waiting, _ in ready:
+                self._touched[waiting.run_id] = waiting
         for cmd in commands:
             if isinstance(cmd, CancelRun):
                 cancelled = self.runs.get(cmd.run_id)
@@ -287,17 +343,20 @@ class Scheduler:
         says its handle is alive, or cannot tell (a remote worker: it goes on heartbeating, and
         its lease expires if it does not); one whose process is gone is CRASHED and retried on
         the crash budget. Outputs already stored stay; nothing that succeeded runs again.
+        A retry waiting for its delay keeps waiting until it is due.
         """
         self._touched.clear()
         self._created.clear()
         self._saved_metadata.clear()
         fx = Effects()
         ready: Ready = []
-        for row in stored:
-            run = self._rebuild(row, lookups)
+        rebuilt = [self._rebuild(row, lookups) for row in stored]
+        for run in rebuilt:
             self.runs[run.run_id] = run
+        self._recount()
+        for run in rebuilt:
             for st in run.steps.values():
-                if st.status is StepStatus.RETRYING:
+                if st.status is StepStatus.RETRYING and st.retry_at is None:
                     st.move(StepStatus.PENDING)
                     fx.step(run.run_id, st.spec.id, status=StepStatus.PENDING)
                 elif st.status is StepStatus.QUEUED and st.holder is None:
@@ -348,6 +407,7 @@ class Scheduler:
             self.runs.pop(run_id, None)
             self._detached.setdefault(run_id, run)
         self._touched.clear()
+        self._recount()
         return set(self._detached)
 
     def restore(self, stored: list[StoredRun], lookups: Lookups) -> None:
@@ -358,7 +418,8 @@ class Scheduler:
         computed again from its inputs, as when it was queued. What only memory held (metadata
         reported for outputs not stored yet, the log bytes of the attempt) is carried over from
         the view before. A rolled-back run missing from ``stored`` (the store has it ended, or
-        never had it) is forgotten. Produces no effects: the view becomes the store's again.
+        never had it) is forgotten. Produces no effects: the view becomes the store's again;
+        ready steps that waited for a slot wait again from the next :meth:`apply`.
         """
         for row in stored:
             run = self._rebuild(row, lookups)
@@ -376,8 +437,21 @@ class Scheduler:
                 if before is not None:
                     st.output_metadata = before.output_metadata
                     st.log_attempt, st.log_bytes = before.log_attempt, before.log_bytes
+                if st.status is StepStatus.RETRYING and st.retry_at is None:
+                    st.move(StepStatus.PENDING)  # a store's row from before delayed retries
             self.runs[run.run_id] = run
         self._detached.clear()
+        self._recount()
+        for row in stored:
+            run = self.runs[row.run_id]
+            for st in run.steps.values():
+                if st.status is StepStatus.PENDING and st.waiting == 0:
+                    # committed ready and not queued: it waited for a slot, and waits again
+                    held = self._full(run, st)
+                    if held is not None:
+                        self._wait(held, run, st)
+                    else:
+                        self._requeue.append((run, st))
 
     def forget(self, run_ids: Iterable[str]) -> None:
         """Drops runs from the view (active or rolled back) without a word to the store: what
@@ -385,6 +459,7 @@ class Scheduler:
         for run_id in run_ids:
             self.runs.pop(run_id, None)
             self._detached.pop(run_id, None)
+        self._recount()
 
     # ---- runs ----
 
@@ -392,6 +467,7 @@ class Scheduler:
         """A run's view from its stored rows (steps as stored, attempts and epochs included)."""
         spec = lookups.pipeline_spec(row.version)
         steps = self._step_states(spec)
+        used = 0
         for s in row.steps:
             st = steps[s.step_id]
             st.status, st.attempt, st.epoch = s.status, s.attempt, s.epoch
@@ -404,8 +480,13 @@ class Scheduler:
             st.queue_deadline, st.close_deadline = s.queue_deadline, s.close_deadline
             if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
                 self._arm(row.run_id, st)
+                used += 1
+            elif st.status is StepStatus.RETRYING and s.retry_at is not None:
+                st.retry_at = s.retry_at
+                self._push(s.retry_at, _RETRY, row.run_id, st)
         for st in steps.values():
             st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
+        limit = spec.max_concurrency if spec.HasField("max_concurrency") else None
         return RunState(
             row.run_id,
             spec.name,
@@ -417,6 +498,8 @@ class Scheduler:
             status=RunStatus.RUNNING,
             default_runner=lookups.stack_runner(row.stack or "default"),
             code_archive=row.code_archive,
+            slots=Slots(limit, used),
+            fail_fast=spec.fail_fast,
         )
 
     @staticmethod
@@ -463,6 +546,8 @@ class Scheduler:
             default_runner=stack_runner,
             code_archive=cmd.code_archive,
             code_root=cmd.code_root,
+            slots=Slots(spec.max_concurrency if spec.HasField("max_concurrency") else None),
+            fail_fast=spec.fail_fast,
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
@@ -519,21 +604,121 @@ class Scheduler:
             for st in run.steps.values():
                 if st.status.is_final:
                     continue
-                if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
-                    fx.cancels.append(Token(run.run_id, st.spec.id, st.attempt, st.epoch))
-                    fx.attempt(
-                        run.run_id,
-                        st.spec.id,
-                        st.attempt,
-                        status=StepStatus.CANCELLED,
-                        ended_at=now,
-                    )
-                st.move(StepStatus.CANCELLED)
-                fx.step(run.run_id, st.spec.id, status=StepStatus.CANCELLED, ended_at=now)
-                self._event(fx, run, st, now, reason)
+                self._cancel_step(run, st, fx, now, reason)
             run.move(status)
             fx.run_updates[run.run_id] = {"status": status, "ended_at": now}
             self._event(fx, run, None, now, reason)
+
+    def _cancel_step(
+        self, run: RunState, st: StepState, fx: Effects, now: float, reason: str
+    ) -> None:
+        """Ends an open step CANCELLED; its attempt, if one is queued or running, is stopped."""
+        if st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING:
+            fx.cancels.append(Token(run.run_id, st.spec.id, st.attempt, st.epoch))
+            fx.attempt(
+                run.run_id, st.spec.id, st.attempt, status=StepStatus.CANCELLED, ended_at=now
+            )
+            self._free(run, st)
+        st.move(StepStatus.CANCELLED)
+        fx.step(run.run_id, st.spec.id, status=StepStatus.CANCELLED, ended_at=now)
+        if st.retry_at is not None:
+            st.retry_at = None
+            fx.step(run.run_id, st.spec.id, retry_at=None)
+        self._event(fx, run, st, now, reason)
+
+    def _fail_fast(self, run: RunState, failed: StepState, fx: Effects, now: float) -> None:
+        """Cancels the open steps of a fail_fast run whose step ``failed`` for good; the run
+        ends FAILED."""
+        reason = (
+            f"cancelled: step {failed.spec.id!r} {failed.status.lower()} and the pipeline "
+            f"is fail_fast"
+        )
+        for st in run.steps.values():
+            if not st.status.is_final:
+                self._cancel_step(run, st, fx, now, reason)
+                run.open_steps -= 1
+        self._end_run(run, fx, now)
+
+    # ---- slots (concurrency limits) ----
+
+    def _full(self, run: RunState, st: StepState, turn: bool = False) -> Slots | None:
+        """The first of a ready step's limits (its run's, its pool's) with no slot free for
+        it: none free, or (unless it is the step's ``turn``) steps that came first wait for
+        the free ones."""
+        if (run.slots.waiting and not turn) or run.slots.full():
+            return run.slots
+        if self._pools:
+            s = st.spec.settings
+            pool = self._pools.get(s.pool or s.runner or run.default_runner)
+            if pool is not None and ((pool.waiting and not turn) or pool.full()):
+                return pool
+        return None
+
+    def _wait(self, held: Slots, run: RunState, st: StepState) -> None:
+        held.waiting.append((run, st))
+        if not held.full():  # behind others: their turns come in this very schedule
+            self._freed.append(held)
+
+    def _admit(self, run: RunState, st: StepState, fx: Effects, turn: bool) -> bool:
+        """Whether a ready step may have an attempt queued now, within its run's and its pool's
+        limits; if not, it waits in line for a slot of the first one that holds it back."""
+        held = self._full(run, st, turn)
+        if held is None:
+            return True
+        self._wait(held, run, st)
+        if st.attempt:  # a retry: the store has it RETRYING, and it waits PENDING
+            fx.step(run.run_id, st.spec.id, status=StepStatus.PENDING)
+        else:  # as the store has it (no key yet): computed again when its turn comes
+            st.material = st.key = None
+        return False
+
+    def _take(self, run: RunState, st: StepState) -> None:
+        """A queued attempt takes a slot of its run and of its pool (st.pool or st.runner)."""
+        run.slots.used += 1
+        if self._pools:
+            pool = self._pools.get(st.pool or st.runner)
+            if pool is not None:
+                pool.used += 1
+
+    def _free(self, run: RunState, st: StepState) -> None:
+        """A queued or running attempt ended: its slots are free for a waiting step."""
+        run.slots.used -= 1
+        if run.slots.waiting:
+            self._freed.append(run.slots)
+        if self._pools:
+            pool = self._pools.get(st.pool or st.runner)
+            if pool is not None:
+                pool.used -= 1
+                if pool.waiting:
+                    self._freed.append(pool)
+
+    def _next_waiting(self) -> tuple[RunState, StepState] | None:
+        """The next step whose turn for a freed slot has come, or None."""
+        while self._freed:
+            slots = self._freed[-1]
+            if slots.full() or not slots.waiting:
+                self._freed.pop()
+                continue
+            run, st = slots.waiting.popleft()
+            if self.runs.get(run.run_id) is run and st.status is StepStatus.PENDING:
+                self._touched[run.run_id] = run
+                return run, st
+        return None
+
+    def _recount(self) -> None:
+        """Counts the limited pools' slots again from the view (after runs came or went
+        without their attempts ending: recover, rollback, restore, forget)."""
+        if not self._pools:
+            return
+        for pool in self._pools.values():
+            pool.used = 0
+        for run in self.runs.values():
+            for st in run.steps.values():
+                if st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING:
+                    slots = self._pools.get(st.pool or st.runner)
+                    if slots is not None:
+                        slots.used += 1
+        self._freed.extend(p for p in self._pools.values() if p.waiting)
 
     # ---- steps ----
 
@@ -579,8 +764,16 @@ class Scheduler:
         return ("map", {e.key: self._resolve(run, e.value) for e in b.map.entries})
 
     def _schedule(self, ready: Ready, fx: Effects, now: float, lookups: Lookups) -> None:
-        """Serves ready steps from the cache (following hits downstream) or queues them."""
-        while ready:
+        """Serves ready steps from the cache (following hits downstream) or queues them, as
+        their run's and pool's limits allow; then hands freed slots to steps that wait."""
+        while True:
+            turn = False
+            if not ready:
+                waiting = self._next_waiting() if self._freed else None
+                if waiting is None:
+                    return
+                ready.append(waiting)
+                turn = True  # first in line: only a limit with no slot free holds it back
             run, st = ready.pop()
             if run.status.is_final or st.status is not StepStatus.PENDING:
                 continue
@@ -605,6 +798,8 @@ class Scheduler:
                     self._event(fx, run, st, now)
                     self._close_step(run, st, fx, now, ready)
                     continue
+            if not self._admit(run, st, fx, turn):
+                continue
             fx.step(run.run_id, st.spec.id, cache_key=st.key)
             self._queue(run, st, fx, now, values)
 
@@ -621,6 +816,7 @@ class Scheduler:
         st.holder = st.handle = None
         st.lease_expires = st.close_deadline = None
         st.queue_deadline = now + self._queue_timeout if self._queue_timeout else None
+        self._take(run, st)
         fx.step(run.run_id, st.spec.id, status=StepStatus.QUEUED, attempt=st.attempt)
         fx.attempt_inserts.append(
             {
@@ -699,8 +895,10 @@ class Scheduler:
     # ---- leases and deadlines ----
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of a current attempt (an :class:`Expire` at or after it ends
-        what is due), or None."""
+        """The earliest deadline of a current attempt or a delayed retry (an :class:`Expire`
+        at or after it ends or retries what is due), or None."""
+        if self._freed:
+            return 0.0  # slots came free outside apply (abort): the next batch hands them out
         return self._deadlines[0][0] if self._deadlines else None
 
     def _arm(self, run_id: str, st: StepState) -> None:
@@ -726,6 +924,8 @@ class Scheduler:
         st = run.steps.get(step_id) if run is not None else None
         if run is None or st is None or (st.attempt, st.epoch) != (attempt, epoch):
             return None
+        if kind == _RETRY:
+            return (run, st) if st.status is StepStatus.RETRYING and st.retry_at == when else None
         if st.status is not StepStatus.QUEUED and st.status is not StepStatus.RUNNING:
             return None
         if when != (st.queue_deadline, st.lease_expires, st.close_deadline)[kind]:
@@ -806,7 +1006,8 @@ class Scheduler:
     def _expire(self, fx: Effects, now: float, ready: Ready) -> None:
         """Ends the current attempts whose deadline has passed: one no one took in time, one
         whose lease was not renewed (CRASHED, retried on the crash budget), one that ran past
-        its timeout (FAILED, a TimeoutError). Runners are told to stop the last two."""
+        its timeout (FAILED, a TimeoutError). Runners are told to stop the last two. A delayed
+        retry that is due becomes ready."""
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
@@ -815,6 +1016,13 @@ class Scheduler:
                 continue
             run, st = found
             kind, run_id = entry[1], entry[2]
+            self._touched[run_id] = run
+            if kind == _RETRY:
+                st.retry_at = None
+                st.move(StepStatus.PENDING)
+                fx.step(run_id, st.spec.id, retry_at=None)
+                ready.append((run, st))
+                continue
             token = Token(run_id, st.spec.id, st.attempt, st.epoch)
             where = f"of pool {st.pool!r}" if st.pool else f"of runner {st.runner!r}"
             if kind == _QUEUE:
@@ -840,10 +1048,10 @@ class Scheduler:
                 error = StepError(
                     "builtins.TimeoutError",
                     f"the attempt ran longer than its timeout of {limit:g} s",
+                    types=_TIMEOUT_TYPES,
                 )
                 failed = Failed(token, error)
                 fx.cancels.append(token)
-            self._touched[run_id] = run
             self._fail(run, st, failed, fx, now, ready, retry=kind != _QUEUE)
 
     def _complete(
@@ -858,6 +1066,7 @@ class Scheduler:
             )
             self._fail(run, st, Failed(cmd.token, error), fx, now, ready)
             return
+        self._free(run, st)
         st.move(StepStatus.SUCCEEDED)
         st.outputs = got
         for o in cmd.outputs:
@@ -909,18 +1118,43 @@ class Scheduler:
         retry: bool = True,
     ) -> None:
         """Ends the current attempt FAILED (the step's code) or CRASHED (its infrastructure).
+
         The step is retried while its budget for that kind lasts: its own ``retries`` for
-        failures, the control plane's crash budget for crashes."""
+        failures whose exception its ``retry_on`` and ``no_retry_on`` allow (after the delay
+        its policy gives), the control plane's crash budget for crashes (at once). A step that
+        ends for good cancels the rest of a fail_fast run."""
         final = StepStatus.CRASHED if cmd.crashed else StepStatus.FAILED
         fx.attempt(run.run_id, st.spec.id, st.attempt, status=final, ended_at=now)
+        self._free(run, st)
         message = str(cmd.error)
+        delay = 0.0
         if cmd.crashed:
             st.crashes += 1
             again = st.crashes <= self._crash_retries
         else:
-            again = st.attempt - st.crashes <= st.spec.settings.retries
+            failures = st.attempt - st.crashes
+            again = failures <= st.spec.settings.retries
+            if again and retry:
+                refused = self._not_retried(st.spec.settings, cmd.error)
+                if refused:
+                    again = False
+                    message = f"{message} (not retried: {refused})"
+                else:
+                    delay = self._jittered(st.spec.settings, failures)
         if retry and again:
             st.move(StepStatus.RETRYING)
+            if delay > 0:
+                st.retry_at = now + delay
+                self._event(fx, run, st, now, f"retrying in {_seconds(delay)} s: {message}")
+                fx.step(
+                    run.run_id,
+                    st.spec.id,
+                    status=StepStatus.RETRYING,
+                    error=cmd.error.to_json(),
+                    retry_at=st.retry_at,
+                )
+                self._push(st.retry_at, _RETRY, run.run_id, st)
+                return
             self._event(fx, run, st, now, message)
             st.move(StepStatus.PENDING)
             fx.step(run.run_id, st.spec.id, status=StepStatus.RETRYING, error=cmd.error.to_json())
@@ -930,6 +1164,32 @@ class Scheduler:
         fx.step(run.run_id, st.spec.id, status=final, error=cmd.error.to_json(), ended_at=now)
         self._event(fx, run, st, now, message)
         self._close_step(run, st, fx, now, ready)
+        if run.fail_fast and not run.status.is_final:
+            self._fail_fast(run, st, fx, now)
+
+    @staticmethod
+    def _not_retried(settings: ir_pb2.StepSettings, error: StepError) -> str:
+        """Why a failure's exception is not retried under the step's retry_on and no_retry_on
+        (its class or a base of it named in no_retry_on, or none in retry_on); empty: it is."""
+        if not settings.retry_on and not settings.no_retry_on:
+            return ""
+        chain = error.types or (error.type,)
+        for name in chain:
+            if name in settings.no_retry_on:
+                return f"{error.type} is {'' if name == error.type else 'a '}{name}, in no_retry_on"
+        if settings.retry_on and not any(name in settings.retry_on for name in chain):
+            return f"{error.type} matches nothing in retry_on ({', '.join(settings.retry_on)})"
+        return ""
+
+    def _jittered(self, settings: ir_pb2.StepSettings, k: int) -> float:
+        """The delay before retry ``k``, moved at random by up to the step's jitter fraction."""
+        delay = retry_delay(settings, k)
+        if delay <= 0:
+            return 0.0
+        jitter = (
+            settings.retry_jitter if settings.HasField("retry_jitter") else DEFAULT_RETRY_JITTER
+        )
+        return max(0.0, delay * (1 + self._random.uniform(-jitter, jitter)))
 
     def _close_step(
         self, run: RunState, st: StepState, fx: Effects, now: float, ready: Ready

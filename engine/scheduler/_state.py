@@ -6,6 +6,7 @@ Every change of a step's or a run's status goes through :meth:`StepState.move` o
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,8 @@ class StepState:
     lease_expires: float | None = None
     queue_deadline: float | None = None
     close_deadline: float | None = None
+    retry_at: float | None = None
+    """When a RETRYING step's next attempt is due (a delayed retry); None otherwise."""
 
     def move(self, to: StepStatus) -> None:
         if to not in STEP_TRANSITIONS[self.status]:
@@ -79,6 +82,31 @@ class StepState:
                 f"step {self.spec.id!r}: {self.status} -> {to} is not a legal transition"
             )
         self.status = to
+
+
+@dataclass(slots=True, eq=False)
+class Slots:
+    """A limit on attempts queued or running at once (a run's, or a pool's), and the ready
+    steps waiting for one of its slots, first come, first served."""
+
+    limit: int | None
+    """None: no limit (only counted)."""
+    used: int = 0
+    """Attempts QUEUED or RUNNING now."""
+    waiting: deque[tuple[RunState, StepState]] = field(default_factory=deque)
+    """Ready steps held back; an entry whose step is no longer PENDING, or whose run is no
+    longer the active one, is skipped when its turn comes."""
+
+    def full(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
+    def __eq__(self, other: object) -> bool:
+        # the waiting steps are left out: which line a step waits in depends on history that a
+        # view restored from the store lacks (they are PENDING steps, compared with the steps),
+        # and their states refer back to this (a field-wise compare would loop)
+        if not isinstance(other, Slots):
+            return NotImplemented
+        return (self.limit, self.used) == (other.limit, other.used)
 
 
 @dataclass(slots=True)
@@ -99,6 +127,10 @@ class RunState:
     """The code archive the run's steps import from."""
     code_root: str = ""
     """With no archive, the local folder they import from (an embedded engine's runs)."""
+    slots: Slots = field(default_factory=lambda: Slots(None))
+    """The run's attempts at once, against its pipeline's ``max_concurrency``."""
+    fail_fast: bool = False
+    """The pipeline's ``fail_fast``: the first step to fail for good cancels the others."""
 
     def move(self, to: RunStatus) -> None:
         if to not in RUN_TRANSITIONS[self.status]:

@@ -184,6 +184,7 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
                 queue_deadline=r.queue_deadline,
                 close_deadline=r.close_deadline,
                 log_batch=r.log_batch or 0,
+                retry_at=r.retry_at,
             )
         )
     return [

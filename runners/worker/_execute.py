@@ -56,6 +56,9 @@ MAX_METADATA_BYTES = 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 """The most UTF-8 bytes of a failure's message, and of its traceback, that are reported (the
 control plane refuses a report over its limits: a cut here keeps the report whole)."""
+MAX_ERROR_TYPES = 64
+"""The most names of a failure's class chain that are reported (the control plane's limit):
+the most derived ones, which are what retry_on and no_retry_on name."""
 
 
 class Reporter(Protocol):
@@ -358,9 +361,17 @@ def _error(failure: BaseException) -> res.StepError:
     except MemoryError:
         tb = ""
     error = StepError.of(failure, _cut(tb, keep_end=True))
-    if isinstance(failure, MemoryError) and not error.message:
-        error = StepError(error.type, "the step ran out of memory", error.traceback)
-    return StepError(error.type, _cut(error.message), error.traceback).to_proto()
+    message = error.message
+    if isinstance(failure, MemoryError) and not message:
+        message = "the step ran out of memory"
+    # a script's classes load here under SCRIPT_MODULE; the pipeline's retry_on and
+    # no_retry_on name them as the script did, from __main__
+    script = SCRIPT_MODULE + "."
+    types = tuple(
+        "__main__." + t.removeprefix(script) if t.startswith(script) else t
+        for t in error.types[:MAX_ERROR_TYPES]
+    )
+    return StepError(error.type, _cut(message), error.traceback, types).to_proto()
 
 
 class StepExecutor:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14plait/ir/v1/ir.proto\x12\x0bplait.ir.v1\"\x87\x01\n\x0cPipelineSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\nparameters\x18\x03 \x03(\x0b\x32\x1a.plait.ir.v1.ParameterSpec\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.plait.ir.v1.StepSpec\"\x86\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12\x30\n\rdefault_value\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.LiteralH\x00\x88\x01\x01\x42\x10\n\x0e_default_value\"\x18\n\x08TypeSpec\x12\x0c\n\x04\x65xpr\x18\x01 \x01(\t\"\x17\n\x07Literal\x12\x0c\n\x04json\x18\x01 \x01(\t\"\xc7\x01\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x04\x63ode\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.CodeRef\x12&\n\x06inputs\x18\x04 \x03(\x0b\x32\x16.plait.ir.v1.InputSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.plait.ir.v1.OutputSpec\x12+\n\x08settings\x18\x06 \x01(\x0b\x32\x19.plait.ir.v1.StepSettings\"`\n\x07\x43odeRef\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x10\n\x08qualname\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x13\n\x0b\x63ode_digest\x18\x04 \x01(\t\x12\x10\n\x08is_async\x18\x05 \x01(\x08\"e\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12%\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.Binding\"\xcb\x01\n\x07\x42inding\x12(\n\x06output\x18\x01 \x01(\x0b\x32\x16.plait.ir.v1.OutputRefH\x00\x12\x13\n\tparameter\x18\x02 \x01(\tH\x00\x12\'\n\x07literal\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.LiteralH\x00\x12(\n\x04list\x18\x04 \x01(\x0b\x32\x18.plait.ir.v1.BindingListH\x00\x12&\n\x03map\x18\x05 \x01(\x0b\x32\x17.plait.ir.v1.BindingMapH\x00\x42\x06\n\x04kind\",\n\tOutputRef\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"2\n\x0b\x42indingList\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.plait.ir.v1.Binding\";\n\nBindingMap\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.plait.ir.v1.BindingMapEntry\"C\n\x0f\x42indingMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.plait.ir.v1.Binding\"U\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12\x14\n\x0cmaterializer\x18\x03 \x01(\t\"\xd3\x01\n\x0cStepSettings\x12\x12\n\x05\x63\x61\x63he\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rcache_version\x18\x02 \x01(\t\x12\x0f\n\x07retries\x18\x03 \x01(\r\x12\x1c\n\x0ftimeout_seconds\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12-\n\x0b\x65nvironment\x18\x05 \x01(\x0b\x32\x18.plait.ir.v1.Environment\x12\x0e\n\x06runner\x18\x06 \x01(\t\x12\x0c\n\x04pool\x18\x07 \x01(\tB\x08\n\x06_cacheB\x12\n\x10_timeout_seconds\"\x89\x01\n\x0b\x45nvironment\x12\x14\n\x0cparent_image\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x14\n\x0crequirements\x18\x03 \x03(\t\x12\x14\n\x0c\x61pt_packages\x18\x04 \x03(\t\x12 \n\x03\x65nv\x18\x05 \x03(\x0b\x32\x13.plait.ir.v1.EnvVar\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xee\x01\n\x10\x43\x61\x63heKeyMaterial\x12\x12\n\nkey_scheme\x18\x01 \x01(\t\x12\x13\n\x0b\x63ode_digest\x18\x02 \x01(\t\x12(\n\x07outputs\x18\x03 \x03(\x0b\x32\x17.plait.ir.v1.OutputSpec\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\'\n\x06inputs\x18\x05 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x1a\n\x12\x65nvironment_digest\x18\x06 \x01(\t\x12\x15\n\rcache_version\x18\x07 \x01(\t\"(\n\nNamedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14plait/ir/v1/ir.proto\x12\x0bplait.ir.v1\"\xcc\x01\n\x0cPipelineSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12.\n\nparameters\x18\x03 \x03(\x0b\x32\x1a.plait.ir.v1.ParameterSpec\x12$\n\x05steps\x18\x04 \x03(\x0b\x32\x15.plait.ir.v1.StepSpec\x12\x1c\n\x0fmax_concurrency\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tfail_fast\x18\x06 \x01(\x08\x42\x12\n\x10_max_concurrency\"\x86\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12\x30\n\rdefault_value\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.LiteralH\x00\x88\x01\x01\x42\x10\n\x0e_default_value\"\x18\n\x08TypeSpec\x12\x0c\n\x04\x65xpr\x18\x01 \x01(\t\"\x17\n\x07Literal\x12\x0c\n\x04json\x18\x01 \x01(\t\"\xc7\x01\n\x08StepSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\"\n\x04\x63ode\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.CodeRef\x12&\n\x06inputs\x18\x04 \x03(\x0b\x32\x16.plait.ir.v1.InputSpec\x12(\n\x07outputs\x18\x05 \x03(\x0b\x32\x17.plait.ir.v1.OutputSpec\x12+\n\x08settings\x18\x06 \x01(\x0b\x32\x19.plait.ir.v1.StepSettings\"`\n\x07\x43odeRef\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x10\n\x08qualname\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x13\n\x0b\x63ode_digest\x18\x04 \x01(\t\x12\x10\n\x08is_async\x18\x05 \x01(\x08\"e\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12%\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.Binding\"\xcb\x01\n\x07\x42inding\x12(\n\x06output\x18\x01 \x01(\x0b\x32\x16.plait.ir.v1.OutputRefH\x00\x12\x13\n\tparameter\x18\x02 \x01(\tH\x00\x12\'\n\x07literal\x18\x03 \x01(\x0b\x32\x14.plait.ir.v1.LiteralH\x00\x12(\n\x04list\x18\x04 \x01(\x0b\x32\x18.plait.ir.v1.BindingListH\x00\x12&\n\x03map\x18\x05 \x01(\x0b\x32\x17.plait.ir.v1.BindingMapH\x00\x42\x06\n\x04kind\",\n\tOutputRef\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"2\n\x0b\x42indingList\x12#\n\x05items\x18\x01 \x03(\x0b\x32\x14.plait.ir.v1.Binding\";\n\nBindingMap\x12-\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1c.plait.ir.v1.BindingMapEntry\"C\n\x0f\x42indingMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.plait.ir.v1.Binding\"U\n\nOutputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0b\x32\x15.plait.ir.v1.TypeSpec\x12\x14\n\x0cmaterializer\x18\x03 \x01(\t\"\xb3\x03\n\x0cStepSettings\x12\x12\n\x05\x63\x61\x63he\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rcache_version\x18\x02 \x01(\t\x12\x0f\n\x07retries\x18\x03 \x01(\r\x12\x1c\n\x0ftimeout_seconds\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12-\n\x0b\x65nvironment\x18\x05 \x01(\x0b\x32\x18.plait.ir.v1.Environment\x12\x0e\n\x06runner\x18\x06 \x01(\t\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12\x1b\n\x13retry_delay_seconds\x18\x08 \x01(\x01\x12\x1a\n\rretry_backoff\x18\t \x01(\x01H\x02\x88\x01\x01\x12$\n\x17retry_max_delay_seconds\x18\n \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cretry_jitter\x18\x0b \x01(\x01H\x04\x88\x01\x01\x12\x10\n\x08retry_on\x18\x0c \x03(\t\x12\x13\n\x0bno_retry_on\x18\r \x03(\tB\x08\n\x06_cacheB\x12\n\x10_timeout_secondsB\x10\n\x0e_retry_backoffB\x1a\n\x18_retry_max_delay_secondsB\x0f\n\r_retry_jitter\"\x89\x01\n\x0b\x45nvironment\x12\x14\n\x0cparent_image\x18\x01 \x01(\t\x12\x16\n\x0epython_version\x18\x02 \x01(\t\x12\x14\n\x0crequirements\x18\x03 \x03(\t\x12\x14\n\x0c\x61pt_packages\x18\x04 \x03(\t\x12 \n\x03\x65nv\x18\x05 \x03(\x0b\x32\x13.plait.ir.v1.EnvVar\"%\n\x06\x45nvVar\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xee\x01\n\x10\x43\x61\x63heKeyMaterial\x12\x12\n\nkey_scheme\x18\x01 \x01(\t\x12\x13\n\x0b\x63ode_digest\x18\x02 \x01(\t\x12(\n\x07outputs\x18\x03 \x03(\x0b\x32\x17.plait.ir.v1.OutputSpec\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\'\n\x06inputs\x18\x05 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x1a\n\x12\x65nvironment_digest\x18\x06 \x01(\t\x12\x15\n\rcache_version\x18\x07 \x01(\t\"(\n\nNamedValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plait.ir.v1.ir_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PIPELINESPEC']._serialized_start=38
-  _globals['_PIPELINESPEC']._serialized_end=173
-  _globals['_PARAMETERSPEC']._serialized_start=176
-  _globals['_PARAMETERSPEC']._serialized_end=310
-  _globals['_TYPESPEC']._serialized_start=312
-  _globals['_TYPESPEC']._serialized_end=336
-  _globals['_LITERAL']._serialized_start=338
-  _globals['_LITERAL']._serialized_end=361
-  _globals['_STEPSPEC']._serialized_start=364
-  _globals['_STEPSPEC']._serialized_end=563
-  _globals['_CODEREF']._serialized_start=565
-  _globals['_CODEREF']._serialized_end=661
-  _globals['_INPUTSPEC']._serialized_start=663
-  _globals['_INPUTSPEC']._serialized_end=764
-  _globals['_BINDING']._serialized_start=767
-  _globals['_BINDING']._serialized_end=970
-  _globals['_OUTPUTREF']._serialized_start=972
-  _globals['_OUTPUTREF']._serialized_end=1016
-  _globals['_BINDINGLIST']._serialized_start=1018
-  _globals['_BINDINGLIST']._serialized_end=1068
-  _globals['_BINDINGMAP']._serialized_start=1070
-  _globals['_BINDINGMAP']._serialized_end=1129
-  _globals['_BINDINGMAPENTRY']._serialized_start=1131
-  _globals['_BINDINGMAPENTRY']._serialized_end=1198
-  _globals['_OUTPUTSPEC']._serialized_start=1200
-  _globals['_OUTPUTSPEC']._serialized_end=1285
-  _globals['_STEPSETTINGS']._serialized_start=1288
-  _globals['_STEPSETTINGS']._serialized_end=1499
-  _globals['_ENVIRONMENT']._serialized_start=1502
-  _globals['_ENVIRONMENT']._serialized_end=1639
-  _globals['_ENVVAR']._serialized_start=1641
-  _globals['_ENVVAR']._serialized_end=1678
-  _globals['_CACHEKEYMATERIAL']._serialized_start=1681
-  _globals['_CACHEKEYMATERIAL']._serialized_end=1919
-  _globals['_NAMEDVALUE']._serialized_start=1921
-  _globals['_NAMEDVALUE']._serialized_end=1961
+  _globals['_PIPELINESPEC']._serialized_end=242
+  _globals['_PARAMETERSPEC']._serialized_start=245
+  _globals['_PARAMETERSPEC']._serialized_end=379
+  _globals['_TYPESPEC']._serialized_start=381
+  _globals['_TYPESPEC']._serialized_end=405
+  _globals['_LITERAL']._serialized_start=407
+  _globals['_LITERAL']._serialized_end=430
+  _globals['_STEPSPEC']._serialized_start=433
+  _globals['_STEPSPEC']._serialized_end=632
+  _globals['_CODEREF']._serialized_start=634
+  _globals['_CODEREF']._serialized_end=730
+  _globals['_INPUTSPEC']._serialized_start=732
+  _globals['_INPUTSPEC']._serialized_end=833
+  _globals['_BINDING']._serialized_start=836
+  _globals['_BINDING']._serialized_end=1039
+  _globals['_OUTPUTREF']._serialized_start=1041
+  _globals['_OUTPUTREF']._serialized_end=1085
+  _globals['_BINDINGLIST']._serialized_start=1087
+  _globals['_BINDINGLIST']._serialized_end=1137
+  _globals['_BINDINGMAP']._serialized_start=1139
+  _globals['_BINDINGMAP']._serialized_end=1198
+  _globals['_BINDINGMAPENTRY']._serialized_start=1200
+  _globals['_BINDINGMAPENTRY']._serialized_end=1267
+  _globals['_OUTPUTSPEC']._serialized_start=1269
+  _globals['_OUTPUTSPEC']._serialized_end=1354
+  _globals['_STEPSETTINGS']._serialized_start=1357
+  _globals['_STEPSETTINGS']._serialized_end=1792
+  _globals['_ENVIRONMENT']._serialized_start=1795
+  _globals['_ENVIRONMENT']._serialized_end=1932
+  _globals['_ENVVAR']._serialized_start=1934
+  _globals['_ENVVAR']._serialized_end=1971
+  _globals['_CACHEKEYMATERIAL']._serialized_start=1974
+  _globals['_CACHEKEYMATERIAL']._serialized_end=2212
+  _globals['_NAMEDVALUE']._serialized_start=2214
+  _globals['_NAMEDVALUE']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

@@ -35,10 +35,20 @@ class PipelineSpec(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    FAIL_FAST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The pipeline's name, as users call it (the decorated function's name by default)."""
     description: _builtins.str
     """Free text shown in listings: the pipeline function's docstring by default."""
+    max_concurrency: _builtins.int
+    """The most attempts of one run that may be queued or running at once; unset means no limit
+    beyond the runners' and pools' own. A ready step past the limit waits for a slot.
+    """
+    fail_fast: _builtins.bool
+    """On the first step that fails or crashes for good, cancel the run's other steps (running
+    attempts are stopped) and end the run FAILED. False: independent branches keep going.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """Run-time parameters of the pipeline, in declaration order."""
@@ -54,12 +64,16 @@ class PipelineSpec(_message.Message):
         description: _builtins.str = ...,
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
         steps: _abc.Iterable[Global___StepSpec] | None = ...,
+        max_concurrency: _builtins.int | None = ...,
+        fail_fast: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "max_concurrency", b"max_concurrency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency", "description", b"description", "fail_fast", b"fail_fast", "max_concurrency", b"max_concurrency", "name", b"name", "parameters", b"parameters", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_concurrency: _TypeAlias = _typing.Literal["max_concurrency"]  # noqa: Y015
+    _WhichOneofArgType__max_concurrency: _TypeAlias = _typing.Literal["_max_concurrency", b"_max_concurrency"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_concurrency) -> _WhichOneofReturnType__max_concurrency | None: ...
 
 Global___PipelineSpec: _TypeAlias = PipelineSpec  # noqa: Y015
 
@@ -462,12 +476,20 @@ class StepSettings(_message.Message):
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     RUNNER_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
+    RETRY_MAX_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRY_JITTER_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
+    NO_RETRY_ON_FIELD_NUMBER: _builtins.int
     cache: _builtins.bool
     """Whether the step may be served from the cache; unset means true."""
     cache_version: _builtins.str
     """A user-chosen string that is part of the cache key: bump it to invalidate old entries."""
     retries: _builtins.int
-    """How many more attempts a failed or crashed attempt gets."""
+    """How many more attempts a failed attempt gets (the step's code raised). Attempts lost to
+    the infrastructure (CRASHED) draw on the control plane's own budget, never on this one.
+    """
     timeout_seconds: _builtins.float
     """Wall-clock limit of one attempt, in seconds; unset means no limit."""
     runner: _builtins.str
@@ -476,9 +498,35 @@ class StepSettings(_message.Message):
     """The remote worker pool that executes the step (workers started with `plait worker --pool`);
     empty means the runner above.
     """
+    retry_delay_seconds: _builtins.float
+    """Seconds to wait before the first retry of a failed attempt; 0 (the default) retries at
+    once. Retry k waits min(retry_max_delay_seconds, retry_delay_seconds *
+    retry_backoff^(k-1)), then jittered.
+    """
+    retry_backoff: _builtins.float
+    """The factor the delay grows by from one retry to the next (>= 1); unset means 2."""
+    retry_max_delay_seconds: _builtins.float
+    """The longest delay before a retry, in seconds; unset means no cap but a day."""
+    retry_jitter: _builtins.float
+    """The fraction (0 to 1) by which the control plane moves each delay at random, up or
+    down, so that steps that failed together do not retry together; unset means 0.1.
+    """
     @_builtins.property
     def environment(self) -> Global___Environment:
         """The execution environment the step needs."""
+
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Qualified exception type names ("builtins.ValueError", "mypkg.errors.Flaky"): a failure
+        is retried only when its exception is one of them or a subclass of one. Empty means
+        every exception is retried.
+        """
+
+    @_builtins.property
+    def no_retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Qualified exception type names never retried, subclasses included; it wins over
+        retry_on.
+        """
 
     def __init__(
         self,
@@ -490,17 +538,35 @@ class StepSettings(_message.Message):
         environment: Global___Environment | None = ...,
         runner: _builtins.str = ...,
         pool: _builtins.str = ...,
+        retry_delay_seconds: _builtins.float = ...,
+        retry_backoff: _builtins.float | None = ...,
+        retry_max_delay_seconds: _builtins.float | None = ...,
+        retry_jitter: _builtins.float | None = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
+        no_retry_on: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "retry_backoff", b"retry_backoff", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "pool", b"pool", "retries", b"retries", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "no_retry_on", b"no_retry_on", "pool", b"pool", "retries", b"retries", "retry_backoff", b"retry_backoff", "retry_delay_seconds", b"retry_delay_seconds", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "retry_on", b"retry_on", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
+    _WhichOneofReturnType__retry_backoff: _TypeAlias = _typing.Literal["retry_backoff"]  # noqa: Y015
+    _WhichOneofArgType__retry_backoff: _TypeAlias = _typing.Literal["_retry_backoff", b"_retry_backoff"]  # noqa: Y015
+    _WhichOneofReturnType__retry_jitter: _TypeAlias = _typing.Literal["retry_jitter"]  # noqa: Y015
+    _WhichOneofArgType__retry_jitter: _TypeAlias = _typing.Literal["_retry_jitter", b"_retry_jitter"]  # noqa: Y015
+    _WhichOneofReturnType__retry_max_delay_seconds: _TypeAlias = _typing.Literal["retry_max_delay_seconds"]  # noqa: Y015
+    _WhichOneofArgType__retry_max_delay_seconds: _TypeAlias = _typing.Literal["_retry_max_delay_seconds", b"_retry_max_delay_seconds"]  # noqa: Y015
     _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cache) -> _WhichOneofReturnType__cache | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_backoff) -> _WhichOneofReturnType__retry_backoff | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_jitter) -> _WhichOneofReturnType__retry_jitter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_max_delay_seconds) -> _WhichOneofReturnType__retry_max_delay_seconds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
 
