@@ -1,6 +1,6 @@
 """Per-step overhead of Plait, every state change persisted. One command:
 
-    .venv/bin/python benchmarks/run.py [--repeat 3] [--json FILE]
+    .venv/bin/python benchmarks/run.py [--repeat 3] [--json FILE] [--postgres URL] [--only ...]
 
 Workloads (no-op steps, local process runner, embedded engine, SQLite):
   chain      1,000 steps, each consuming the previous one's output (uncached)
@@ -10,6 +10,10 @@ Workloads (no-op steps, local process runner, embedded engine, SQLite):
   daemon     chain and fan-out through a daemon (SQLite, and PostgreSQL when given)
   workers    through a daemon with 4 remote workers (`plait worker --pool bench`): steps/s of a
              1,000-step fan-out, and dispatch latency (a step queued -> its code starts) p50/p99
+  load       50 runs of 100 steps (a root, 98 branches, their join) created at once by 50 client
+             threads, through a daemon with 4 remote workers, on SQLite (and PostgreSQL when
+             given): wall time, steps/s, dispatch p50/p99 over all 5,000 steps
+             (`--only load`; see benchmarks/README.md)
 
 Baselines, measured in the same run on the same machine, so that figures read as ratios:
   sqlite-commit  one committed single-row INSERT through SQLAlchemy Core (pysqlite, WAL)
@@ -38,6 +42,9 @@ TARGETS_MS = {"chain": 2.0, "fan-out": 2.0, "cached": 0.3}
 TARGET_COLD_S = 1.0
 TARGETS_WORKERS = {"steps_per_s": 300.0, "dispatch_p50_ms": 5.0, "dispatch_p99_ms": 25.0}
 """Remote workers: at least this many steps/s, at most these latencies."""
+LOAD_RUNS = 50
+LOAD_WORKERS = 4
+"""The load workload: this many 100-step runs at once on this many `plait worker` processes."""
 
 
 def _best(samples: list[float]) -> float:
@@ -177,8 +184,38 @@ def runs_per_second(client: Any, n: int = 300) -> float:
 
 
 @contextlib.contextmanager
+def _fresh_database(server_url: str) -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of `server_url` (dropped after): its URL.
+    The server may be shared (scripts/postgres.sh's cluster is), and a daemon resumes the
+    unfinished runs it finds, so no benchmark starts on what another left behind."""
+    import uuid
+
+    import anyio
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def admin(sql: str) -> None:
+        engine = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text(sql))
+        finally:
+            await engine.dispose()
+
+    name = f"plait_bench_{uuid.uuid4().hex[:12]}"
+    anyio.run(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield (
+            sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        )
+    finally:
+        anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
 def _daemon(home: str, database_url: str = "") -> Iterator[tuple[str, str, dict[str, str]]]:
-    """A daemon process on a free port: yields its address, its admin token and its env."""
+    """A daemon process on a free port: yields its address, its admin token and its env. With
+    a PostgreSQL `database_url`, its store is a fresh database on that server."""
     import socket
 
     with socket.socket() as s:
@@ -187,20 +224,21 @@ def _daemon(home: str, database_url: str = "") -> Iterator[tuple[str, str, dict[
     env = {**os.environ, "PLAIT_HOME": home}
     env.pop("PLAIT_SERVER", None)
     cmd = [sys.executable, "-m", "plait", "server", "start", "--foreground", "--port", str(port)]
-    if database_url:
-        cmd += ["--database-url", database_url]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not Path(home, "server.pid").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
-            time.sleep(0.05)
-        # the daemon's local admin credential: every call needs a token
-        token = json.loads(Path(home, "credentials.json").read_text())["token"]
-        yield f"127.0.0.1:{port}", token, env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with contextlib.ExitStack() as stack:
+        if database_url:
+            cmd += ["--database-url", stack.enter_context(_fresh_database(database_url))]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not Path(home, "server.pid").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "no daemon"
+                time.sleep(0.05)
+            # the daemon's local admin credential: every call needs a token
+            token = json.loads(Path(home, "credentials.json").read_text())["token"]
+            yield f"127.0.0.1:{port}", token, env
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
 
 def bench_daemon(repeat: int, database_url: str = "") -> dict[str, Any]:
@@ -220,6 +258,55 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@contextlib.contextmanager
+def _workers(
+    home: str, address: str, token: str, env: dict[str, str], pool: str, n: int
+) -> Iterator[None]:
+    """`n` remote workers (`plait worker --pool POOL`) of the daemon at `address`."""
+    worker_token = subprocess.run(
+        [sys.executable, "-m", "plait", "token", "create", f"{pool}-workers", "--role", "worker"],
+        env={**env, "PLAIT_SERVER": address, "PLAIT_TOKEN": token},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "plait", "worker", "--server", address, "--pool", pool],
+            env={**env, "PLAIT_TOKEN": worker_token, "PLAIT_HOME": f"{home}/{pool}-worker-{i}"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(n)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _dispatch_ms(client: Any, run: Any) -> list[float]:
+    """Each started step's dispatch latency: from the event that queued it to its code's start."""
+    queued = {
+        e.step_id: e.time.timestamp()
+        for batch in client.watch(run.run_id)
+        for e in batch
+        if e.step_status == "QUEUED"
+    }
+    return [
+        (s.start_time.timestamp() - queued[s.step_id]) * 1e3
+        for s in run.steps.values()
+        if s.start_time is not None and s.step_id in queued
+    ]
+
+
 def bench_workers(repeat: int, workers: int = 4) -> dict[str, Any]:
     """Through a daemon with `workers` remote workers (`plait worker --pool bench`): no-op
     steps per second for a 1,000-step fan-out, and the dispatch latency of a chain's steps
@@ -228,64 +315,96 @@ def bench_workers(repeat: int, workers: int = 4) -> dict[str, Any]:
 
     import plait
 
-    with tempfile.TemporaryDirectory() as home, _daemon(home) as (address, token, env):
-        worker_token = subprocess.run(
-            [sys.executable, "-m", "plait", "token", "create", "bench-workers", "--role", "worker"],
-            env={**env, "PLAIT_SERVER": address, "PLAIT_TOKEN": token},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "plait", "worker", "--server", address, "--pool", "bench"],
-                env={**env, "PLAIT_TOKEN": worker_token, "PLAIT_HOME": f"{home}/worker-{i}"},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for i in range(workers)
-        ]
-        try:
-            client = plait.Client(address, token=token)
-            # warm: the workers have fetched the code and imported the steps
+    with (
+        tempfile.TemporaryDirectory() as home,
+        _daemon(home) as (address, token, env),
+        _workers(home, address, token, env, "bench", workers),
+    ):
+        client = plait.Client(address, token=token)
+        # warm: the workers have fetched the code and imported the steps
+        run = workloads.pool_chain.run({"n": 200}, client=client, no_cache=True)
+        assert run.status == "SUCCEEDED", run
+        rates, p50s, p99s = [], [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            run = workloads.pool_fan_out.run({"n": 1000}, client=client, no_cache=True)
+            rates.append(1000 / (time.perf_counter() - t0))
+            assert run.status == "SUCCEEDED", run
             run = workloads.pool_chain.run({"n": 200}, client=client, no_cache=True)
             assert run.status == "SUCCEEDED", run
-            rates, p50s, p99s = [], [], []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                run = workloads.pool_fan_out.run({"n": 1000}, client=client, no_cache=True)
-                rates.append(1000 / (time.perf_counter() - t0))
-                assert run.status == "SUCCEEDED", run
-                run = workloads.pool_chain.run({"n": 200}, client=client, no_cache=True)
-                assert run.status == "SUCCEEDED", run
-                queued = {
-                    e.step_id: e.time.timestamp()
-                    for batch in client.watch(run.run_id)
-                    for e in batch
-                    if e.step_status == "QUEUED"
-                }
-                latencies = [
-                    (s.start_time.timestamp() - queued[s.step_id]) * 1e3
-                    for s in run.steps.values()
-                    if s.start_time is not None and s.step_id in queued
-                ]
-                p50s.append(_percentile(latencies, 0.50))
-                p99s.append(_percentile(latencies, 0.99))
-            client.close()
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            latencies = _dispatch_ms(client, run)
+            p50s.append(_percentile(latencies, 0.50))
+            p99s.append(_percentile(latencies, 0.99))
+        client.close()
     return {
         "workers": workers,
         "steps_per_s": max(rates),
         "dispatch_p50_ms": min(p50s),
         "dispatch_p99_ms": min(p99s),
+    }
+
+
+def bench_load(
+    repeat: int, database_url: str = "", *, runs: int = LOAD_RUNS, workers: int = LOAD_WORKERS
+) -> dict[str, Any]:
+    """`runs` runs of the 100-step `load` pipeline (a root, 98 branches, their join), created at
+    once by as many client threads, through a daemon with `workers` remote workers (`plait
+    worker --pool load`): wall time from the first CreateRun to the last run's end, steps per
+    second, and dispatch latency over all the steps (QUEUED event -> code start), which here
+    is mostly the wait for a free worker, p50 and p99. Its baseline, on the same daemon and
+    workers: the same pipeline, one run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import workloads
+
+    import plait
+
+    def sample(done: list[Any], wall: float) -> dict[str, float]:
+        assert all(d.status == "SUCCEEDED" for d in done), [d.status for d in done]
+        steps = sum(len(d.steps) for d in done)
+        assert steps == len(done) * workloads.LOAD_STEPS, steps
+        latencies = [ms for d in done for ms in _dispatch_ms(client, d)]
+        return {
+            "wall_s": wall,
+            "steps_per_s": steps / wall,
+            "dispatch_p50_ms": _percentile(latencies, 0.50),
+            "dispatch_p99_ms": _percentile(latencies, 0.99),
+        }
+
+    created: list[float] = []
+
+    def one(seed: int) -> Any:
+        run = workloads.load.run({"seed": seed}, client=client, no_cache=True, wait=False)
+        created.append(time.perf_counter())
+        return client.wait(run.run_id)
+
+    alone: list[dict[str, float]] = []
+    samples: list[dict[str, float]] = []
+    with (
+        tempfile.TemporaryDirectory() as home,
+        _daemon(home, database_url) as (address, token, env),
+        _workers(home, address, token, env, "load", workers),
+        ThreadPoolExecutor(runs, thread_name_prefix="load") as threads,
+    ):
+        client = plait.Client(address, token=token)
+        one(-1)  # warm: the code archive is uploaded, the workers have imported the steps
+        for r in range(repeat):
+            t0 = time.perf_counter()
+            done = [one(-2 - r)]
+            alone.append(sample(done, time.perf_counter() - t0))
+            created.clear()
+            t0 = time.perf_counter()
+            done = list(threads.map(one, range(r * runs, (r + 1) * runs)))
+            samples.append(sample(done, time.perf_counter() - t0))
+            samples[-1]["created_s"] = max(created) - t0  # when the last CreateRun returned
+        client.close()
+    return {
+        "runs": runs,
+        "steps": runs * workloads.LOAD_STEPS,
+        "workers": workers,
+        **min(samples, key=lambda s: s["wall_s"]),
+        "samples": samples,
+        "alone": min(alone, key=lambda s: s["wall_s"]),
     }
 
 
@@ -312,14 +431,38 @@ def bench_cold(repeat: int) -> float:
     return _best(samples)
 
 
+GROUPS = ("embedded", "cold", "daemon", "workers", "load")
+"""What `--only` selects: the embedded workloads, the cold start, the daemon's workloads, the 4
+remote workers, the load (50 concurrent runs of 100 steps on 4 remote workers)."""
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The load workload (--only load) is described in benchmarks/README.md.",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload (best counts)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument(
-        "--postgres", default="", help="also benchmark the daemon on this PostgreSQL SQLAlchemy URL"
+        "--postgres",
+        "--postgres-url",
+        default="",
+        metavar="URL",
+        help="also benchmark the daemon on this PostgreSQL server (a SQLAlchemy URL; each "
+        "daemon gets a fresh database on it) [default: $PLAIT_TEST_POSTGRES_URL]",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        metavar="NAMES",
+        help=f"comma-separated, among {', '.join(GROUPS)} [default: all]; load runs once per "
+        "database unless selected alone, then --repeat times",
     )
     opts = parser.parse_args()
+    only = [g.strip() for g in opts.only.split(",") if g.strip()]
+    if unknown := set(only) - set(GROUPS):
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))} (known: {', '.join(GROUPS)})")
+    pg_url = opts.postgres or os.environ.get("PLAIT_TEST_POSTGRES_URL", "")
 
     print(
         f"plait benchmarks: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -334,76 +477,106 @@ def main() -> int:
         f"python-start {py_s * 1e3:.0f} ms",
         flush=True,
     )
-    results = bench_pipelines(opts.repeat)
-    cold = bench_cold(opts.repeat)
-    daemon = {"daemon, sqlite": bench_daemon(opts.repeat)}
-    pg_url = opts.postgres or os.environ.get("PLAIT_TEST_POSTGRES_URL", "")
-    if pg_url:
-        daemon["daemon, postgres"] = bench_daemon(opts.repeat, pg_url)
-    remote = bench_workers(opts.repeat)
+    figures: dict[str, Any] = {
+        "baselines": {
+            "sqlite_commit_ms": sqlite_ms,
+            "grpc_unary_ms": grpc_ms,
+            "python_start_s": py_s,
+        }
+    }
     ok = True
-    print(
-        f"\n{'workload':10} {'ms/step':>9} {'target':>8} {'x sqlite-commit':>16} "
-        f"{'x grpc-unary':>13}"
-    )
-    for name, r in results.items():
-        ms = r["ms_per_step"]
-        target = TARGETS_MS[name]
-        ok &= ms <= target
+    if "embedded" in only:
+        results = figures["workloads"] = bench_pipelines(opts.repeat)
         print(
-            f"{name:10} {ms:9.3f} {target:8.1f} {ms / sqlite_ms:16.1f} {ms / grpc_ms:13.1f}"
-            f"{'' if ms <= target else '  OVER TARGET'}"
+            f"\n{'workload':10} {'ms/step':>9} {'target':>8} {'x sqlite-commit':>16} "
+            f"{'x grpc-unary':>13}"
         )
-    ok &= cold <= TARGET_COLD_S
-    print(
-        f"{'cold':10} {cold * 1e3:8.0f}ms {TARGET_COLD_S * 1e3:6.0f}ms   "
-        f"{cold / py_s:.1f} x python-start{'' if cold <= TARGET_COLD_S else '  OVER TARGET'}"
-    )
-    print(
-        f"\n{'through the daemon':18} {'chain ms/step':>14} {'fan-out ms/step':>16} "
-        f"{'runs created/s':>15}"
-    )
-    print(
-        f"{'embedded (above)':18} {results['chain']['ms_per_step']:14.3f} "
-        f"{results['fan-out']['ms_per_step']:16.3f} {'':>15}"
-    )
-    for name, r in daemon.items():
+        for name, r in results.items():
+            ms = r["ms_per_step"]
+            target = TARGETS_MS[name]
+            ok &= ms <= target
+            print(
+                f"{name:10} {ms:9.3f} {target:8.1f} {ms / sqlite_ms:16.1f} {ms / grpc_ms:13.1f}"
+                f"{'' if ms <= target else '  OVER TARGET'}"
+            )
+    if "cold" in only:
+        cold = figures["cold_s"] = bench_cold(opts.repeat)
+        ok &= cold <= TARGET_COLD_S
         print(
-            f"{name:18} {r['chain']['ms_per_step']:14.3f} {r['fan-out']['ms_per_step']:16.3f} "
-            f"{r['runs_per_s']:15.0f}"
+            f"{'cold':10} {cold * 1e3:8.0f}ms {TARGET_COLD_S * 1e3:6.0f}ms   "
+            f"{cold / py_s:.1f} x python-start{'' if cold <= TARGET_COLD_S else '  OVER TARGET'}"
         )
-    if "daemon, postgres" not in daemon:
+    if "daemon" in only:
+        daemon = figures["daemon"] = {"daemon, sqlite": bench_daemon(opts.repeat)}
+        if pg_url:
+            daemon["daemon, postgres"] = bench_daemon(opts.repeat, pg_url)
+        print(
+            f"\n{'through the daemon':18} {'chain ms/step':>14} {'fan-out ms/step':>16} "
+            f"{'runs created/s':>15}"
+        )
+        if "workloads" in figures:
+            results = figures["workloads"]
+            print(
+                f"{'embedded (above)':18} {results['chain']['ms_per_step']:14.3f} "
+                f"{results['fan-out']['ms_per_step']:16.3f} {'':>15}"
+            )
+        for name, r in daemon.items():
+            print(
+                f"{name:18} {r['chain']['ms_per_step']:14.3f} "
+                f"{r['fan-out']['ms_per_step']:16.3f} {r['runs_per_s']:15.0f}"
+            )
+    if "workers" in only:
+        remote = figures["remote_workers"] = bench_workers(opts.repeat)
+        rate = remote["steps_per_s"]
+        p50, p99 = remote["dispatch_p50_ms"], remote["dispatch_p99_ms"]
+        t = TARGETS_WORKERS
+        ok &= (
+            rate >= t["steps_per_s"] and p50 <= t["dispatch_p50_ms"] and p99 <= t["dispatch_p99_ms"]
+        )
+        print(
+            f"\n{remote['workers']} remote workers (daemon, sqlite): {rate:.0f} steps/s "
+            f"(target >= {t['steps_per_s']:.0f}) on a 1,000-step fan-out; dispatch latency "
+            f"p50 {p50:.2f} ms (<= {t['dispatch_p50_ms']:g}), p99 {p99:.2f} ms "
+            f"(<= {t['dispatch_p99_ms']:g}); {p50 / grpc_ms:.1f} x grpc-unary at p50"
+        )
+    if "load" in only:
+        repeat = opts.repeat if only == ["load"] else 1
+        load = figures["load"] = {"sqlite": bench_load(repeat)}
+        if pg_url:
+            load["postgres"] = bench_load(repeat, pg_url)
+        print(
+            f"\nload: {LOAD_RUNS} runs x 100 steps created at once, {LOAD_WORKERS} remote "
+            f"workers, best of {repeat}; dispatch = QUEUED -> started, mostly the wait for a "
+            f"free worker; (x) = against one run of the same pipeline alone, on the same daemon"
+            f"\n{'store':9} {'wall s':>7} {'steps/s':>8} {'(x)':>6} {'ms/step':>8} "
+            f"{'x grpc-unary':>13} {'dispatch p50 ms':>16} {'(x)':>6} {'p99 ms':>8}"
+        )
+        for name, r in load.items():
+            ms, alone = 1e3 / r["steps_per_s"], r["alone"]
+            print(
+                f"{name:9} {r['wall_s']:7.2f} {r['steps_per_s']:8.0f} "
+                f"{r['steps_per_s'] / alone['steps_per_s']:6.2f} {ms:8.2f} {ms / grpc_ms:13.1f} "
+                f"{r['dispatch_p50_ms']:16.0f} "
+                f"{r['dispatch_p50_ms'] / alone['dispatch_p50_ms']:6.1f} "
+                f"{r['dispatch_p99_ms']:8.0f}"
+            )
+            print(
+                f"{'  alone':9} {alone['wall_s']:7.2f} {alone['steps_per_s']:8.0f} {'':6} "
+                f"{1e3 / alone['steps_per_s']:8.2f} {'':13} {alone['dispatch_p50_ms']:16.0f} "
+                f"{'':6} {alone['dispatch_p99_ms']:8.0f}"
+            )
+            walls = ", ".join(f"{s['wall_s']:.2f}" for s in r["samples"])
+            print(
+                f"{'':9} the last of the {r['runs']} runs was created after "
+                f"{r['created_s']:.2f} s; wall s of each try: {walls}"
+            )
+    if ("daemon" in only or "load" in only) and not pg_url:
         print(
             "(no PostgreSQL: pass --postgres URL or set PLAIT_TEST_POSTGRES_URL, e.g. "
             "from scripts/postgres.sh)"
         )
-    rate, p50, p99 = remote["steps_per_s"], remote["dispatch_p50_ms"], remote["dispatch_p99_ms"]
-    t = TARGETS_WORKERS
-    ok &= rate >= t["steps_per_s"] and p50 <= t["dispatch_p50_ms"] and p99 <= t["dispatch_p99_ms"]
-    print(
-        f"\n{remote['workers']} remote workers (daemon, sqlite): {rate:.0f} steps/s "
-        f"(target >= {t['steps_per_s']:.0f}) on a 1,000-step fan-out; dispatch latency "
-        f"p50 {p50:.2f} ms (<= {t['dispatch_p50_ms']:g}), p99 {p99:.2f} ms "
-        f"(<= {t['dispatch_p99_ms']:g}); {p50 / grpc_ms:.1f} x grpc-unary at p50"
-    )
     if opts.json:
-        Path(opts.json).write_text(
-            json.dumps(
-                {
-                    "baselines": {
-                        "sqlite_commit_ms": sqlite_ms,
-                        "grpc_unary_ms": grpc_ms,
-                        "python_start_s": py_s,
-                    },
-                    "workloads": results,
-                    "cold_s": cold,
-                    "daemon": daemon,
-                    "remote_workers": remote,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        Path(opts.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0 if ok else 1
 
 

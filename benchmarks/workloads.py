@@ -55,3 +55,30 @@ def pool_chain(n: int = 200) -> None:
     x = remote_noop(0)
     for _ in range(199):
         x = remote_noop(x)
+
+
+@plait.step(pool="load")
+def load_root(seed: int) -> int:
+    return seed
+
+
+@plait.step(pool="load")
+def load_branch(x: int, i: int) -> int:
+    return x + i
+
+
+@plait.step(pool="load")
+def load_join(xs: list[int]) -> int:
+    return sum(xs)
+
+
+LOAD_STEPS = 100
+"""Steps of one `load` run: a root, 98 branches, their join."""
+
+
+@plait.pipeline
+def load(seed: int = 0) -> None:
+    """100 steps in the remote pool ``load``: a root fans out to 98 branches, which one step
+    joins (fan-out and fan-in). ``seed`` tells the runs apart."""
+    x = load_root(seed)
+    load_join([load_branch(x, i) for i in range(LOAD_STEPS - 2)])
