@@ -87,8 +87,9 @@ def target(address: str) -> str:
             found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
         except OSError as exc:
             raise errors.PlaitError(f"cannot resolve {item!r}: {exc}") from None
-        v4 += [f"{a[0]}:{a[1]}" for f, *_, a in found if f == socket.AF_INET][:1]
-        v6 += [f"[{a[0]}]:{a[1]}" for f, *_, a in found if f == socket.AF_INET6][:1]
+        ips = [(f, a[0], a[1]) for f, *_, a in found if isinstance(a[0], str)]
+        v4 += [f"{ip}:{p}" for f, ip, p in ips if f == socket.AF_INET][:1]
+        v6 += [f"[{ip}]:{p}" for f, ip, p in ips if f == socket.AF_INET6][:1]
     # one address family per target (gRPC's ipv4: and ipv6: schemes)
     if len(v4) == len(items):
         return "ipv4:" + ",".join(v4)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -69,10 +69,16 @@ def _ends_run(events: list[RunEvent]) -> bool:
 
 
 async def watch_events(
-    store: Store, hub: EventHub, run_id: str, after: int, run_events_only: bool = False
+    store: Store,
+    hub: EventHub,
+    run_id: str,
+    after: int,
+    run_events_only: bool = False,
+    scheduled_here: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[list[RunEvent]]:
     """A run's events after sequence ``after``, in batches: the backlog, then live, until the
-    run ends."""
+    run ends. While ``scheduled_here()`` says the run is not this control plane's (another
+    replica schedules it, or it ended), the store is read every STORE_POLL seconds."""
     live = hub.subscribe(run_id)
     try:
         last = after
@@ -88,7 +94,7 @@ async def watch_events(
             batch: list[RunEvent] | None = None
             # the hub has the events of the runs this control plane schedules; those of a run
             # another replica schedules (or takes over) are read from the store, now and then
-            with anyio.move_on_after(STORE_POLL):
+            with anyio.move_on_after(math.inf if scheduled_here() else STORE_POLL):
                 batch = await live.receive()
             if batch is None:
                 batch = await store.read(_runs.list_events, run_id, last, PAGE, run_events_only)

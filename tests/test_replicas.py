@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 import sqlalchemy as sa
-from processes import DEADLINE, spawned, wait_for
+from processes import DEADLINE, run, spawned, wait_for
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_postgres import postgres_database
 from test_security import PLAIT, Daemon
@@ -320,9 +320,9 @@ def test_a_remote_worker_moves_on_to_another_replica(
             wait_for(lambda: bool(_executions(d)), "the worker running the step")
             a.kill()
             (d / "go").touch()  # the step ends while its replica is gone
-            run = via_a.wait(run_id)  # reconnects to b, which takes the run over
-            assert run.status is plait.RunStatus.SUCCEEDED, log.read_text()
-            assert run.steps["total"].output() == 42
+            ended = via_a.wait(run_id)  # reconnects to b, which takes the run over
+            assert ended.status is plait.RunStatus.SUCCEEDED, log.read_text()
+            assert ended.steps["total"].output() == 42
     finally:
         via_a.close()
     _check_once(replicas, d, [run_id], steps_per_run=2)
@@ -333,3 +333,14 @@ def test_a_remote_worker_moves_on_to_another_replica(
         f"SELECT attempt, status, holder FROM attempts "
         f"WHERE run_id = '{run_id}' AND step_id = 'remote' ORDER BY attempt"
     ) == [(1, "CRASHED", "w1"), (2, "SUCCEEDED", "w1")]
+
+
+def test_the_replicas_example_runs(server_url: str, tmp_path: Path) -> None:
+    """examples/replicas/run.sh, as documented: a run outlives the replica it started on."""
+    script = Path(__file__).resolve().parent.parent / "examples" / "replicas" / "run.sh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    out = run(["bash", script, server_url], env=env, cwd=tmp_path, timeout=DEADLINE * 2)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCEEDED" in out.stdout and "took over 1 run(s)" in out.stdout, out.stdout

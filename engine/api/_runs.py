@@ -115,7 +115,12 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         async with abort_on_plait_error(context):
             run_id = await self._run_id(request.name)
         async for events in watch_events(
-            self.cp.store, self.cp.hub, run_id, request.after_sequence, request.run_events_only
+            self.cp.store,
+            self.cp.hub,
+            run_id,
+            request.after_sequence,
+            request.run_events_only,
+            scheduled_here=lambda: run_id in self.cp.scheduler.runs,
         ):
             yield pb.WatchRunEventsResponse(events=[e.to_proto() for e in events])
 
