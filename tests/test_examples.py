@@ -22,6 +22,7 @@ def test_there_are_examples() -> None:
         "context_and_metadata",
         "custom_materializer",
         "caching",
+        "retry_policies",
     } <= names
 
 
