@@ -165,6 +165,60 @@ class _Retries:
         return self.backoff.next()
 
 
+FAULT_COMMIT_THEN_ERROR = "PLAIT_TEST_FAULT_COMMIT_THEN_ERROR"
+"""The environment variable that turns on :class:`CommitThenError`, a test fake."""
+
+
+class CommitThenError:
+    """TEST FAKE, for fault-injection tests only (``tests/test_fault_injection.py``): makes some
+    of the scheduler's write transactions commit and then fail as if the connection had been
+    lost while the COMMIT was acknowledged, so that the caller cannot tell whether its changes
+    were written. A real database does this rarely and at random; the tests need it often.
+
+    On only when ``$PLAIT_TEST_FAULT_COMMIT_THEN_ERROR`` is set: ``N`` (an integer, 2 or more)
+    strikes every Nth transaction, ``P`` (a number with a dot, below 1) each with probability
+    P. Only the transactions run with ``retry=False`` are hit: the scheduler's, which carry
+    every state change of a run. The error raised is transient (:func:`is_transient`).
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.every = 0
+        self.probability = 0.0
+        try:
+            if "." in spec:
+                self.probability = float(spec)
+                valid = 0 < self.probability < 1
+            else:
+                self.every = int(spec)
+                valid = self.every >= 2
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"{FAULT_COMMIT_THEN_ERROR} must be an integer N >= 2 (every Nth transaction) "
+                f"or a probability between 0 and 1 with a dot, not {spec!r}"
+            )
+        self._count = 0
+        self.struck = 0
+        """How many committed transactions it made fail so far."""
+
+    @classmethod
+    def from_env(cls) -> CommitThenError | None:
+        spec = os.environ.get(FAULT_COMMIT_THEN_ERROR, "")
+        return cls(spec) if spec else None
+
+    def after_commit(self) -> None:
+        """Called once a transaction committed; raises when this one is to look failed."""
+        self._count += 1
+        if self._count % self.every == 0 if self.every else random.random() < self.probability:
+            self.struck += 1
+            raise ConnectionResetError(
+                errno.ECONNRESET,
+                f"{FAULT_COMMIT_THEN_ERROR}: the transaction committed, then the connection "
+                f"was lost (a test fake, strike {self.struck})",
+            )
+
+
 class Store:
     """Runs transactions against the metadata database. One per process and URL."""
 
@@ -189,6 +243,7 @@ class Store:
         if self.dialect == "sqlite":
             event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
             event.listen(self._async.sync_engine, "begin", _sqlite_begin)
+        self._fault = CommitThenError.from_env()  # a test fake; None unless a test asks
 
     @property
     def is_sqlite(self) -> bool:
@@ -222,12 +277,17 @@ class Store:
                 if self._sync is not None:
                     # once the database was busy, wait for it on the writer thread, not here
                     if small and retries.backoff is None and self._writer.borrowed_tokens == 0:
-                        return self._run_sync(fn, *args)
-                    return await anyio.to_thread.run_sync(
-                        self._run_sync, fn, *args, limiter=self._writer
-                    )
-                async with self._writer, self._async.begin() as conn:
-                    return await conn.run_sync(fn, *args)
+                        result = self._run_sync(fn, *args)
+                    else:
+                        result = await anyio.to_thread.run_sync(
+                            self._run_sync, fn, *args, limiter=self._writer
+                        )
+                else:
+                    async with self._writer, self._async.begin() as conn:
+                        result = await conn.run_sync(fn, *args)
+                if self._fault is not None and not retry:
+                    self._fault.after_commit()
+                return result
             except Exception as exc:
                 delay = retries.delay(exc) if retry else None
                 if delay is None:

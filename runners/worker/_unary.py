@@ -310,6 +310,11 @@ class UnaryReporter:
         self._on_renewed = on_renewed
         self._lock = threading.Lock()  # numbers log batches: the tail thread and the step's
         self._batch = 0
+        self._lost = ""
+        """Why the lease was found lost, once a report found it so (refused, or not through
+        before the lease ran out): every later report raises `LeaseLost` again. Nothing the
+        attempt reports afterwards counts, and a step that failed because a report it made
+        (``log_metadata``) raised `LeaseLost` did not fail: its attempt crashed."""
 
     def started(self, report: tasks.TaskStarted) -> None:
         """Held STARTED_DELAY: a step that ends sooner sends no StartTask at all."""
@@ -363,6 +368,8 @@ class UnaryReporter:
         return float(lease)
 
     def _report(self, method: Callable[..., Any], request: Any) -> None:
+        if self._lost:
+            raise LeaseLost(self._lost)
         backoff = Backoff()
         while True:
             try:
@@ -376,12 +383,14 @@ class UnaryReporter:
                     ) from None
                 wait = backoff.next()
                 if time.monotonic() + wait >= self.expires:
-                    raise LeaseLost(
+                    self._lost = (
                         f"the control plane at {self._client.address} could not be reached "
                         f"({code_of(exc).name}) before the lease ran out"
-                    ) from None
+                    )
+                    raise LeaseLost(self._lost) from None
                 time.sleep(wait)
 
     def _refused(self, exc: grpc.RpcError) -> None:
         if code_of(exc) == grpc.StatusCode.FAILED_PRECONDITION and reason(exc) == "LEASE_LOST":
-            raise LeaseLost(details(exc) or "the lease token is no longer current") from None
+            self._lost = details(exc) or "the lease token is no longer current"
+            raise LeaseLost(self._lost) from None
