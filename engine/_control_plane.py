@@ -10,7 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 from sqlalchemy.engine import Connection
 
 from plait._artifact_store import LocalArtifactStore
-from plait._models import RunStatus, StepError
+from plait._models import RunStatus, StepError, StepStatus
 from plait._settings import private_dir
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.engine._events import EventHub
@@ -38,6 +38,7 @@ from plait.engine.scheduler import (
     Lease,
     RunCreated,
     Scheduler,
+    StoredRun,
     TaskOrder,
 )
 from plait.engine.scheduler._effects import Beat
@@ -51,11 +52,13 @@ from plait.engine.store import Store
 from plait.engine.store._engine import Backoff, is_transient
 from plait.engine.store._pipelines import register_pipeline
 from plait.engine.store._replicas import (
+    cancels_requested,
     claim_runs,
     orphans_exist,
     register_replica,
     remove_replica,
     renew_replica,
+    request_cancel,
     run_owner,
 )
 from plait.engine.store._scheduling import (
@@ -83,6 +86,9 @@ REAP_INTERVAL = 0.1
 LAZY_LEASE_DELAY = 0.2
 """How long the lease of a local pool's hand-off may wait to ride along with the next batch
 (see ControlPlane.note_lease)."""
+GONE_HOLDER = "(lost with its control plane)"
+"""Who holds, as far as anyone can tell, an attempt a lost control plane had queued for its
+local pool (see _after_loss)."""
 REPLICA_FILE = "replica-id"
 """The file in PLAIT_HOME that keeps a daemon's replica id across restarts."""
 
@@ -354,7 +360,13 @@ class ControlPlane:
         return answer
 
     async def cancel_run(self, run_id: str) -> bool:
-        """Cancels an active run; False when it was not active (already ended)."""
+        """Cancels an active run; False when it was not active (already ended). A run another
+        replica schedules is marked for it to cancel (within a third of the heartbeat
+        timeout), and True is answered."""
+        if run_id not in self.scheduler.runs:
+            active, owner, _ = await self.store.read(run_owner, run_id, time.time())
+            if active and owner != self.replica_id:
+                return bool(await self.store.write(request_cancel, run_id, time.time()))
         return bool(await self.ask(CancelRun(run_id)))
 
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
@@ -406,9 +418,8 @@ class ControlPlane:
         their workers live), then those of replicas that are gone (whose workers only their
         leases can tell about)."""
         own = claim_runs(conn, self.replica_id, now, own=True)
-        fx = self.scheduler.recover(
-            load_active_runs(conn, own), now, self._lookups.bind(conn), self._alive
-        )
+        stored = [_after_loss(row, now) for row in load_active_runs(conn, own)]
+        fx = self.scheduler.recover(stored, now, self._lookups.bind(conn), self._alive)
         fx.events = write_effects(conn, fx)
         more = self._take_over(conn, now)
         fx.events += more.events
@@ -421,9 +432,8 @@ class ControlPlane:
         (a worker that still holds one may finish it here) until their leases expire."""
         run_ids = claim_runs(conn, self.replica_id, now)
         self.scheduler.forget(run_ids)  # a retried transaction claims them again
-        fx = self.scheduler.recover(
-            load_active_runs(conn, run_ids), now, self._lookups.bind(conn), _unknown
-        )
+        stored = [_after_loss(row, now) for row in load_active_runs(conn, run_ids)]
+        fx = self.scheduler.recover(stored, now, self._lookups.bind(conn), _unknown)
         fx.events = write_effects(conn, fx)
         if run_ids:
             log.warning("took over %d run(s) of control-plane replicas that are gone", len(run_ids))
@@ -442,27 +452,25 @@ class ControlPlane:
 
     async def _loop(self) -> None:
         async for first in self._inbox:
-            if isinstance(first, _TakeOver):
-                self._taking_over = False
+            batch: list[Command] = []
+            take_over = False
+            item = first
+            while True:
+                if isinstance(item, _TakeOver):
+                    take_over = True
+                else:
+                    batch.append(item)
                 try:
-                    fx = await self._commit(self._take_over)
-                except ReplicaLostError as exc:
-                    self._lost(exc)
-                    return
-                except Exception:
-                    log.exception("could not take over the runs of replicas that are gone")
-                    continue
-                await self._act(fx)
+                    item = self._inbox.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+            if take_over and not await self._take_over_now():
+                return
+            if not batch:
                 continue
-            batch = [first]
             if self._lazy:  # leases first: they precede every report of their workers
                 batch[:0] = self._lazy
                 self._lazy = []
-            while True:
-                try:
-                    batch.append(self._inbox.receive_nowait())
-                except anyio.WouldBlock:
-                    break
             now = time.time()
             for item in batch:
                 if isinstance(item, Expire):
@@ -477,6 +485,21 @@ class ControlPlane:
                 continue
             self._answer(fx.replies)
             await self._act(fx)
+
+    async def _take_over_now(self) -> bool:
+        """Takes over the runs of replicas that are gone (see _take_over); False when this
+        replica found itself taken for dead instead (it stops)."""
+        self._taking_over = False
+        try:
+            fx = await self._commit(self._take_over)
+        except ReplicaLostError as exc:
+            self._lost(exc)
+            return False
+        except Exception:
+            log.exception("could not take over the runs of replicas that are gone")
+            return True
+        await self._act(fx)
+        return True
 
     def _lost(self, exc: ReplicaLostError) -> None:
         """Another replica schedules this one's runs now: stop, writing nothing more."""
@@ -511,22 +534,68 @@ class ControlPlane:
         its timeout, the connection lost: ``is_transient``) is retried with backoff and jitter
         for as long as it lasts, with one warning per streak: no run fails for it. Any other
         error is raised (the view rolled back).
+
+        A transient error once ``fn`` returned may have struck the COMMIT's answer, not the
+        COMMIT (a connection lost while it was acknowledged): then the store is asked whether
+        the transaction's first event (with none, the new epoch of the attempt it handed out
+        again) is there. If it is, the transaction committed and its effects stand as decided:
+        applying the batch again would find its commands applied and decide nothing, and the
+        attempts it queued would never be handed out, nor its events (a run's last one among
+        them) published.
         """
+        from operator import attrgetter
+
+        from plait.engine.store._runs import list_events
+        from plait.engine.store._scheduling import attempt_outcome
+
+        decided: list[Effects] = []  # what fn returned in the last try
+
+        def decide(conn: Connection, *fn_args: Any) -> Effects:
+            decided.append(fn(conn, *fn_args))
+            return decided[-1]
+
         streak: Backoff | None = None
         started = 0.0
         while True:
             if self._missing:
                 await self._restore()
+            decided.clear()
             try:
                 # after a failure, the writer thread waits for the database, not the event loop
                 fx = await self.store.write(
-                    fn,
+                    decide,
                     *args,
                     time.time() if now is None else now,
                     small=small and streak is None,
                     retry=False,
                 )
             except Exception as exc:
+                landed = False
+                tried = decided[-1] if decided else None
+                try:  # (a read retries transient errors for a while on its own)
+                    if tried is not None and tried.events and is_transient(exc):
+                        first = tried.events[0]
+                        found = await self.store.read(
+                            list_events, first.run_id, first.sequence - 1, 1
+                        )
+                        same = attrgetter(
+                            "sequence", "step_id", "step_status", "run_status", "attempt", "message"
+                        )
+                        landed = bool(found) and same(found[0]) == same(first)
+                    elif tried is not None and tried.tasks and is_transient(exc):
+                        # no event: a release, which handed the attempt out under a new epoch
+                        order = tried.tasks[0]
+                        stored = await self.store.read(attempt_outcome, order.token)
+                        landed = stored is not None and stored[0] == order.token.epoch
+                except Exception:
+                    landed = False  # unknown: as if it had not committed
+                if landed:
+                    log.warning(
+                        "a transaction failed (%s) but had committed: its effects stand",
+                        _describe(exc),
+                    )
+                    self.scheduler.committed()
+                    return decided[-1]
                 self._missing |= self.scheduler.rollback()
                 if not is_transient(exc):
                     raise
@@ -679,6 +748,7 @@ class ControlPlane:
                 if renewed:
                     self._renewed = time.monotonic()
                 orphans = self.config.resume and await self.store.read(orphans_exist, time.time())
+                cancels = await self.store.read(cancels_requested, self.replica_id)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
@@ -686,6 +756,9 @@ class ControlPlane:
             if not renewed:
                 self._lost(ReplicaLostError(f"replica {self.replica_id}'s row is gone"))
                 return
+            for run_id in cancels:  # asked of another replica
+                if run_id in self.scheduler.runs:
+                    self.submit(CancelRun(run_id))
             if orphans and not self._taking_over:
                 self._taking_over = True
                 self.submit(_TakeOver())
@@ -801,6 +874,28 @@ class ControlPlane:
                 f"stopped: another control-plane replica took this one ({self.replica_id}) for "
                 f"dead and schedules its runs"
             )
+
+
+def _after_loss(row: StoredRun, now: float) -> StoredRun:
+    """A run of a control plane that is gone (this daemon before a restart, or a replica that
+    died), as the one taking it up sees it.
+
+    A queued attempt of a runner (the lost control plane's local pool) may have been handed to
+    a worker whose lease was not written yet (those ride along with the next batch, see
+    ``note_lease``), and that worker may have run it, or be running it still (a replica that
+    was paused rather than killed): it is taken as held by the control plane that is gone,
+    with a lease that has run out, so it is CRASHED at once and retried as a new attempt, and
+    no attempt runs twice. A remote pool's queued attempt was never handed out (its leases are
+    committed first): it is handed out again, the same attempt. An attempt a worker holds
+    keeps its lease (or its runner's handle, which says whether it lives).
+    """
+    steps = [
+        replace(st, holder=GONE_HOLDER, lease_expires=now)
+        if st.status is StepStatus.QUEUED and st.holder is None and not st.pool
+        else st
+        for st in row.steps
+    ]
+    return replace(row, steps=steps)
 
 
 def _unknown(runner: str, handle: str | None) -> None:

@@ -97,14 +97,19 @@ def queued(x: int = 1) -> None:
 '''
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
+def make_project(tmp_path: Path, name: str, pipes: str) -> Path:
+    """A source root (tmp_path/project) whose pipes.py holds `pipes`, and tmp_path/marks."""
     root = tmp_path / "project"
     root.mkdir()
-    (root / "pyproject.toml").write_text('[project]\nname = "leases-test"\n')
-    (root / "pipes.py").write_text(PIPELINES)
+    (root / "pyproject.toml").write_text(f'[project]\nname = "{name}"\n')
+    (root / "pipes.py").write_text(pipes)
     (tmp_path / "marks").mkdir()
     return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path, "leases-test", PIPELINES)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ reconnect to another replica, and a replica taken for dead stops instead of writ
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -229,16 +230,28 @@ def test_replicas_share_runs_and_finish_a_killed_ones_runs(
     assert crashed
 
 
-def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
-    replicas: Replicas, steps: ModuleType, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def _running_on_a(
+    replicas: Replicas, steps: ModuleType, d: Path
+) -> Iterator[tuple[Daemon, Daemon, plait.Client, plait.Client, str]]:
+    """Replicas a and b, a client of each, and a run created through a with a step running."""
     a, b = replicas.start("a"), replicas.start("b")
-    d = tmp_path / "marks"
     d.mkdir()
     via_a, via_b = replicas.client(a), replicas.client(b)
     try:
         run_id = via_a.run_pipeline(steps.spread, {"d": str(d), "k": 0}, wait=False).run_id
         wait_for(lambda: bool(_executions(d)), "a step of the run running")
+        yield a, b, via_a, via_b, run_id
+    finally:
+        via_a.close()
+        via_b.close()
+
+
+def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    d = tmp_path / "marks"
+    with _running_on_a(replicas, steps, d) as (a, b, _, via_b, run_id):
         os.kill(a.proc.pid, signal.SIGSTOP)  # paused past its lease: b takes its run over
         try:
             me = replicas.replica_id(b)
@@ -260,29 +273,17 @@ def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
         waiter.join(DEADLINE)
         assert result["run"].status is plait.RunStatus.SUCCEEDED
         assert result["run"].steps["total"].output() == 5
-    finally:
-        via_a.close()
-        via_b.close()
     _check_once(replicas, d, [run_id])
 
 
 def test_a_run_is_cancelled_through_a_replica_that_does_not_schedule_it(
     replicas: Replicas, steps: ModuleType, tmp_path: Path
 ) -> None:
-    a, b = replicas.start("a"), replicas.start("b")
-    d = tmp_path / "marks"
-    d.mkdir()
-    via_a, via_b = replicas.client(a), replicas.client(b)
-    try:
-        run_id = via_a.run_pipeline(steps.spread, {"d": str(d), "k": 0}, wait=False).run_id
-        wait_for(lambda: bool(_executions(d)), "a step of the run running")
+    with _running_on_a(replicas, steps, tmp_path / "marks") as (_, _, via_a, via_b, run_id):
         via_b.cancel_run(run_id)  # b marks it; a, its owner, cancels it
         assert via_b.wait(run_id).status is plait.RunStatus.CANCELLED
         statuses = {s.status for s in via_a.get_run(run_id).steps.values()}
         assert statuses == {plait.StepStatus.CANCELLED}
-    finally:
-        via_a.close()
-        via_b.close()
 
 
 def test_a_remote_worker_moves_on_to_another_replica(

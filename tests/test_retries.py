@@ -20,7 +20,7 @@ from typing import Any
 import networkx as nx
 import pytest
 from processes import wait_for
-from test_leases import client, daemons, finished, restart, submit
+from test_leases import client, daemons, finished, make_project, restart, submit
 from test_state_machine import VERSION, DurableMachine, Machine, by_step, done, spec_of
 
 import plait
@@ -524,12 +524,7 @@ def delayed(marks: str) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    (root / "pyproject.toml").write_text('[project]\nname = "retries-test"\n')
-    (root / "pipes.py").write_text(DAEMON_PIPELINES)
-    (tmp_path / "marks").mkdir()
-    return root
+    return make_project(tmp_path, "retries-test", DAEMON_PIPELINES)
 
 
 def _pid(path: Path) -> int | None:

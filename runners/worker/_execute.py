@@ -498,6 +498,8 @@ class StepExecutor:
                 if inspect.isawaitable(result):
                     result = self._loop.run_until_complete(result)
                 outputs = self._store_outputs(task, result, store)
+            except LeaseLost:
+                raise  # a report the step made found the attempt no longer this worker's
             except BaseException as exc:  # the step's own failure is data, whatever it is
                 failure = exc
             finally:
