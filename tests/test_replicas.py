@@ -286,37 +286,62 @@ def test_a_run_is_cancelled_through_a_replica_that_does_not_schedule_it(
         assert statuses == {plait.StepStatus.CANCELLED}
 
 
+@contextlib.contextmanager
+def _worker(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path, *servers: Daemon
+) -> Iterator[Path]:
+    """`plait worker --pool p --worker-id w1` listing `servers`; yields its log file."""
+    token = servers[0].token("create", "w", "--role", "worker")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
+    env |= {"PLAIT_HOME": str(tmp_path / "worker-home"), "PLAIT_TOKEN": token}
+    addresses = ",".join(d.address for d in servers)
+    log = tmp_path / "worker.log"
+    with (
+        open(log, "wb") as out,
+        spawned(
+            [PLAIT, "worker", "--server", addresses, "--pool", "p", "--worker-id", "w1"],
+            env=env,
+            cwd=Path(steps.__file__).parent,
+            stdout=out,
+            stderr=out,
+        ),
+    ):
+        yield log
+
+
+def test_one_worker_serves_every_replica_it_lists(
+    replicas: Replicas, steps: ModuleType, tmp_path: Path
+) -> None:
+    a, b = replicas.start("a"), replicas.start("b")
+    d = tmp_path / "marks"
+    d.mkdir()
+    (d / "go").touch()
+    via_a, via_b = replicas.client(a), replicas.client(b)
+    try:
+        with _worker(replicas, steps, tmp_path, a, b) as log:
+            # one run scheduled by each replica, each with a step in pool p: the one worker
+            # (one step at a time) polls both replicas in turn and runs both
+            on_a = via_a.run_pipeline(steps.away, {"d": str(d), "k": 1}, wait=False).run_id
+            on_b = via_b.run_pipeline(steps.away, {"d": str(d), "k": 2}, wait=False).run_id
+            assert via_a.wait(on_a).steps["total"].output() == 2, log.read_text()
+            assert via_b.wait(on_b).steps["total"].output() == 3, log.read_text()
+    finally:
+        via_a.close()
+        via_b.close()
+    holders = replicas.query("SELECT run_id, holder FROM attempts WHERE step_id = 'remote'")
+    assert sorted(holders) == sorted([(on_a, "w1"), (on_b, "w1")])
+    _check_once(replicas, d, [on_a, on_b], steps_per_run=2)
+
+
 def test_a_remote_worker_moves_on_to_another_replica(
     replicas: Replicas, steps: ModuleType, tmp_path: Path
 ) -> None:
     a, b = replicas.start("a"), replicas.start("b")
     d = tmp_path / "marks"
     d.mkdir()
-    worker_token = a.token("create", "w", "--role", "worker")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
-    env |= {"PLAIT_HOME": str(tmp_path / "worker-home"), "PLAIT_TOKEN": worker_token}
     via_a = replicas.client(a, b)
-    log = tmp_path / "worker.log"
     try:
-        with (
-            open(log, "wb") as out,
-            spawned(
-                [
-                    PLAIT,
-                    "worker",
-                    "--server",
-                    f"{a.address},{b.address}",
-                    "--pool",
-                    "p",
-                    "--worker-id",
-                    "w1",
-                ],
-                env=env,
-                cwd=Path(steps.__file__).parent,
-                stdout=out,
-                stderr=out,
-            ),
-        ):
+        with _worker(replicas, steps, tmp_path, a, b) as log:
             run_id = via_a.run_pipeline(steps.away, {"d": str(d), "k": 41}, wait=False).run_id
             wait_for(lambda: bool(_executions(d)), "the worker running the step")
             a.kill()

@@ -8,6 +8,11 @@ one step-execution core (`StepExecutor`), reports straight to the control plane 
 WorkerService (`UnaryReporter`), keeps the lease with its heartbeats and tells the supervisor
 through a pipe when the step started, each time its lease was renewed, and how the task ended.
 
+With several replicas of the control plane (``--server a:7676,b:7676``), each slot polls them
+in turn (at most REPLICA_POLL_SECONDS on each), so the worker serves the runs of every replica;
+a task's reports go to the replica that leased it, and to another one when that one is gone
+(see replica_targets).
+
 The supervisor is what enforces the limits a stuck step cannot enforce on itself (a step in C
 code that holds the GIL sends no heartbeat and runs no Python): it SIGKILLs a child once the
 step's timeout has passed, and once the child's lease has run out without a renewal, then
@@ -33,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -74,11 +79,25 @@ _TICK = 0.5
 
 # the pipes between supervisor and child carry frames: kind (1 byte), length (4 bytes), payload
 _HEADER = struct.Struct(">cI")
-_TASK = b"T"  # supervisor -> child: leased_at (double, monotonic clock) + Task
+_TASK = b"T"  # supervisor -> child: leased_at (double, monotonic clock), replica (int) + Task
 _STARTED = b"S"  # child -> supervisor: the step's code starts (the task can no longer go back)
 _RENEWED = b"H"  # child -> supervisor: the lease now ends at (double, monotonic clock)
 _DONE = b"D"  # child -> supervisor: outcome (1 byte: 0, 1, EXIT_*) + a few words for the log
 _STAMP = struct.Struct(">d")
+_HANDOFF = struct.Struct(">dI")
+REPLICA_POLL_SECONDS = 5.0
+"""The longest PollTask wait when the worker serves several replicas: a slot waits on one of
+them at a time, then moves on to the next."""
+
+
+def replica_targets(server: str) -> list[str]:
+    """One address list per replica of ``server`` (comma-separated), each starting with that
+    replica and going on with the others: a channel to it talks to that replica while it
+    answers, and to another when it is gone. A single address gives itself."""
+    replicas = [a.strip() for a in server.split(",") if a.strip()]
+    return [",".join(replicas[k:] + replicas[:k]) for k in range(len(replicas))] or [server]
+
+
 _OK, _ERROR = 0, 1
 
 
@@ -180,10 +199,12 @@ class _Child:
             os.close(event_write)
         self.pid = self.proc.pid
 
-    def send(self, task: tasks.Task, leased_at: float) -> bool:
-        """Hands the child a task; False when the child is gone."""
+    def send(self, task: tasks.Task, leased_at: float, replica: int) -> bool:
+        """Hands the child a task (leased from the replica of that index); False when the
+        child is gone."""
         try:
-            _write_frame(self.tasks, _TASK, _STAMP.pack(leased_at) + task.SerializeToString())
+            payload = _HANDOFF.pack(leased_at, replica) + task.SerializeToString()
+            _write_frame(self.tasks, _TASK, payload)
         except OSError:
             return False
         return True
@@ -247,7 +268,13 @@ class Supervisor:
     def __init__(self, options: WorkerOptions, config: ChannelConfig) -> None:
         self.options = options
         self.worker_id = options.worker_id or default_worker_id()
-        self.client = WorkerClient(config)
+        self.clients = [
+            WorkerClient(replace(config, address=target))
+            for target in replica_targets(config.address)
+        ]
+        """One client per replica of the control plane (see replica_targets): a slot polls
+        them in turn, and a task's reports go through the client that leased it."""
+        self.client = self.clients[0]
         self.draining = False
         self.hard: int = 0  # the signal that stopped the worker at once
         self._drain_end = float("inf")
@@ -291,7 +318,8 @@ class Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)
             self.client.channel.unsubscribe(self._on_connectivity)
-            self.client.close()
+            for client in self.clients:
+                client.close()
         if self._fatal:
             _log(f"error: {self._fatal}")
             return EXIT_REFUSED
@@ -378,6 +406,8 @@ class _Slot:
         self.sup = supervisor
         self.index = index
         self.child: _Child | None = None
+        self.turn = index
+        """The replica (an index into the supervisor's clients) this slot polls next."""
         self.running = False
         self.stop_now = False
         self._poll: Any = None
@@ -391,11 +421,11 @@ class _Slot:
                 polled = self._next_task()
                 if polled is None:
                     continue
-                task, leased_at = polled
+                task, leased_at, replica = polled
                 if self.sup.draining:
-                    self._release(task)
+                    self._release(task, replica)
                     break
-                self._execute(task, leased_at)
+                self._execute(task, leased_at, replica)
         except _Fatal as exc:
             self.sup.fatal(str(exc))
         except Exception as exc:  # a bug: say it, and let the worker end
@@ -418,17 +448,25 @@ class _Slot:
             if self.sup.draining:
                 future.cancel()
 
-    def _next_task(self) -> tuple[tasks.Task, float] | None:
-        """One PollTask, with backoff after a failure; None when nothing came."""
+    def _next_task(self) -> tuple[tasks.Task, float, int] | None:
+        """One PollTask, with backoff after a failure; None when nothing came. With several
+        replicas, each call goes to the next one in turn (waiting at most
+        REPLICA_POLL_SECONDS); the task comes with the index of the replica that leased it."""
         backoff = Backoff(first=0.5, most=10.0)
+        clients = self.sup.clients
+        wait = self.sup.options.poll_seconds
+        if len(clients) > 1:
+            wait = min(wait, REPLICA_POLL_SECONDS)
         while not self.sup.draining:
             child = self.child
             assert child is not None
+            replica = self.turn % len(clients)
+            self.turn += 1
             try:
-                task = self.sup.client.poll(
+                task = clients[replica].poll(
                     self.sup.options.pool,
                     self.sup.worker_id,
-                    wait=self.sup.options.poll_seconds,
+                    wait=wait,
                     pid=child.pid,
                     on_call=self._on_poll,
                 )
@@ -459,11 +497,11 @@ class _Slot:
             self.sup.reachable()
             # the lease began when the control plane answered (it commits, then answers): a
             # long poll may have waited long before that
-            return None if task is None else (task, time.monotonic())
+            return None if task is None else (task, time.monotonic(), replica)
         return None
 
-    def _release(self, task: tasks.Task) -> None:
-        ok = self.sup.client.release(task.token)
+    def _release(self, task: tasks.Task, replica: int) -> None:
+        ok = self.sup.clients[replica].release(task.token)
         _log(
             f"handed back {describe(task.token)} (not started)"
             if ok
@@ -478,15 +516,15 @@ class _Slot:
         if not self.sup.draining:
             self.child = _Child(self.sup.options, self.sup.worker_id)
 
-    def _execute(self, task: tasks.Task, leased_at: float) -> None:
+    def _execute(self, task: tasks.Task, leased_at: float, replica: int) -> None:
         child = self.child
         assert child is not None
         what = describe(task.token)
         step = task.step.name or task.step.id
-        if not child.send(task, leased_at):
+        if not child.send(task, leased_at, replica):
             _log(f"process {child.pid} of slot {self.index} is gone; a fresh one takes its place")
             self._replace_child()
-            self._release(task)
+            self._release(task, replica)
             return
         self.running = True
         try:
@@ -604,7 +642,9 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     from plait.runners.worker._execute import StepExecutor
 
     config = ChannelConfig.from_env(opts.server, token=os.environ.get("PLAIT_TOKEN", ""))
-    client = WorkerClient(config)
+    targets = replica_targets(opts.server)
+    clients = {0: WorkerClient(replace(config, address=targets[0]))}
+    client = clients[0]
     executor = StepExecutor(
         channel=client.channel,
         metadata=client.metadata,
@@ -617,9 +657,11 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         kind, payload = frame
         if kind != _TASK:
             continue
-        (leased_at,) = _STAMP.unpack(payload[: _STAMP.size])
-        task = tasks.Task.FromString(payload[_STAMP.size :])
-        reporter = _ChildReporter(client, task, leased_at, opts.events)
+        leased_at, replica = _HANDOFF.unpack(payload[: _HANDOFF.size])
+        task = tasks.Task.FromString(payload[_HANDOFF.size :])
+        if replica not in clients:  # reports go to the replica that leased the task
+            clients[replica] = WorkerClient(replace(config, address=targets[replica]))
+        reporter = _ChildReporter(clients[replica], task, leased_at, opts.events)
         outcome, text = _OK, ""
         try:
             executor.run(task, reporter)
