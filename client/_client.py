@@ -481,6 +481,10 @@ class Client:
                     return
                 detail = "the stream ended before the run did"
             except grpc.RpcError as exc:
+                # a stream raises itself, from its own frame: it and its traceback are a cycle
+                # that only the garbage collector would free, at a moment of its choosing (the
+                # interpreter's exit, where its finalizer can hang on a lock of gRPC's); cut it
+                exc.__traceback__ = None
                 if not _lost(exc):
                     raise _map_rpc_error(exc) from None
                 detail = str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
