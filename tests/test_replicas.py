@@ -31,22 +31,27 @@ pytestmark = pytest.mark.postgres
 
 STEPS = """
 import os
+import time
 from pathlib import Path
 
 import plait
 from plait import step, pipeline
 
 
-@step
-def work(d: str, i: int, k: int) -> int:
+def record_then_wait(d: str) -> None:
+    # says this attempt executed (one O_APPEND write), then waits for the file go
     ctx = plait.get_step_context()
     line = f"{ctx.run_id} {ctx.step_id} {ctx.attempt}\\n"
     fd = os.open(Path(d) / "executions", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, line.encode())
     os.close(fd)
     while not (Path(d) / "go").exists():
-        import time
         time.sleep(0.05)
+
+
+@step
+def work(d: str, i: int, k: int) -> int:
+    record_then_wait(d)
     return i * i
 
 
@@ -57,14 +62,7 @@ def total(xs: list[int], k: int) -> int:
 
 @step(pool="p")
 def remote(d: str, k: int) -> int:
-    ctx = plait.get_step_context()
-    line = f"{ctx.run_id} {ctx.step_id} {ctx.attempt}\\n"
-    fd = os.open(Path(d) / "executions", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.write(fd, line.encode())
-    os.close(fd)
-    while not (Path(d) / "go").exists():
-        import time
-        time.sleep(0.05)
+    record_then_wait(d)
     return k + 1
 
 
