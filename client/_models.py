@@ -159,7 +159,12 @@ def from_epoch(t: float | None) -> datetime | None:
 
 
 def _json_or_empty(text: str) -> dict[str, Any]:
-    return json.loads(text) if text else {}
+    if not text:
+        return {}
+    try:
+        return json.loads(text)  # type: ignore[no-any-return]
+    except RecursionError:  # deeper than the parser goes: bad input, not a crash
+        raise ValueError("the JSON is nested too deeply") from None
 
 
 # ---- records -----------------------------------------------------------------------------------

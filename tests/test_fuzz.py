@@ -361,6 +361,26 @@ def test_the_daemon_log_has_no_traceback(target: Target) -> None:
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:10000]
 
 
+def test_json_nested_deeper_than_the_parser_goes_is_refused(target: Target) -> None:
+    """Found by the fuzzer: artifact metadata nested deeper than Python's JSON parser recurses
+    made CompleteTask fail with UNKNOWN (a RecursionError) instead of refusing the request."""
+    from plait.api.v1 import resources_pb2, worker_service_pb2, worker_service_pb2_grpc
+
+    deep = "[" * 5000 + "]" * 5000
+    completed = tasks.TaskCompleted(
+        token=tasks.LeaseToken(run_id="r", step_id="s", attempt=1, epoch=1),
+        outputs=[resources_pb2.Artifact(output="output", metadata_json=deep)],
+    )
+    stub = worker_service_pb2_grpc.WorkerServiceStub(target.channel("worker"))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CompleteTask(
+            worker_service_pb2.CompleteTaskRequest(completed=completed), timeout=UNARY_DEADLINE
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert "nested too deeply" in (refused.value.details() or "")
+    assert not target.healthy()
+
+
 def test_every_service_is_fuzzed() -> None:
     services = {m.containing_service.name for m in METHODS}
     assert services >= {"PipelineService", "RunService", "ArtifactService", "StackService"}
