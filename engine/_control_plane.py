@@ -55,6 +55,7 @@ from plait.engine.store._replicas import (
     cancels_requested,
     claim_runs,
     orphans_exist,
+    own_runs,
     register_replica,
     remove_replica,
     renew_replica,
@@ -417,7 +418,7 @@ class ControlPlane:
         """At start: takes up this daemon's own unfinished runs (its runner can tell whether
         their workers live), then those of replicas that are gone (whose workers only their
         leases can tell about)."""
-        own = claim_runs(conn, self.replica_id, now, own=True)
+        own = own_runs(conn, self.replica_id)
         stored = [_after_loss(row, now) for row in load_active_runs(conn, own)]
         fx = self.scheduler.recover(stored, now, self._lookups.bind(conn), self._alive)
         fx.events = write_effects(conn, fx)

@@ -285,9 +285,7 @@ def test_a_run_is_cancelled_through_a_replica_that_does_not_schedule_it(
 
 
 @contextlib.contextmanager
-def _worker(
-    replicas: Replicas, steps: ModuleType, tmp_path: Path, *servers: Daemon
-) -> Iterator[Path]:
+def _worker(steps: ModuleType, tmp_path: Path, *servers: Daemon) -> Iterator[Path]:
     """`plait worker --pool p --worker-id w1` listing `servers`; yields its log file."""
     token = servers[0].token("create", "w", "--role", "worker")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
@@ -316,7 +314,7 @@ def test_one_worker_serves_every_replica_it_lists(
     (d / "go").touch()
     via_a, via_b = replicas.client(a), replicas.client(b)
     try:
-        with _worker(replicas, steps, tmp_path, a, b) as log:
+        with _worker(steps, tmp_path, a, b) as log:
             # one run scheduled by each replica, each with a step in pool p: the one worker
             # (one step at a time) polls both replicas in turn and runs both
             on_a = via_a.run_pipeline(steps.away, {"d": str(d), "k": 1}, wait=False).run_id
@@ -339,7 +337,7 @@ def test_a_remote_worker_moves_on_to_another_replica(
     d.mkdir()
     via_a = replicas.client(a, b)
     try:
-        with _worker(replicas, steps, tmp_path, a, b) as log:
+        with _worker(steps, tmp_path, a, b) as log:
             run_id = via_a.run_pipeline(steps.away, {"d": str(d), "k": 41}, wait=False).run_id
             wait_for(lambda: bool(_executions(d)), "the worker running the step")
             a.kill()

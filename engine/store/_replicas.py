@@ -74,17 +74,20 @@ def _orphaned(now: float) -> sa.ColumnElement[bool]:
     )
 
 
-def claim_runs(conn: Connection, replica_id: str, now: float, *, own: bool = False) -> list[str]:
+def own_runs(conn: Connection, replica_id: str) -> list[str]:
+    """The unfinished runs ``replica_id`` owns (a daemon restarting under its id), oldest
+    first."""
+    query = sa.select(db.runs.c.id).where(
+        db.runs.c.status.in_(_ACTIVE), db.runs.c.owner == replica_id
+    )
+    return list(conn.execute(query.order_by(db.runs.c.created_at)).scalars())
+
+
+def claim_runs(conn: Connection, replica_id: str, now: float) -> list[str]:
     """Takes over the unfinished runs of replicas that expired (their rows are deleted) and of
     none (an owner that stopped, or runs from before replicas): their owner becomes
-    ``replica_id``. With ``own``, returns instead the unfinished runs already its own (a
-    daemon restarting under its id). Rows another replica is claiming right now are skipped
-    (it takes them). Returns the ids of the runs, oldest first."""
-    if own:
-        query = sa.select(db.runs.c.id).where(
-            db.runs.c.status.in_(_ACTIVE), db.runs.c.owner == replica_id
-        )
-        return list(conn.execute(query.order_by(db.runs.c.created_at)).scalars())
+    ``replica_id``. Rows another replica is claiming right now are skipped (it takes them).
+    Returns the ids of the runs taken, oldest first."""
     dead = (
         sa.select(db.replicas.c.id)
         .where(db.replicas.c.expires_at < now, db.replicas.c.id != replica_id)
