@@ -51,12 +51,23 @@ def run(
         start_new_session=True,
         **kwargs,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        kill_group(proc.pid)
-        proc.kill()
-        proc.wait()
+    with proc:  # closes the pipes however this ends (else a later test sees them collected)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            try:
+                stdout, stderr = proc.communicate(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:  # a process outside the group holds the pipes
+                stdout, stderr = "(unread)", ""
+            raise AssertionError(
+                f"{' '.join(map(str, args))} did not end within {timeout:g} s; it printed:\n"
+                f"{stdout}\n{stderr}"
+            ) from None
+        finally:
+            kill_group(proc.pid)
+            proc.kill()
+            proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from test_runs import demo, fails, fan, retrying
 
 import plait
+from plait.engine.store import SCHEMA_HEAD, Store
 
 pytestmark = pytest.mark.postgres
 
@@ -73,3 +74,37 @@ def test_failures_fan_out_and_retries_on_postgres(pg_client: plait.Client, tmp_p
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     listed = pg_client.list_runs(limit=10)
     assert [r.run_id for r in listed][:1] == [retried.run_id]
+
+
+def test_replicas_starting_together_on_a_new_database_create_one_schema(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Control planes started at once on an empty database: one creates the schema, the others
+    wait for it and find it current (no "relation already exists" for the losers)."""
+    url, drop = postgres_database(request)
+
+    async def main() -> None:
+        stores = [Store(url) for _ in range(4)]
+        try:
+            async with anyio.create_task_group() as tg:
+                for store in stores:
+                    tg.start_soon(store.open)
+        finally:
+            for store in stores:
+                await store.aclose()
+
+    try:
+        anyio.run(main)
+        revisions = anyio.run(_scalar, url, "SELECT version_num FROM alembic_version")
+        assert revisions == [SCHEMA_HEAD]
+    finally:
+        drop()
+
+
+async def _scalar(url: str, sql: str) -> list[object]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(sa.text(sql))).scalars())
+    finally:
+        await engine.dispose()

@@ -357,6 +357,7 @@ def test_a_remote_worker_moves_on_to_another_replica(
     ) == [(1, "CRASHED", "w1"), (2, "SUCCEEDED", "w1")]
 
 
+@pytest.mark.timeout(DEADLINE * 3)
 def test_the_replicas_example_runs(server_url: str, tmp_path: Path) -> None:
     """examples/replicas/run.sh, as documented: a run outlives the replica it started on."""
     script = Path(__file__).resolve().parent.parent / "examples" / "replicas" / "run.sh"

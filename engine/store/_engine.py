@@ -344,6 +344,13 @@ def _ensure_schema(conn: Connection) -> None:
     current = _current_revision(conn)
     if current == SCHEMA_HEAD:
         return
+    if conn.dialect.name == "postgresql":
+        # replicas started together on one database: one creates or migrates the schema, the
+        # others wait here (the lock is the transaction's) and then find it current
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        current = _current_revision(conn)
+        if current == SCHEMA_HEAD:
+            return
     if current is None and not sa.inspect(conn).has_table("runs"):
         # a new database: create the newest schema and stamp it, as `alembic stamp head` would,
         # without paying Alembic's import on every first run (a test checks both agree)
@@ -353,6 +360,9 @@ def _ensure_schema(conn: Connection) -> None:
         conn.execute(alembic_version.insert().values(version_num=SCHEMA_HEAD))
         return
     _migrate(conn, current)
+
+
+_SCHEMA_LOCK = 0x706C616974  # "plait": the advisory lock key of schema changes
 
 
 def _current_revision(conn: Connection) -> str | None:

@@ -39,8 +39,17 @@ for name in a b; do
   disown  # no job notice when it is killed
   echo "== replica $name on 127.0.0.1:${port[$name]} (pid $!)"
 done
+i=0
 for name in a b; do
-  until PLAIT_HOME=$work/$name plait server status >/dev/null 2>&1; do sleep 0.2; done
+  until PLAIT_HOME=$work/$name plait server status >/dev/null 2>&1; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      echo "replica $name did not start:" >&2
+      cat "$work/$name.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  i=$((i + 1))
 done
 # a token of the shared database: good on every replica
 export PLAIT_TOKEN=$(PLAIT_HOME=$work/a plait token create example --role user)
