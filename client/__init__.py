@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
     from plait._client import Client
     from plait._context import StepContext, get_step_context, log_metadata
-    from plait._environment import Environment
+    from plait._environment import Environment, Resources
     from plait._materializers import Materializer, register_materializer
     from plait._models import ArtifactInfo, Run, RunEvent, RunStatus, StepError, StepRun, StepStatus
     from plait._models import StepStatus as Status
@@ -48,6 +48,7 @@ _LAZY = {
     "get_step_context": "plait._context",
     "log_metadata": "plait._context",
     "Environment": "plait._environment",
+    "Resources": "plait._environment",
     "Materializer": "plait._materializers",
     "register_materializer": "plait._materializers",
     "ArtifactInfo": "plait._models",
@@ -115,6 +116,7 @@ __all__ = [
     "PipelineError",
     "PipelineValidationError",
     "PlaitError",
+    "Resources",
     "RpcError",
     "Run",
     "RunEvent",

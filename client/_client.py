@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -17,11 +17,22 @@ import grpc
 
 from plait import errors
 from plait._channel import ChannelConfig, open_channel
-from plait._models import ArtifactInfo, CodeSource, LogEntry, Run, RunEvent, RunStatus
+from plait._models import (
+    ArtifactInfo,
+    BuildInfo,
+    CodeSource,
+    LogEntry,
+    PrunedBuilds,
+    Run,
+    RunEvent,
+    RunStatus,
+)
 from plait._settings import plait_home, server_address
 from plait.api.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
+    build_service_pb2,
+    build_service_pb2_grpc,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     run_service_pb2,
@@ -173,6 +184,7 @@ class Client:
         self._artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(self._channel)
         self._stacks = stack_service_pb2_grpc.StackServiceStub(self._channel)
         self._tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
+        self._builds = build_service_pb2_grpc.BuildServiceStub(self._channel)
 
     @property
     def token(self) -> str:
@@ -589,6 +601,60 @@ class Client:
     def tokens(self, method: str, request: Any) -> Any:
         """Calls a TokenService method (``"CreateToken"``, ...); it needs an admin token."""
         return self._call(getattr(self._tokens, method), request)
+
+    # ---- builds ----
+
+    def list_builds(self, *, limit: int = 100, kind: str = "") -> list[BuildInfo]:
+        """Builds of environments, the most recently used first.
+
+        Args:
+            limit: the most to return (the server caps it at 1000).
+            kind: only ``image`` or only ``venv`` builds; empty: both.
+        """
+        resp = self._call(
+            self._builds.ListBuilds, build_service_pb2.ListBuildsRequest(limit=limit, kind=kind)
+        )
+        return [BuildInfo.from_proto(b) for b in resp.builds]
+
+    def get_build(self, key: str) -> BuildInfo:
+        """One build, by its key or a unique prefix of at least 6 hex digits.
+
+        Raises:
+            NotFoundError: no build has that key, or the prefix is ambiguous.
+        """
+        resp = self._call(self._builds.GetBuild, build_service_pb2.GetBuildRequest(key=key))
+        return BuildInfo.from_proto(resp.build)
+
+    def prune_builds(
+        self,
+        *,
+        unused_for_seconds: float = 0.0,
+        keys: Sequence[str] = (),
+        dry_run: bool = False,
+    ) -> PrunedBuilds:
+        """Removes builds (their images or virtualenvs, and their records).
+
+        Never one being built, nor one a run that has not ended used.
+
+        Args:
+            unused_for_seconds: only builds not used for at least this long (0: any age).
+            keys: only these builds (keys or unique prefixes); empty: every build the age
+                allows.
+            dry_run: only say what would be removed.
+
+        Raises:
+            NotFoundError: a key names no build.
+            InUseError: a build named is being built, or used by a run that has not ended.
+        """
+        resp = self._call(
+            self._builds.PruneBuilds,
+            build_service_pb2.PruneBuildsRequest(
+                unused_for_seconds=unused_for_seconds, keys=list(keys), dry_run=dry_run
+            ),
+        )
+        return PrunedBuilds(
+            tuple(BuildInfo.from_proto(b) for b in resp.builds), resp.freed_bytes, dry_run
+        )
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancels a run (a no-op for one that already ended) and returns it."""

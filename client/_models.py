@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 from plait import errors
+from plait.api.v1 import build_service_pb2 as builds_pb
 from plait.api.v1 import resources_pb2 as res
 from plait.ir.canonical import canonical_json
 
@@ -33,8 +34,10 @@ __all__ = [
     "FINAL_STEP_STATUSES",
     "ArtifactInfo",
     "ArtifactReader",
+    "BuildInfo",
     "CodeSource",
     "LogEntry",
+    "PrunedBuilds",
     "Run",
     "RunEvent",
     "RunStatus",
@@ -664,3 +667,84 @@ class LogEntry:
             time=from_timestamp(e, "time") or datetime.fromtimestamp(0, UTC),
             sequence=e.sequence,
         )
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """A build of an environment (a container image or a virtualenv), addressed by its key."""
+
+    key: str
+    """The sha256 of its key material."""
+    kind: str
+    """``image`` or ``venv``."""
+    status: str
+    """``BUILDING``, ``READY`` or ``FAILED``."""
+    build_digest: str = ""
+    """The environment's build digest: what it declares goes into the build."""
+    reference: str = ""
+    """An image reference (REPOSITORY:TAG) or a virtualenv's folder."""
+    image_id: str = ""
+    size_bytes: int = 0
+    duration_seconds: float = 0.0
+    """How long making it took."""
+    created_at: float = 0.0
+    """Seconds since the epoch."""
+    last_used_at: float = 0.0
+    """Seconds since the epoch."""
+    run_ids: tuple[str, ...] = ()
+    """The runs that used it, newest first (at most 100)."""
+    material: dict[str, Any] = field(default_factory=dict)
+    """What the key is the digest of, component by component (``plait builds explain``)."""
+    error: str = ""
+    source: str = ""
+    """How it came to be usable the last time: ``built``, ``local`` or ``pulled``."""
+    pushed_to: str = ""
+    """The registry it was pushed to, if any."""
+
+    def to_proto(self) -> builds_pb.Build:
+        return builds_pb.Build(
+            key=self.key,
+            kind=self.kind,
+            status=self.status,
+            build_digest=self.build_digest,
+            reference=self.reference,
+            image_id=self.image_id,
+            size_bytes=self.size_bytes,
+            duration_seconds=self.duration_seconds,
+            created_at=self.created_at,
+            last_used_at=self.last_used_at,
+            run_ids=self.run_ids,
+            key_material_json=canonical_json(self.material),
+            error=self.error,
+            source=self.source,
+            pushed_to=self.pushed_to,
+        )
+
+    @classmethod
+    def from_proto(cls, b: builds_pb.Build) -> BuildInfo:
+        return cls(
+            key=b.key,
+            kind=b.kind,
+            status=b.status,
+            build_digest=b.build_digest,
+            reference=b.reference,
+            image_id=b.image_id,
+            size_bytes=b.size_bytes,
+            duration_seconds=b.duration_seconds,
+            created_at=b.created_at,
+            last_used_at=b.last_used_at,
+            run_ids=tuple(b.run_ids),
+            material=_json_or_empty(b.key_material_json),
+            error=b.error,
+            source=b.source,
+            pushed_to=b.pushed_to,
+        )
+
+
+@dataclass(frozen=True)
+class PrunedBuilds:
+    """What ``Client.prune_builds`` removed (or, for a dry run, would remove)."""
+
+    builds: tuple[BuildInfo, ...]
+    freed_bytes: int
+    dry_run: bool = False

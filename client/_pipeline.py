@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, overload
 
 from plait._archive import code_file, pipeline_root, relative_file
+from plait._environment import Environment, Resources
 from plait._step import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_JITTER, Step
 from plait._types import element_type, is_compatible, strip_annotated, type_expr
 from plait.errors import PipelineDefinitionError, PipelineValidationError
@@ -382,12 +383,20 @@ class Pipeline(Generic[P]):
         pool: str = "",
         max_concurrency: int | None = None,
         fail_fast: bool = False,
+        environment: Environment | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
         self.pool = pool
         """The remote worker pool of the steps that name none."""
+        if environment is not None and not isinstance(environment, Environment):
+            raise PipelineDefinitionError(
+                f"pipeline {self.name!r}: environment must be a plait.Environment or None, "
+                f"not {environment!r}"
+            )
+        self.environment = environment
+        """The environment of the steps that name none."""
         if max_concurrency is not None and (
             isinstance(max_concurrency, bool)
             or not isinstance(max_concurrency, int)
@@ -462,6 +471,7 @@ def pipeline(
     pool: str = "",
     max_concurrency: int | None = None,
     fail_fast: bool = False,
+    environment: Environment | None = None,
 ) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
 
 
@@ -473,6 +483,7 @@ def pipeline(
     pool: str = "",
     max_concurrency: int | None = None,
     fail_fast: bool = False,
+    environment: Environment | None = None,
 ) -> Pipeline[P] | Callable[[Callable[P, Any]], Pipeline[P]]:
     """Declares a pipeline: a function that calls steps. Calling it runs it and returns a Run.
 
@@ -490,11 +501,18 @@ def pipeline(
             past the crash budget), cancel the run's other steps, stopping those running,
             and end the run FAILED. False (the default): independent branches keep going and
             only the failed step's downstream is skipped.
+        environment: the :class:`plait.Environment` of every step that names none itself (a
+            step's own environment wins; the two are not merged).
     """
 
     def wrap(f: Callable[P, Any]) -> Pipeline[P]:
         return Pipeline(
-            f, name=name, pool=pool, max_concurrency=max_concurrency, fail_fast=fail_fast
+            f,
+            name=name,
+            pool=pool,
+            max_concurrency=max_concurrency,
+            fail_fast=fail_fast,
+            environment=environment,
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -549,7 +567,11 @@ def _code_ref(step: Step[..., Any], root: Path | None) -> ir_pb2.CodeRef:
     )
 
 
-def _settings(step: Step[..., Any], pool: str = "") -> ir_pb2.StepSettings:
+def _settings(
+    step: Step[..., Any], pool: str = "", environment: Environment | None = None
+) -> ir_pb2.StepSettings:
+    """A step's IR settings; ``pool`` and ``environment`` are its pipeline's, for a step that
+    names none."""
     s = step.settings
     out = ir_pb2.StepSettings(
         cache_version=s.cache_version, retries=s.retries, runner=s.runner, pool=s.pool or pool
@@ -558,8 +580,12 @@ def _settings(step: Step[..., Any], pool: str = "") -> ir_pb2.StepSettings:
         out.cache = False
     if s.timeout is not None:
         out.timeout_seconds = float(s.timeout)
-    if s.environment is not None:
-        out.environment.CopyFrom(s.environment.to_proto())
+    env = s.environment if s.environment is not None else environment
+    if env is not None:
+        out.environment.CopyFrom(env.to_proto())
+    # no resources, no field: a step that names none keeps its pipeline's version
+    if s.resources is not None and s.resources != Resources():
+        out.resources.CopyFrom(s.resources.to_proto())
     # a retry policy's defaults stay out of the IR: a pipeline that names none keeps its version
     if s.retry_delay:
         out.retry_delay_seconds = float(s.retry_delay)
@@ -603,7 +629,7 @@ def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
             id=inv.id,
             name=inv.step.name,
             code=_code_ref(inv.step, root),
-            settings=_settings(inv.step, pipe.pool),
+            settings=_settings(inv.step, pipe.pool, pipe.environment),
         )
         for name, binding in inv.bindings.items():
             step_spec.inputs.add(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
 
-from plait._environment import Environment
+from plait._environment import Environment, Resources
 from plait._types import type_expr
 from plait.errors import PipelineDefinitionError
 
@@ -92,7 +92,10 @@ class StepSettings:
     timeout: float | None = None
     """Wall-clock limit of one attempt in seconds; None means none."""
     environment: Environment | None = None
-    """The environment the step needs."""
+    """The environment the step needs; None: the pipeline's (``@plait.pipeline(environment=)``)."""
+    resources: Resources | None = None
+    """What one attempt may use (a dict with the keys cpu, memory, gpus is turned into
+    :class:`plait.Resources`); not in the cache key."""
     runner: str = ""
     """The runner that executes the step; empty means the default."""
     pool: str = ""
@@ -104,6 +107,8 @@ class StepSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "retry_on", _type_names("retry_on", self.retry_on))
         object.__setattr__(self, "no_retry_on", _type_names("no_retry_on", self.no_retry_on))
+        if self.resources is not None:
+            object.__setattr__(self, "resources", Resources.coerce(self.resources))
         _check_retry_policy(self)
 
     def materializer_for(self, output: str) -> str:
@@ -276,6 +281,7 @@ def step(
     no_retry_on: ExceptionTypes = (),
     timeout: float | None = None,
     environment: Environment | None = None,
+    resources: Resources | Mapping[str, Any] | None = None,
     runner: str = "",
     pool: str = "",
     materializer: str | Mapping[str, str] = "",
@@ -298,6 +304,7 @@ def step(
     no_retry_on: ExceptionTypes = (),
     timeout: float | None = None,
     environment: Environment | None = None,
+    resources: Resources | Mapping[str, Any] | None = None,
     runner: str = "",
     pool: str = "",
     materializer: str | Mapping[str, str] = "",
@@ -324,7 +331,11 @@ def step(
         no_retry_on: exception classes (or names) never retried, subclasses included; they
             win over ``retry_on``.
         timeout: wall-clock limit of one attempt, in seconds.
-        environment: what the step's process needs (see :class:`plait.Environment`).
+        environment: what the step's process needs (see :class:`plait.Environment`); the
+            pipeline's environment when None.
+        resources: what one attempt may use: a :class:`plait.Resources`, or a dict with its
+            keys (``{"cpu": 1.5, "memory": "512MiB", "gpus": 1}``). Container runners enforce
+            it; the local runner does not. Not in the cache key.
         runner: the runner that executes it; the default runner when empty.
         pool: the remote worker pool that runs it (workers started with
             ``plait worker --pool NAME``); the pipeline's pool when empty.
@@ -350,6 +361,7 @@ def step(
         no_retry_on=_type_names("no_retry_on", no_retry_on),
         timeout=timeout,
         environment=environment,
+        resources=Resources.coerce(resources) if resources is not None else None,
         runner=runner,
         pool=pool,
         materializer=materializer,

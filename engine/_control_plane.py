@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import anyio
 import grpc
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from sqlalchemy.engine import Connection
 
 from plait._artifact_store import LocalArtifactStore
@@ -25,8 +25,11 @@ from plait._settings import private_dir
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.engine._events import EventHub
 from plait.engine._pools import TaskPools
+from plait.engine._runners import LazyRunner, attempts_of_runner, docker_available, docker_runner
 from plait.engine._validate import validate_pipeline
 from plait.engine.api._convert import task_to_proto, token_from_proto, token_to_proto
+from plait.engine.builds._errors import BuildError
+from plait.engine.builds._service import Builds, stack_build_config
 from plait.engine.scheduler import (
     CancelRun,
     Command,
@@ -36,11 +39,13 @@ from plait.engine.scheduler import (
     Failed,
     Heartbeat,
     Lease,
+    Logs,
     RunCreated,
     Scheduler,
     StoredRun,
     TaskOrder,
 )
+from plait.engine.scheduler._commands import Token
 from plait.engine.scheduler._effects import Beat
 from plait.engine.scheduler._machine import (
     DEFAULT_CRASH_RETRIES,
@@ -68,6 +73,7 @@ from plait.engine.store._scheduling import (
     write_effects,
 )
 from plait.errors import PlaitError, UnavailableError
+from plait.ir.builds import needs_build
 from plait.ir.canonical import message_digest
 from plait.ir.v1 import ir_pb2
 from plait.runners import LocalRunner, Runner, RunnerContext
@@ -198,9 +204,11 @@ class ControlPlane:
         private_dir(config.home)  # PLAIT_HOME and all in it: the owner's only
         self.store = Store(config.db_url())
         self.artifacts = LocalArtifactStore.from_uri(config.artifacts())
-        self.runners: dict[str, Runner] = dict(
-            runners or {"local": LocalRunner(config.max_workers)}
-        )
+        if runners is None:
+            runners = {"local": LocalRunner(config.max_workers)}
+            if docker_available():
+                runners["docker"] = docker_runner()
+        self.runners: dict[str, Runner] = dict(runners)
         self.scheduler = Scheduler(
             runners=frozenset(self.runners),
             log_limit_bytes=config.max_log_bytes,
@@ -234,6 +242,10 @@ class ControlPlane:
         self.owner_secret = secrets.token_urlsafe(32)
         self.replica_id = _replica_id(config)
         """This control plane's row in the replicas table (see store/_replicas.py)."""
+        self.builds = Builds(self.store, config.home, self.replica_id)
+        """Images and virtualenvs for the steps that need one (engine/builds/)."""
+        self._tg: TaskGroup | None = None
+        """The serving task group: builds run in it, apart from the scheduler loop."""
         self._renewed = 0.0
         """When (monotonic) the replica row was last renewed."""
         self._taking_over = False
@@ -371,6 +383,7 @@ class ControlPlane:
         return bool(await self.ask(CancelRun(run_id)))
 
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
+        self.pools.discard(token)  # a process that never claimed its task
         self.submit(
             Failed(token_from_proto(token), StepError("plait.WorkerLost", reason), crashed=True)
         )
@@ -724,8 +737,53 @@ class ControlPlane:
             )
             self.submit(Failed(order.token, error))
             return
+        env = order.step.settings.environment
+        if order.runner == "docker" or (order.runner == "local" and needs_build(env)):
+            assert self._tg is not None
+            self._tg.start_soon(self._build_then_submit, order, runner, task)
+            return
+        await self._submit(order, runner, task)
+
+    async def _build_then_submit(self, order: TaskOrder, runner: Runner, task: tasks.Task) -> None:
+        """Makes (or finds) the build the task runs in, then hands the task to its runner. A
+        build that fails fails the attempt, with the builder's message."""
+        env = order.step.settings.environment
+        lines = _BuildLog(self, order.token)
+        options = None
         try:
-            handle = await runner.submit(task)
+            config = await self.store.read(stack_build_config, order.token.run_id)
+            if order.runner == "docker":
+                task.image = await self.builds.image(
+                    env, run_id=order.token.run_id, config=config, log_line=lines.add
+                )
+                options = _container_options(config.runner or {})
+            else:
+                task.python = await self.builds.venv(
+                    env, run_id=order.token.run_id, log_line=lines.add
+                )
+        except BuildError as exc:
+            lines.flush()
+            self.submit(Failed(order.token, StepError("plait.BuildError", str(exc))))
+            return
+        except Exception as exc:
+            lines.flush()
+            log.exception("the build of a step's environment failed")
+            error = StepError("plait.BuildError", f"{type(exc).__name__}: {exc}")
+            self.submit(Failed(order.token, error, crashed=True))
+            return
+        lines.flush()
+        await self._submit(order, runner, task, options)
+
+    async def _submit(
+        self, order: TaskOrder, runner: Runner, task: tasks.Task, options: Any = None
+    ) -> None:
+        if task.image or task.python:
+            self.pools.hold(task)  # the process started for it claims it by its lease
+        try:
+            if options is not None:
+                handle = await runner.submit(task, options=options)  # type: ignore[call-arg]
+            else:
+                handle = await runner.submit(task)
         except Exception as exc:  # the runner could not take it: the attempt's infra failed
             log.exception("runner %r refused a task", order.runner)
             error = StepError(
@@ -840,7 +898,11 @@ class ControlPlane:
                     report_lost=self.report_lost,
                     token=self.worker_secret if self.config.auth else "",
                 )
-                for runner in self.runners.values():
+                self._tg = tg
+                for name, runner in self.runners.items():
+                    if isinstance(runner, LazyRunner) and self.config.resume:
+                        # its containers may outlive a restart: re-attach to them at once
+                        runner.eager = await self.store.read(attempts_of_runner, name)
                     await tg.start(runner.run, ctx)
                 if self.config.resume:
                     await self._act(await self.store.write(self._recover, time.time()))
@@ -861,6 +923,7 @@ class ControlPlane:
                     except Exception:
                         log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
+                await self.builds.aclose()
                 if not self.lost_replica:
                     try:  # another replica may take its unfinished runs over at once
                         await self.store.write(remove_replica, self.replica_id)
@@ -875,6 +938,46 @@ class ControlPlane:
                 f"stopped: another control-plane replica took this one ({self.replica_id}) for "
                 f"dead and schedules its runs"
             )
+
+
+class _BuildLog:
+    """A build's output lines, sent to the attempt's log in batches (``plait run`` shows them
+    live, ``plait runs logs`` later)."""
+
+    EVERY = 0.5
+    """Seconds between batches while lines come."""
+
+    def __init__(self, cp: ControlPlane, token: Token) -> None:
+        self._cp = cp
+        self._token = token
+        self._lines: list[str] = []
+        self._sent = time.monotonic()
+
+    def add(self, line: str) -> None:
+        self._lines.append(f"[build] {line.rstrip()}\n")
+        if len(self._lines) >= 200 or time.monotonic() - self._sent >= self.EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._lines:
+            self._cp.submit(Logs(self._token, "stderr", "".join(self._lines)))
+            self._lines = []
+        self._sent = time.monotonic()
+
+
+def _container_options(config: Mapping[str, Any]) -> Any:
+    """The Docker runner's options from the stack's runner component (keys: network,
+    keep_containers, stop_grace_seconds; see engine/_flavors.py)."""
+    from plait.runners._docker import ContainerOptions
+
+    values: dict[str, Any] = {}
+    if "network" in config:
+        values["network"] = str(config["network"])
+    if "keep_containers" in config:
+        values["keep_containers"] = str(config["keep_containers"]).lower() in ("1", "true", "yes")
+    if "stop_grace_seconds" in config:
+        values["stop_grace_seconds"] = float(config["stop_grace_seconds"])
+    return ContainerOptions(**values)
 
 
 def _after_loss(row: StoredRun, now: float) -> StoredRun:

@@ -21,6 +21,13 @@ class TaskPools:
     def __init__(self) -> None:
         self._queues: dict[str, deque[tasks.Task]] = {}
         self._arrived: dict[str, anyio.Event] = {}
+        self._held: dict[bytes, tasks.Task] = {}
+        """Tasks of processes a runner started for them (a container, a one-shot process),
+        until that process claims its task by its lease (``PollTask(lease=...)``)."""
+
+    def hold(self, task: tasks.Task) -> None:
+        """Keeps a task for the one-shot process a runner starts for it to claim."""
+        self._held[task.token.SerializeToString(deterministic=True)] = task
 
     def put(self, pool: str, task: tasks.Task) -> None:
         """Queues a task and wakes the pool's waiting takers."""
@@ -31,6 +38,8 @@ class TaskPools:
 
     def discard(self, token: tasks.LeaseToken) -> None:
         """Drops the task of an attempt that ended before anyone took it (a cancelled run)."""
+        if self._held.pop(token.SerializeToString(deterministic=True), None) is not None:
+            return
         for queue in self._queues.values():
             for task in queue:
                 if task.token == token:
@@ -39,6 +48,9 @@ class TaskPools:
 
     def claim(self, token: tasks.LeaseToken) -> tasks.Task | None:
         """Takes the queued task of one attempt (a one-shot step process started for it)."""
+        held = self._held.pop(token.SerializeToString(deterministic=True), None)
+        if held is not None:
+            return held
         for queue in self._queues.values():
             for task in queue:
                 if task.token == token:

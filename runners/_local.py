@@ -1,4 +1,5 @@
-"""The local process runner: a warm pool of worker processes on this machine."""
+"""The local process runner: a warm pool of worker processes on this machine, and one-shot
+step processes in the virtualenvs built for steps' environments."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import itertools
 import math
 import os
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 from dataclasses import dataclass, field
+from typing import IO
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -26,6 +31,54 @@ class _Worker:
     task: tasks.LeaseToken | None = None
     connected: bool = False
     killed: bool = field(default=False)
+
+
+@dataclass
+class _OneShot:
+    """A step process started for one task (``python -m plait.runners.step --lease``)."""
+
+    token: tasks.LeaseToken | None
+    """The task's lease; None once nothing is to be reported about it (shutting down)."""
+    process: subprocess.Popen[bytes]
+    output: IO[bytes]
+    """Where its own stdout and stderr go (the step's output is reported over gRPC): read
+    when it ends without reporting, to say why."""
+    python: str
+    killed: bool = False
+
+
+_REPORTED = (0, 5)
+"""The exit codes of a step process whose attempt needs no report from the runner: it
+reported the step's end, or it was cancelled (``EXIT_OK`` and ``EXIT_CANCELLED`` of
+:mod:`plait.runners.step`, which the control plane does not import)."""
+
+_OUTPUT_TAIL = 2000
+"""The most characters of a one-shot process's own output quoted when it ends unreported."""
+
+
+def _one_shot_path() -> str:
+    """PYTHONPATH for a step process in a virtualenv: this process's ``sys.path`` (the step's
+    modules are imported as here) less the interpreter's own folders (the standard library,
+    site-packages and what their ``.pth`` files add there), which in front of the virtualenv's
+    site-packages would hide the versions it installed; its site-packages shows this
+    process's after its own."""
+    stdlib: set[str] = set()
+    sites = {*site.getsitepackages(), site.getusersitepackages()}
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
+        paths = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix})
+        stdlib.update((paths["stdlib"], paths["platstdlib"]))
+        stdlib.add(os.path.join(paths["platstdlib"], "lib-dynload"))
+        sites.update((paths["purelib"], paths["platlib"]))
+    stdlib = {os.path.normpath(p) for p in stdlib}
+    zipped = f"{os.sep}python{sys.version_info[0]}{sys.version_info[1]}.zip"
+    inside = tuple(os.path.normpath(p) + os.sep for p in sites if p)
+    keep: list[str] = []
+    for entry in sys.path:
+        path = os.path.normpath(entry or os.getcwd())
+        if path in stdlib or path.endswith(zipped) or (path + os.sep).startswith(inside):
+            continue
+        keep.append(path)
+    return os.pathsep.join(dict.fromkeys(keep))
 
 
 def _exit_reason(code: int) -> str:
@@ -79,6 +132,7 @@ class LocalRunner:
         self._workers: dict[str, _Worker] = {}
         self._waiting = 0
         self._ids = itertools.count(1)
+        self._one_shots: dict[str, _OneShot] = {}
         self._ctx: RunnerContext | None = None
         self._waiters: anyio.CapacityLimiter | None = None
         self._tg: TaskGroup | None = None
@@ -167,10 +221,80 @@ class LocalRunner:
             await self._spawn()
             idle += 1
 
-    async def submit(self, task: tasks.Task) -> None:
+    async def submit(self, task: tasks.Task) -> str | None:
+        """Queues a task for the warm pool (None: the worker that takes it is known at the
+        hand-off), or, when the task names a virtualenv's interpreter (``task.python``),
+        starts a step process for it there and returns its handle, the pid."""
+        if task.python:
+            return self._start_one_shot(task)
         self._send.send_nowait(task)
         await self._scale()
-        return None  # the worker that takes it is known at the hand-off
+        return None
+
+    def _start_one_shot(self, task: tasks.Task) -> str:
+        """Starts ``task.python -m plait.runners.step --lease TOKEN``: the step's process
+        claims its lease itself, and the runner watches it end."""
+        assert self._ctx is not None and self._tg is not None
+        worker_id = f"local-{os.getpid()}-{next(self._ids)}"
+        t = task.token
+        lease = f"{t.run_id}/{t.step_id}/{t.attempt}/{t.epoch}"  # as format_lease writes it
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _one_shot_path()
+        env["PLAIT_WORKER_ID"] = worker_id
+        env["PLAIT_PARENT_PID"] = str(os.getpid())  # dies with this process, as workers do
+        env.pop("PLAIT_WORKER_TOKEN", None)
+        env.pop("PLAIT_TOKEN", None)
+        if self._ctx.token:
+            env["PLAIT_TOKEN"] = self._ctx.token
+        # the runner's address is plain loopback (see ControlPlane.serve), whatever this
+        # process's own client uses
+        for name in ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_SERVER"):
+            env.pop(name, None)
+        output = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the process is reaped)
+        try:
+            # started from the event loop's thread, and reaped by its Popen only, as workers
+            process = subprocess.Popen(
+                [
+                    task.python,
+                    "-m",
+                    "plait.runners.step",
+                    "--server",
+                    self._ctx.address,
+                    "--lease",
+                    lease,
+                    "--worker-id",
+                    worker_id,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        except BaseException:
+            output.close()
+            raise
+        shot = _OneShot(task.token, process, output, task.python)
+        self._one_shots[str(process.pid)] = shot
+        self._tg.start_soon(self._watch_one_shot, shot)
+        return str(process.pid)
+
+    async def _watch_one_shot(self, shot: _OneShot) -> None:
+        code = await self._reaped(shot.process)  # cancelled: _kill_all kills and reaps it
+        self._one_shots.pop(str(shot.process.pid), None)
+        with shot.output:
+            if shot.token is None or self._ctx is None:
+                return
+            if shot.killed:
+                reason = "killed (timeout or cancel)"
+            elif code in _REPORTED:
+                return  # it reported the step's end, or the control plane ended the attempt
+            else:
+                reason = _exit_reason(code)
+            shot.output.seek(0, os.SEEK_END)
+            shot.output.seek(max(0, shot.output.tell() - 4 * _OUTPUT_TAIL))
+            text = shot.output.read().decode(errors="replace").strip()
+        said = f"; it said: {text[-_OUTPUT_TAIL:]}" if text else ""
+        self._ctx.report_lost(shot.token, f"step process ({shot.python}) {reason}{said}")
 
     async def next_task(self, worker_id: str) -> tasks.Task:
         worker = self._workers.get(worker_id)
@@ -198,6 +322,9 @@ class LocalRunner:
     def alive(self, handle: str) -> bool:
         """Whether a worker process of this pool runs under the pid ``handle``. The workers of
         an earlier control plane died with it: their handles are never alive here."""
+        shot = self._one_shots.get(handle)
+        if shot is not None:
+            return shot.process.returncode is None
         for worker in self._workers.values():
             if str(worker.process.pid) == handle:
                 return worker.process.returncode is None
@@ -213,6 +340,10 @@ class LocalRunner:
             if worker.task is not None and worker.task == token:
                 worker.killed = True
                 worker.process.kill()
+        for shot in self._one_shots.values():
+            if shot.token == token and shot.process.returncode is None:
+                shot.killed = True
+                shot.process.kill()
 
     async def _kill_all(self) -> None:
         workers = list(self._workers.values())
@@ -220,7 +351,14 @@ class LocalRunner:
             worker.task = None  # shutting down: nothing is lost that a restart won't redo
             if worker.process.returncode is None:
                 worker.process.kill()
+        shots = list(self._one_shots.values())
+        for shot in shots:
+            shot.token = None
+            if shot.process.returncode is None:
+                shot.process.kill()
         # reap them before the event loop that watches them goes away
         with anyio.move_on_after(5):
-            for worker in workers:
-                await self._reaped(worker.process)
+            for process in [w.process for w in workers] + [s.process for s in shots]:
+                await self._reaped(process)
+        for shot in shots:
+            shot.output.close()

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from strategies import messages, mutated
+from test_builds_cli import material, put_build
 from test_security import Daemon
 
 import plait
@@ -167,6 +168,13 @@ def _seed(daemon: Daemon) -> Target:
     run = fuzz_seed.run({"n": 4}, client=client)
     assert run.status == "SUCCEEDED", run
     target = Target(daemon, tokens, (), {}, {})
+    # builds: a ready one and a failed one (no image or folder behind them: pruning them for
+    # real removes records only)
+    db_url = f"sqlite:///{daemon.home / 'plait.db'}"
+    build_keys = [
+        put_build(db_url, material(["fuzz==1"]), runs=[run.run_id]),
+        put_build(db_url, material(["fuzz==2"]), status="FAILED"),
+    ]
     stub = run_service_pb2_grpc.RunServiceStub(target.channel("user"))
     proto = stub.GetRun(runs.GetRunRequest(name=f"runs/{run.run_id}"), timeout=30).run
     known = {
@@ -183,6 +191,8 @@ def _seed(daemon: Daemon) -> Target:
         "default",
         "stacks/default",
         f"{fuzz_total.__module__}:fuzz_total",
+        *build_keys,
+        *(k[:8] for k in build_keys),
     }
     for step in proto.steps:
         known.add(step.step_id)
@@ -201,6 +211,9 @@ def _seed(daemon: Daemon) -> Target:
         "runner": ("local",),
         "plait.ir.v1.NamedValue.name": ("n",),
         "plait.api.v1.Component.name": ("components/local",),
+        "plait.api.v1.GetBuildRequest.key": (*build_keys, build_keys[0][:6]),
+        "plait.api.v1.PruneBuildsRequest.keys": (*build_keys, build_keys[1][:10]),
+        "plait.api.v1.ListBuildsRequest.kind": ("image", "venv"),
     }
     version = proto.pipeline_version
     spec = pipeline_service_pb2_grpc.PipelineServiceStub(target.channel("user"))
@@ -384,4 +397,4 @@ def test_json_nested_deeper_than_the_parser_goes_is_refused(target: Target) -> N
 def test_every_service_is_fuzzed() -> None:
     services = {m.containing_service.name for m in METHODS}
     assert services >= {"PipelineService", "RunService", "ArtifactService", "StackService"}
-    assert services >= {"TaskService", "TokenService"}
+    assert services >= {"TaskService", "TokenService", "BuildService"}

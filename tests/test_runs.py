@@ -505,7 +505,7 @@ def wrong_runner() -> None:
 
 
 def test_a_step_for_an_unknown_runner_is_refused_at_create(client: plait.Client) -> None:
-    with pytest.raises(plait.PipelineError, match=r"runner 'nowhere'.*it has: local"):
+    with pytest.raises(plait.PipelineError, match=r"runner .nowhere.*it has: (docker, )?local"):
         run(wrong_runner, client)
 
 

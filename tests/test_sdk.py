@@ -383,6 +383,7 @@ def test_public_api_is_locked() -> None:
         "PipelineError",
         "PipelineValidationError",
         "PlaitError",
+        "Resources",
         "RpcError",
         "Run",
         "RunEvent",

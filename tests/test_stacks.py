@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from test_runs import demo
 
 import plait
+from plait.engine.store import _schema as db
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIT = str(Path(sys.executable).parent / "plait")
@@ -57,13 +59,24 @@ def test_register_compose_activate_and_delete(env: dict[str, str]) -> None:
         "runner",
         "--flavor",
         "local",
-        "-c",
-        "workers=4",
-        "-c",
-        "label=fast lane",
     )
     comps = plait_cli(env, "component", "list", "--kind", "runner").stdout
-    assert "fast" in comps and '"workers":4' in comps and "local-artifacts" not in comps
+    assert "fast" in comps and "local-artifacts" not in comps
+    # a key the flavor does not read is refused, with the valid ones (engine/_flavors.py)
+    out = plait_cli(
+        env,
+        "component",
+        "register",
+        "fast",
+        "--kind",
+        "runner",
+        "--flavor",
+        "local",
+        "-c",
+        "workers=4",
+        ok=False,
+    )
+    assert out.returncode == 2 and "unknown key 'workers' for a local runner" in out.stderr
     plait_cli(env, "stack", "register", "quick", "-c", "fast", "-c", "local-artifacts", "--set")
     stacks = plait_cli(env, "stack", "list").stdout
     quick_line = next(line for line in stacks.splitlines() if "quick" in line)
@@ -95,7 +108,23 @@ def test_register_compose_activate_and_delete(env: dict[str, str]) -> None:
 
 
 def test_a_stack_whose_runner_is_not_here_is_refused_at_create(env: dict[str, str]) -> None:
-    plait_cli(env, "component", "register", "ray1", "--kind", "runner", "--flavor", "ray")
+    out = plait_cli(
+        env, "component", "register", "ray1", "--kind", "runner", "--flavor", "ray", ok=False
+    )
+    assert out.returncode == 2 and "runner flavor 'ray' is not known; valid: " in out.stderr
+    # a component stored before flavors were checked is still read, and refused at create
+    plait_cli(env, "stack", "list")  # makes the database
+    url = f"sqlite:///{Path(env['PLAIT_HOME']) / 'plait.db'}"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                db.components.insert().values(
+                    name="ray1", kind="RUNNER", flavor="ray", config={}, created_at=0.0
+                )
+            )
+    finally:
+        engine.dispose()
     plait_cli(env, "stack", "register", "cluster", "-c", "ray1", "--set")
     client = plait.Client(home=env["PLAIT_HOME"])
     try:

@@ -12,6 +12,7 @@ import importlib
 import click
 
 from plait.cli._artifacts import artifacts
+from plait.cli._builds import builds
 from plait.cli._common import EPILOG
 from plait.cli._login import login, logout
 from plait.cli._pipeline import pipeline
@@ -82,7 +83,18 @@ def cli() -> None:
     """Plait: define pipelines of Python steps, run them embedded or on a shared server."""
 
 
-for _command in (run_cmd, runs, artifacts, component, stack, login, logout, pipeline, worker):
+for _command in (
+    run_cmd,
+    runs,
+    artifacts,
+    builds,
+    component,
+    stack,
+    login,
+    logout,
+    pipeline,
+    worker,
+):
     cli.add_command(_command)
 
 

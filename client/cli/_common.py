@@ -40,7 +40,10 @@ def fail(message: str, code: int = 2) -> NoReturn:
         message: What went wrong, for the user (no traceback).
         code: The exit status.
     """
-    get_console(stderr=True).print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    # the message may echo what the user typed: brackets in it are text, not markup
+    get_console(stderr=True).print(f"[bold red]error:[/] {escape(message)}")
     sys.exit(code)
 
 

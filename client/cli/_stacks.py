@@ -44,7 +44,9 @@ def component() -> None:
 @component.command("register", epilog=EPILOG)
 @click.argument("name")
 @click.option("--kind", required=True, type=click.Choice(_KINDS), help="What it is.")
-@click.option("--flavor", required=True, help='Its implementation ("local", "docker", ...).')
+@click.option(
+    "--flavor", required=True, help="Its implementation (the flavors of each kind are below)."
+)
 @click.option(
     "-c",
     "--config",
@@ -56,9 +58,32 @@ def component() -> None:
 def component_register(name: str, kind: str, flavor: str, config: tuple[str, ...]) -> None:
     """Register the component NAME, or replace its configuration.
 
+    A flavor a kind does not have, or a key its flavor does not read, is refused with the
+    valid ones: nothing a stack holds is silently ignored.
+
     \b
-    Example:
-      plait component register gpu-docker --kind runner --flavor docker -c gpus=1
+    Flavors of each kind, and the keys they read (-c KEY=VALUE, all optional unless said):
+      runner local                no keys: steps run in worker processes on the server
+      runner docker               each step in its own container, from its environment's image
+                                    network=host|bridge        [host]
+                                    keep_containers=true|false [false]
+                                    stop_grace_seconds=SECONDS [10] (after SIGTERM, a kill)
+      artifact_store local        no keys (`plait server start --artifact-store` sets where)
+      image_builder docker        builds images with the Docker daemon
+                                    parent_image=IMAGE  the parent of environments naming none
+                                                        [python:MAJOR.MINOR-slim]
+      container_registry docker   where builds are pushed and pulled (registry API v2)
+                                    uri=[http(s)://]HOST:PORT[/PATH]  required
+      secrets                     no flavor yet
+
+    \b
+    Examples:
+      plait component register boxes --kind runner --flavor docker -c network=bridge
+      plait component register builder --kind image_builder --flavor docker \\
+          -c parent_image=python:3.11-slim
+      plait component register registry --kind container_registry --flavor docker \\
+          -c uri=127.0.0.1:5000
+      plait stack register containers -c boxes -c local-artifacts -c builder -c registry --set
     """
     pb = _stack_pb()
     req = pb.RegisterComponentRequest(

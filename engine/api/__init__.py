@@ -15,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from plait.api.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
+    build_service_pb2,
+    build_service_pb2_grpc,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     run_service_pb2,
@@ -29,6 +31,7 @@ from plait.api.v1 import (
     worker_service_pb2_grpc,
 )
 from plait.engine.api._artifacts import ArtifactServicer
+from plait.engine.api._builds import BuildServicer
 from plait.engine.api._pipelines import PipelineServicer
 from plait.engine.api._runs import RunServicer
 from plait.engine.api._stacks import StackServicer
@@ -50,6 +53,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
     stack_service_pb2_grpc.add_StackServiceServicer_to_server(StackServicer(cp), server)
     token_service_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(cp), server)
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(cp), server)
+    build_service_pb2_grpc.add_BuildServiceServicer_to_server(BuildServicer(cp), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
@@ -62,6 +66,7 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
             stack_service_pb2.DESCRIPTOR.services_by_name["StackService"],
             token_service_pb2.DESCRIPTOR.services_by_name["TokenService"],
             worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"],
+            build_service_pb2.DESCRIPTOR.services_by_name["BuildService"],
         )
     ]
     for name in names:

@@ -12,7 +12,7 @@ TaskService            worker
 WorkerService          worker
 ArtifactService        user, admin, worker (a remote worker reads inputs and code, writes outputs)
 TokenService           admin
-every other service    user, admin
+every other service    user, admin (BuildService too: listing builds and pruning them)
 =====================  ===============================
 
 Besides the stored tokens (roles in :mod:`plait.engine.store._tokens`), the control plane

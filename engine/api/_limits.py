@@ -120,6 +120,10 @@ LIMITS: dict[str, int] = {
     _API + "Stack.components": NAME,
     _API + "DeleteStackRequest.name": NAME,
     _API + "SetActiveStackRequest.name": NAME,
+    # BuildService
+    _API + "ListBuildsRequest.kind": NAME,
+    _API + "GetBuildRequest.key": NAME,
+    _API + "PruneBuildsRequest.keys": NAME,
     # TokenService
     _API + "CreateTokenRequest.display_name": NAME,
     _API + "RevokeTokenRequest.name": NAME,
@@ -173,6 +177,7 @@ COUNTS: dict[str, int] = {
     _IR + "StepSettings.no_retry_on": 1_000,
     _API + "CreateRunRequest.parameters": 1_000,
     _API + "Stack.components": 1_000,
+    _API + "PruneBuildsRequest.keys": 1_000,
     _API + "TaskCompleted.outputs": 1_000,
     _API + "AppendLogsRequest.chunks": 1_000,
     _API + "StepError.types": 1_000,  # a worker sends at most 64 (its MAX_ERROR_TYPES)

@@ -947,8 +947,10 @@ class Scheduler:
         # free, or held by the runner that started the process now claiming it
         if st.holder not in (None, cmd.holder) and not st.holder.startswith(RUNNER_HOLDER):
             return False
-        if cmd.handle == "" and st.handle:
-            cmd = Lease(cmd.token, cmd.holder, st.handle)  # the runner's handle stays
+        if st.handle and (cmd.handle == "" or (st.holder or "").startswith(RUNNER_HOLDER)):
+            # the runner's handle stays (a process it started claims the lease): it is what
+            # the runner is asked about after a restart
+            cmd = Lease(cmd.token, cmd.holder, st.handle)
         st.holder, st.handle = cmd.holder, cmd.handle
         st.lease_expires = now + self.lease_seconds
         settings = st.spec.settings

@@ -191,6 +191,40 @@ replicas = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+builds = sa.Table(
+    "builds",
+    metadata,
+    # a container image or a virtualenv made for an environment, addressed by the sha256 of its
+    # key material; one row per key, claimed by the replica that builds it (status BUILDING,
+    # holder, expires_at), so one key is built once however many runs and replicas ask
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("kind", sa.String, nullable=False),
+    sa.Column("build_digest", sa.String, nullable=False),
+    sa.Column("material", sa.JSON, nullable=False),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("holder", sa.String, nullable=False, server_default=""),
+    sa.Column("expires_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("reference", sa.String, nullable=False, server_default=""),
+    sa.Column("image_id", sa.String, nullable=False, server_default=""),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("duration_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("source", sa.String, nullable=False, server_default=""),
+    sa.Column("pushed_to", sa.String, nullable=False, server_default=""),
+    sa.Column("error", sa.String, nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_used_at", sa.Float, nullable=False),
+    sa.Index("ix_builds_last_used_at", "last_used_at"),
+)
+
+build_runs = sa.Table(
+    "build_runs",
+    metadata,
+    # which runs used which build (a run's steps may use several)
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("used_at", sa.Float, nullable=False),
+)
+
 settings = sa.Table(
     "settings",
     metadata,

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from plait.engine._flavors import check_component
 from plait.engine.store import _schema as db
 from plait.errors import InUseError, NotFoundError, PipelineError
 
@@ -60,7 +61,13 @@ def stack_runner(conn: Connection, stack: str) -> str:
 
 
 def register_component(conn: Connection, c: Component, now: float) -> Component:
-    """Adds a component, or changes one (its kind only while no stack uses it)."""
+    """Adds a component, or changes one (its kind only while no stack uses it).
+
+    Its flavor must be one of its kind's and its configuration hold only keys that flavor reads
+    (:func:`plait.engine._flavors.check_component`); components stored before that rule are
+    read as they are.
+    """
+    check_component(c.name, c.kind, c.flavor, c.config)
     row = {"kind": c.kind, "flavor": c.flavor, "config": c.config}
     existing = conn.execute(
         sa.select(db.components.c.kind).where(db.components.c.name == c.name)

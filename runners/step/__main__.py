@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 
 from plait.runners.step import EXIT_ERROR, EXIT_NO_TASK, EXIT_OK
-from plait.runners.worker._lease import Cancelled, LeaseLost, describe
+from plait.runners.worker._lease import Cancelled, LeaseLost, describe, die_with_parent
 
 _EPILOG = """\
 exit codes:
@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--lease: {exc}")
     if not 0 < opts.wait <= 60:
         parser.error(f"--wait: expected more than 0 and at most 60 seconds, got {opts.wait:g}")
+    parent = os.environ.get("PLAIT_PARENT_PID", "")  # a local runner's process: dies with it
+    if parent.isdigit():
+        die_with_parent(int(parent))
     worker_id = opts.worker_id or f"step-{default_worker_id()}"
     config = ChannelConfig.from_env(opts.server, token=os.environ.get("PLAIT_TOKEN", ""))
     client = WorkerClient(config)

@@ -28,7 +28,7 @@ from plait.api.v1 import resources_pb2 as plait_dot_api_dot_v1_dot_resources__pb
 from plait.ir.v1 import ir_pb2 as plait_dot_ir_dot_v1_dot_ir__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/api/v1/task_service.proto\x12\x0cplait.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"M\n\nLeaseToken\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"\xc1\x02\n\x04Task\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12#\n\x04step\x18\x03 \x01(\x0b\x32\x15.plait.ir.v1.StepSpec\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.plait.api.v1.TaskInput\x12-\n\x07outputs\x18\x05 \x03(\x0b\x32\x1c.plait.api.v1.OutputLocation\x12\x1a\n\x12\x61rtifact_store_uri\x18\x06 \x01(\t\x12\x17\n\x0flog_limit_bytes\x18\x07 \x01(\x03\x12\x14\n\x0c\x63ode_archive\x18\x08 \x01(\t\x12\x15\n\rlease_seconds\x18\t \x01(\x01\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x11\n\tcode_root\x18\x0b \x01(\t\"=\n\tTaskInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.plait.api.v1.Value\"\x9b\x01\n\x05Value\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.ArtifactH\x00\x12\x0e\n\x04json\x18\x02 \x01(\tH\x00\x12\'\n\x04list\x18\x03 \x01(\x0b\x32\x17.plait.api.v1.ValueListH\x00\x12%\n\x03map\x18\x04 \x01(\x0b\x32\x16.plait.api.v1.ValueMapH\x00\x42\x06\n\x04kind\"/\n\tValueList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.plait.api.v1.Value\"8\n\x08ValueMap\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.plait.api.v1.ValueMapEntry\"@\n\rValueMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.plait.api.v1.Value\"3\n\x0eOutputLocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"\xda\x02\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.plait.api.v1.WorkerHelloH\x00\x12,\n\x07started\x18\x02 \x01(\x0b\x32\x19.plait.api.v1.TaskStartedH\x00\x12&\n\x04logs\x18\x03 \x01(\x0b\x32\x16.plait.api.v1.TaskLogsH\x00\x12.\n\x08metadata\x18\x04 \x01(\x0b\x32\x1a.plait.api.v1.TaskMetadataH\x00\x12\x30\n\tcompleted\x18\x05 \x01(\x0b\x32\x1b.plait.api.v1.TaskCompletedH\x00\x12*\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x18.plait.api.v1.TaskFailedH\x00\x12\x30\n\theartbeat\x18\x07 \x01(\x0b\x32\x1b.plait.api.v1.TaskHeartbeatH\x00\x42\x06\n\x04kind\"8\n\rTaskHeartbeat\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\"O\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06runner\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x10\n\x08hostname\x18\x04 \x01(\t\"f\n\x0bTaskStarted\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x08TaskLogs\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\"U\n\x0cTaskMetadata\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0c\n\x04json\x18\x03 \x01(\t\"\x91\x01\n\rTaskCompleted\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.plait.api.v1.Artifact\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\nTaskFailed\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.plait.api.v1.StepError\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x0f\x43onnectResponse\x12$\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x12.plait.api.v1.TaskH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.plait.api.v1.LeaseTokenH\x00\x42\x06\n\x04kind2Y\n\x0bTaskService\x12J\n\x07\x43onnect\x12\x1c.plait.api.v1.ConnectRequest\x1a\x1d.plait.api.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/api/v1/task_service.proto\x12\x0cplait.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"M\n\nLeaseToken\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"\xe0\x02\n\x04Task\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12#\n\x04step\x18\x03 \x01(\x0b\x32\x15.plait.ir.v1.StepSpec\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.plait.api.v1.TaskInput\x12-\n\x07outputs\x18\x05 \x03(\x0b\x32\x1c.plait.api.v1.OutputLocation\x12\x1a\n\x12\x61rtifact_store_uri\x18\x06 \x01(\t\x12\x17\n\x0flog_limit_bytes\x18\x07 \x01(\x03\x12\x14\n\x0c\x63ode_archive\x18\x08 \x01(\t\x12\x15\n\rlease_seconds\x18\t \x01(\x01\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x11\n\tcode_root\x18\x0b \x01(\t\x12\r\n\x05image\x18\x0c \x01(\t\x12\x0e\n\x06python\x18\r \x01(\t\"=\n\tTaskInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.plait.api.v1.Value\"\x9b\x01\n\x05Value\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.plait.api.v1.ArtifactH\x00\x12\x0e\n\x04json\x18\x02 \x01(\tH\x00\x12\'\n\x04list\x18\x03 \x01(\x0b\x32\x17.plait.api.v1.ValueListH\x00\x12%\n\x03map\x18\x04 \x01(\x0b\x32\x16.plait.api.v1.ValueMapH\x00\x42\x06\n\x04kind\"/\n\tValueList\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.plait.api.v1.Value\"8\n\x08ValueMap\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.plait.api.v1.ValueMapEntry\"@\n\rValueMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.plait.api.v1.Value\"3\n\x0eOutputLocation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\"\xda\x02\n\x0e\x43onnectRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.plait.api.v1.WorkerHelloH\x00\x12,\n\x07started\x18\x02 \x01(\x0b\x32\x19.plait.api.v1.TaskStartedH\x00\x12&\n\x04logs\x18\x03 \x01(\x0b\x32\x16.plait.api.v1.TaskLogsH\x00\x12.\n\x08metadata\x18\x04 \x01(\x0b\x32\x1a.plait.api.v1.TaskMetadataH\x00\x12\x30\n\tcompleted\x18\x05 \x01(\x0b\x32\x1b.plait.api.v1.TaskCompletedH\x00\x12*\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x18.plait.api.v1.TaskFailedH\x00\x12\x30\n\theartbeat\x18\x07 \x01(\x0b\x32\x1b.plait.api.v1.TaskHeartbeatH\x00\x42\x06\n\x04kind\"8\n\rTaskHeartbeat\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\"O\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06runner\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x03\x12\x10\n\x08hostname\x18\x04 \x01(\t\"f\n\x0bTaskStarted\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x08TaskLogs\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x03\"U\n\x0cTaskMetadata\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\x0c\n\x04json\x18\x03 \x01(\t\"\x91\x01\n\rTaskCompleted\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.plait.api.v1.Artifact\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\nTaskFailed\x12\'\n\x05token\x18\x01 \x01(\x0b\x32\x18.plait.api.v1.LeaseToken\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.plait.api.v1.StepError\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x0f\x43onnectResponse\x12$\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x12.plait.api.v1.TaskH\x00\x12*\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x18.plait.api.v1.LeaseTokenH\x00\x42\x06\n\x04kind2Y\n\x0bTaskService\x12J\n\x07\x43onnect\x12\x1c.plait.api.v1.ConnectRequest\x1a\x1d.plait.api.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASETOKEN']._serialized_start=134
   _globals['_LEASETOKEN']._serialized_end=211
   _globals['_TASK']._serialized_start=214
-  _globals['_TASK']._serialized_end=535
-  _globals['_TASKINPUT']._serialized_start=537
-  _globals['_TASKINPUT']._serialized_end=598
-  _globals['_VALUE']._serialized_start=601
-  _globals['_VALUE']._serialized_end=756
-  _globals['_VALUELIST']._serialized_start=758
-  _globals['_VALUELIST']._serialized_end=805
-  _globals['_VALUEMAP']._serialized_start=807
-  _globals['_VALUEMAP']._serialized_end=863
-  _globals['_VALUEMAPENTRY']._serialized_start=865
-  _globals['_VALUEMAPENTRY']._serialized_end=929
-  _globals['_OUTPUTLOCATION']._serialized_start=931
-  _globals['_OUTPUTLOCATION']._serialized_end=982
-  _globals['_CONNECTREQUEST']._serialized_start=985
-  _globals['_CONNECTREQUEST']._serialized_end=1331
-  _globals['_TASKHEARTBEAT']._serialized_start=1333
-  _globals['_TASKHEARTBEAT']._serialized_end=1389
-  _globals['_WORKERHELLO']._serialized_start=1391
-  _globals['_WORKERHELLO']._serialized_end=1470
-  _globals['_TASKSTARTED']._serialized_start=1472
-  _globals['_TASKSTARTED']._serialized_end=1574
-  _globals['_TASKLOGS']._serialized_start=1576
-  _globals['_TASKLOGS']._serialized_end=1672
-  _globals['_TASKMETADATA']._serialized_start=1674
-  _globals['_TASKMETADATA']._serialized_end=1759
-  _globals['_TASKCOMPLETED']._serialized_start=1762
-  _globals['_TASKCOMPLETED']._serialized_end=1907
-  _globals['_TASKFAILED']._serialized_start=1910
-  _globals['_TASKFAILED']._serialized_end=2051
-  _globals['_CONNECTRESPONSE']._serialized_start=2053
-  _globals['_CONNECTRESPONSE']._serialized_end=2160
-  _globals['_TASKSERVICE']._serialized_start=2162
-  _globals['_TASKSERVICE']._serialized_end=2251
+  _globals['_TASK']._serialized_end=566
+  _globals['_TASKINPUT']._serialized_start=568
+  _globals['_TASKINPUT']._serialized_end=629
+  _globals['_VALUE']._serialized_start=632
+  _globals['_VALUE']._serialized_end=787
+  _globals['_VALUELIST']._serialized_start=789
+  _globals['_VALUELIST']._serialized_end=836
+  _globals['_VALUEMAP']._serialized_start=838
+  _globals['_VALUEMAP']._serialized_end=894
+  _globals['_VALUEMAPENTRY']._serialized_start=896
+  _globals['_VALUEMAPENTRY']._serialized_end=960
+  _globals['_OUTPUTLOCATION']._serialized_start=962
+  _globals['_OUTPUTLOCATION']._serialized_end=1013
+  _globals['_CONNECTREQUEST']._serialized_start=1016
+  _globals['_CONNECTREQUEST']._serialized_end=1362
+  _globals['_TASKHEARTBEAT']._serialized_start=1364
+  _globals['_TASKHEARTBEAT']._serialized_end=1420
+  _globals['_WORKERHELLO']._serialized_start=1422
+  _globals['_WORKERHELLO']._serialized_end=1501
+  _globals['_TASKSTARTED']._serialized_start=1503
+  _globals['_TASKSTARTED']._serialized_end=1605
+  _globals['_TASKLOGS']._serialized_start=1607
+  _globals['_TASKLOGS']._serialized_end=1703
+  _globals['_TASKMETADATA']._serialized_start=1705
+  _globals['_TASKMETADATA']._serialized_end=1790
+  _globals['_TASKCOMPLETED']._serialized_start=1793
+  _globals['_TASKCOMPLETED']._serialized_end=1938
+  _globals['_TASKFAILED']._serialized_start=1941
+  _globals['_TASKFAILED']._serialized_end=2082
+  _globals['_CONNECTRESPONSE']._serialized_start=2084
+  _globals['_CONNECTRESPONSE']._serialized_end=2191
+  _globals['_TASKSERVICE']._serialized_start=2193
+  _globals['_TASKSERVICE']._serialized_end=2282
 # @@protoc_insertion_point(module_scope)

@@ -73,6 +73,8 @@ class Task(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     CODE_ROOT_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    PYTHON_FIELD_NUMBER: _builtins.int
     pipeline: _builtins.str
     """The pipeline's name."""
     artifact_store_uri: _builtins.str
@@ -95,6 +97,14 @@ class Task(_message.Message):
     code_root: _builtins.str
     """With no code_archive: the folder (on the worker's machine) the step's code is imported
     from, as the source root (an embedded control plane's own client's).
+    """
+    image: _builtins.str
+    """The container image the step runs in, built for its environment by the stack's image
+    builder (a reference with its digest-derived tag); empty for runners without containers.
+    """
+    python: _builtins.str
+    """The Python interpreter of the virtualenv built for the step's environment (local runner);
+    empty: the worker's own interpreter.
     """
     @_builtins.property
     def token(self) -> Global___LeaseToken:
@@ -126,10 +136,12 @@ class Task(_message.Message):
         lease_seconds: _builtins.float = ...,
         pool: _builtins.str = ...,
         code_root: _builtins.str = ...,
+        image: _builtins.str = ...,
+        python: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "code_archive", b"code_archive", "code_root", b"code_root", "inputs", b"inputs", "lease_seconds", b"lease_seconds", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "pool", b"pool", "step", b"step", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_store_uri", b"artifact_store_uri", "code_archive", b"code_archive", "code_root", b"code_root", "image", b"image", "inputs", b"inputs", "lease_seconds", b"lease_seconds", "log_limit_bytes", b"log_limit_bytes", "outputs", b"outputs", "pipeline", b"pipeline", "pool", b"pool", "python", b"python", "step", b"step", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -482,6 +482,7 @@ class StepSettings(_message.Message):
     RETRY_JITTER_FIELD_NUMBER: _builtins.int
     RETRY_ON_FIELD_NUMBER: _builtins.int
     NO_RETRY_ON_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     cache: _builtins.bool
     """Whether the step may be served from the cache; unset means true."""
     cache_version: _builtins.str
@@ -528,6 +529,10 @@ class StepSettings(_message.Message):
         retry_on.
         """
 
+    @_builtins.property
+    def resources(self) -> Global___Resources:
+        """What one attempt of the step may use; unset fields mean no limit (the runner's default)."""
+
     def __init__(
         self,
         *,
@@ -544,10 +549,11 @@ class StepSettings(_message.Message):
         retry_jitter: _builtins.float | None = ...,
         retry_on: _abc.Iterable[_builtins.str] | None = ...,
         no_retry_on: _abc.Iterable[_builtins.str] | None = ...,
+        resources: Global___Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "retry_backoff", b"retry_backoff", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "resources", b"resources", "retry_backoff", b"retry_backoff", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "no_retry_on", b"no_retry_on", "pool", b"pool", "retries", b"retries", "retry_backoff", b"retry_backoff", "retry_delay_seconds", b"retry_delay_seconds", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "retry_on", b"retry_on", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "no_retry_on", b"no_retry_on", "pool", b"pool", "resources", b"resources", "retries", b"retries", "retry_backoff", b"retry_backoff", "retry_delay_seconds", b"retry_delay_seconds", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "retry_on", b"retry_on", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
@@ -571,6 +577,38 @@ class StepSettings(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__timeout_seconds) -> _WhichOneofReturnType__timeout_seconds | None: ...
 
 Global___StepSettings: _TypeAlias = StepSettings  # noqa: Y015
+
+@_typing.final
+class Resources(_message.Message):
+    """What one attempt of a step may use. Container runners turn these into limits and device
+    requests; the local process runner does not limit a step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    cpu: _builtins.float
+    """CPUs (1.5 means one and a half); 0 means no limit."""
+    memory_bytes: _builtins.int
+    """Memory in bytes; 0 means no limit. An attempt that goes past it is killed (CRASHED)."""
+    gpus: _builtins.int
+    """GPUs the step needs; 0 means none."""
+    def __init__(
+        self,
+        *,
+        cpu: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        gpus: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "gpus", b"gpus", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resources: _TypeAlias = Resources  # noqa: Y015
 
 @_typing.final
 class Environment(_message.Message):

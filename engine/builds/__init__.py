@@ -1,0 +1,1 @@
+"""Builds of environments: container images (Docker) and virtualenvs (the local runner)."""
