@@ -97,6 +97,8 @@ GONE_HOLDER = "(lost with its control plane)"
 """Who holds, as far as anyone can tell, an attempt a lost control plane had queued for its
 local pool (see _after_loss)."""
 REPLICA_FILE = "replica-id"
+WORKER_SECRET_FILE = "worker-secret"
+"""A daemon's secret for the step processes it starts (see _worker_secret)."""
 """The file in PLAIT_HOME that keeps a daemon's replica id across restarts."""
 
 
@@ -238,7 +240,7 @@ class ControlPlane:
         self._stop = anyio.Event()
         # secrets that live in this process's memory only: one for the local workers this
         # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
-        self.worker_secret = secrets.token_urlsafe(32)
+        self.worker_secret = _worker_secret(config)
         self.owner_secret = secrets.token_urlsafe(32)
         self.replica_id = _replica_id(config)
         """This control plane's row in the replicas table (see store/_replicas.py)."""
@@ -897,6 +899,7 @@ class ControlPlane:
                     home=self.config.home,
                     report_lost=self.report_lost,
                     token=self.worker_secret if self.config.auth else "",
+                    resume=self.config.resume,
                 )
                 self._tg = tg
                 for name, runner in self.runners.items():
@@ -1005,6 +1008,26 @@ def _after_loss(row: StoredRun, now: float) -> StoredRun:
 def _unknown(runner: str, handle: str | None) -> None:
     """Whether a worker of another replica lives: this one cannot tell (its lease will)."""
     return None
+
+
+def _worker_secret(config: ControlPlaneConfig) -> str:
+    """The secret the processes this control plane starts report with (role worker). A
+    daemon's is kept owner-only in PLAIT_HOME: a container it started before a restart reports
+    to it after the restart; an embedded engine's lives in its memory only."""
+    if not config.resume:
+        return secrets.token_urlsafe(32)
+    path = config.home / WORKER_SECRET_FILE
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if len(found) >= 32:
+        return found
+    new = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new + "\n")
+    return new
 
 
 def _replica_id(config: ControlPlaneConfig) -> str:

@@ -25,6 +25,10 @@ class RunnerContext:
     """Tells the control plane an attempt's infrastructure died (the attempt is CRASHED)."""
     token: str = ""
     """The bearer token step processes authenticate with; empty when auth is off."""
+    resume: bool = True
+    """Whether a restarted control plane takes the runs up (a daemon): a runner then leaves
+    processes that outlive a restart (containers) running when it stops, to re-attach to
+    them; when False (an embedded engine) it stops them."""
 
 
 @runtime_checkable

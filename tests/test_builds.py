@@ -220,3 +220,46 @@ def test_code_edits_build_nothing_a_requirement_builds_one_and_the_registry_serv
     finally:
         for ref in references:
             _docker("rmi", "-f", ref)
+
+
+def test_runs_that_need_one_new_image_at_once_build_it_once(
+    tmp_path: Path, daemon: Daemon, base: str, registry: str, wheels: dict[str, Path]
+) -> None:
+    _stack(daemon, base, registry)
+    out = tmp_path / "wheels"
+    out.mkdir()
+    project = _project(tmp_path / "proj", _wheel(out, "3.0", uuid.uuid4().hex))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLAIT_")}
+    env.update(PLAIT_SERVER=daemon.address, PLAIT_TOKEN=daemon.credential)
+    env["PLAIT_HOME"] = str(tmp_path / "client-home")
+    builds = Builds(daemon.home)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, project / "pipe.py", str(n)],
+            env=env,
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 2)
+    ]
+    answers = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stdout + stderr
+            answers.append(json.loads(stdout.strip().splitlines()[-1]))
+        assert sorted(a["out"] for a in answers) == ["3.0 True 2 local", "3.0 True 4 local"]
+        ((key, _, ref),) = builds.rows()
+        assert builds.runs_of(key) == sorted(a["run_id"] for a in answers)
+        # the image was built once: one run's log has the build's steps, the other's none
+        logs = [_cli(daemon, "runs", "logs", a["run_id"], "inside") for a in answers]
+        assert sorted("step 1/" in log for log in logs) == [False, True], logs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for _key, _, ref in builds.rows():
+            _docker("rmi", "-f", ref)

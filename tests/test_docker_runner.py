@@ -325,7 +325,6 @@ class Plane:
         address: str = "127.0.0.1:0",
         resume: bool = False,
         crash_retries: int = 0,
-        worker_secret: str = "",
     ) -> None:
         from anyio.from_thread import start_blocking_portal
 
@@ -338,11 +337,6 @@ class Plane:
             runners={"local": LocalRunner(2, prestart=0), RUNNER: self.scaffold},
         )
         self.scaffold.pools = self.cp.pools
-        if worker_secret:
-            # SCAFFOLDING: the secret step containers authenticate with lives in the control
-            # plane's memory, new at each start; a container that outlives a restart needs one
-            # that survives it (asked of the control plane), which this stands in for
-            self.cp.worker_secret = worker_secret
         self._portal_cm = start_blocking_portal("asyncio")
         self.portal = self._portal_cm.__enter__()
         try:
@@ -541,7 +535,9 @@ def test_a_restarted_control_plane_reattaches_to_a_running_container(
     # the control plane stopped (not killed): its container runs on
     info = inspect(handle)
     assert info is not None and info["State"]["Running"], info
-    with plane(home, image, address=address, resume=True, worker_secret=secret) as second:
+    with plane(home, image, address=address, resume=True) as second:
+        # a resuming control plane keeps the secret its containers report with
+        assert second.cp.worker_secret == secret
         assert second.runner.alive(handle) is True  # listed at start: re-attached
         assert second.runner.alive("plait-someone-else-1-1") is False
         (d / "go").write_text("")

@@ -22,7 +22,7 @@ CONTRACTS = [
         "import plait; [getattr(plait, name) for name in plait.__all__]",
         [*ENGINE, "sqlalchemy", "alembic"],
     ),
-    ("plait.runners", "import plait.runners", [*ENGINE, "sqlalchemy"]),
+    ("plait.runners", "import plait.runners", [*ENGINE, "sqlalchemy", "aiodocker", "aiohttp"]),
     ("plait.runners.worker", "import plait.runners.worker", [*ENGINE, "sqlalchemy"]),
     (
         "plait.engine",

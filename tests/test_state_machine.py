@@ -758,3 +758,39 @@ def test_the_reapers_heap_holds_about_what_is_due(monkeypatch: pytest.MonkeyPatc
         fx = m.apply(done(task))
     # every attempt ended long before its queue deadline: at most a compaction's worth is left
     assert len(m.scheduler._deadlines) <= 8
+
+
+def test_recovery_that_fails_a_runs_last_step_ends_the_run_once() -> None:
+    """A container gone at a restart, no crash retries left, and no other open step: the
+    failure ends the run, and recovery does not end it a second time (the control plane would
+    not start)."""
+    m = Machine(spec_of(nx.DiGraph([(0, 1)])))
+    m.scheduler = Scheduler(crash_retries=0)
+    finished = output(Token("r", "n0", 1, 1))
+    stored = StoredRun(
+        run_id="r",
+        version=VERSION,
+        parameters={},
+        no_cache=False,
+        stack="default",
+        steps=[
+            StoredStep("n0", StepStatus.SUCCEEDED, 1, "k0", {"output": finished}, {}),
+            StoredStep(
+                "n1",
+                StepStatus.RUNNING,
+                1,
+                "k1",
+                None,
+                {},
+                epoch=1,
+                runner="docker",
+                holder="runner:docker",
+                handle="plait-r-n1-1-1",
+                lease_expires=m.now + 100,
+            ),
+        ],
+    )
+    fx = m.scheduler.recover([stored], m.now, m.lookups, lambda runner, handle: False)
+    assert fx.attempt_updates[("r", "n1", 1)]["status"] == StepStatus.CRASHED
+    assert fx.run_updates["r"]["status"] == RunStatus.FAILED
+    assert not fx.tasks

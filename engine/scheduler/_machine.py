@@ -373,7 +373,9 @@ class Scheduler:
                         self._fail(run, st, Failed(token, error, crashed=True), fx, now, ready)
                 if st.status is StepStatus.PENDING and st.waiting == 0:
                     ready.append((run, st))
-            if run.open_steps == 0:  # everything ended, but the run's end was not written
+            if run.open_steps == 0 and not run.status.is_final:
+                # everything ended, but the run's end was not written (a failure just above
+                # may have ended it)
                 self._end_run(run, fx, now)
         self._schedule(ready, fx, now, lookups)
         self._forget_finished()
