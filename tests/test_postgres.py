@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -108,3 +109,76 @@ async def _scalar(url: str, sql: str) -> list[object]:
             return list((await conn.execute(sa.text(sql))).scalars())
     finally:
         await engine.dispose()
+
+
+def test_replicas_asking_for_one_build_at_once_build_it_once(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Two replicas (two stores on one database) ask for one build key at the same moment:
+    exactly one holds the claim and builds; the other waits, and takes the claim over only once
+    the first stopped renewing it; a finished build is ready for everyone."""
+    from plait.engine.store import _builds
+
+    url, drop = postgres_database(request)
+
+    def claim(holder: str, now: float) -> Any:
+        def fn(conn: Any) -> Any:
+            return _builds.claim_build(
+                conn,
+                "k" * 64,
+                kind="image",
+                build_digest="d" * 64,
+                material={"key_scheme": "test"},
+                holder=holder,
+                now=now,
+                ttl=60.0,
+            )
+
+        return fn
+
+    async def main() -> None:
+        a, b = Store(url), Store(url)
+        try:
+            await a.open()
+            await b.open()
+            answers: dict[str, str] = {}
+
+            async def ask(store: Store, holder: str) -> None:
+                state, _ = await store.write(claim(holder, 1000.0))
+                answers[holder] = state
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, a, "replica-a")
+                tg.start_soon(ask, b, "replica-b")
+            assert sorted(answers.values()) == ["mine", "wait"], answers
+            (holder,) = [h for h, s in answers.items() if s == "mine"]
+            other = "replica-b" if holder == "replica-a" else "replica-a"
+            # while the holder renews, the other waits; once it stopped, the other takes over
+            assert (await b.write(claim(other, 1059.0)))[0] == "wait"
+            assert (await b.write(claim(other, 1061.0)))[0] == "mine"
+
+            def finish(conn: Any) -> None:
+                _builds.finish_build(
+                    conn,
+                    "k" * 64,
+                    other,
+                    reference="plait-env:x",
+                    image_id="sha256:" + "0" * 64,
+                    size_bytes=1,
+                    duration_seconds=1.0,
+                    source="built",
+                    pushed_to="",
+                    now=1062.0,
+                )
+
+            await b.write(finish)
+            state, record = await a.write(claim(holder, 1063.0))
+            assert state == "ready" and record is not None and record.reference == "plait-env:x"
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    try:
+        anyio.run(main)
+    finally:
+        drop()
