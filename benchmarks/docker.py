@@ -223,6 +223,11 @@ class _Bench:
             raise RuntimeError(f"plait {' '.join(args)}: {done.stdout}{done.stderr}")
         return done.stdout
 
+    def builder(self, parent: str) -> None:
+        """Registers (or re-registers) the image builder on ``parent``."""
+        self.cli("component", "register", "builder", "--kind", "image_builder",
+                 "--flavor", "docker", "-c", f"parent_image={parent}")  # fmt: skip
+
     def write(self, *, requirement: Path | None = None, edit: bool = False) -> None:
         """Writes pipe.py: with a new requirement (a new image), or an edit of the step."""
         if requirement is not None:
@@ -377,8 +382,7 @@ def bench_docker(repeat: int, base: str, registry: str = "") -> dict[str, Any]:
             try:
                 bench.cli("component", "register", "dock", "--kind", "runner",
                           "--flavor", "docker", "-c", "keep_containers=true")  # fmt: skip
-                bench.cli("component", "register", "builder", "--kind", "image_builder",
-                          "--flavor", "docker", "-c", f"parent_image={base}")  # fmt: skip
+                bench.builder(base)
                 parts = ["-c", "dock", "-c", "builder", "-c", "local-artifacts"]
                 if registry:
                     bench.cli("component", "register", "reg", "--kind", "container_registry",
@@ -388,14 +392,14 @@ def bench_docker(repeat: int, base: str, registry: str = "") -> dict[str, Any]:
 
                 # truly cold: a parent nothing was built on, a home without wheels
                 with _labelled_parent(base) as parent:
-                    bench.cli("component", "update", "builder", "-c", f"parent_image={parent}")
+                    bench.builder(parent)
                     bench.fresh_requirement()
                     truly = bench.one()
                     images.add(truly["image"])
                     bench.remove_containers()
                     with contextlib.suppress(RuntimeError):
                         _docker("rmi", truly["image"])
-                    bench.cli("component", "update", "builder", "-c", f"parent_image={base}")
+                    bench.builder(base)
 
                 samples: dict[str, list[dict[str, Any]]] = {
                     "cold": [], "warm": [], "edit": [],
