@@ -35,7 +35,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -275,7 +274,6 @@ class _Bench:
                 if "(build " in log["text"] and f"): {word}" in log["text"]:
                     source = name
                     phases.setdefault("image_ready", log["time"] - t0)
-        del built
         inspect = json.loads(_docker("inspect", f"plait-{out['run_id']}-first-1-1"))[0]
         phases["container_created"] = _docker_time(inspect["Created"]) - t0
         phases["container_started"] = _docker_time(inspect["State"]["StartedAt"]) - t0
@@ -446,5 +444,4 @@ def bench_docker(repeat: int, base: str, registry: str = "") -> dict[str, Any]:
         best = sorted(runs, key=lambda r: r["s"])[len(runs) // 2]  # the median run
         out[name] = {**best, "samples_s": [r["s"] for r in runs]}
     out["took_s"] = time.monotonic() - started
-    del shutil
     return out

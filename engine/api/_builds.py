@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -12,7 +13,7 @@ import grpc
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from plait._models import FINAL_RUN_STATUSES
+from plait._models import FINAL_RUN_STATUSES, BuildInfo
 from plait.api.v1 import build_service_pb2 as pb
 from plait.api.v1 import build_service_pb2_grpc
 from plait.engine.api._errors import abort_on_plait_error, status_metadata
@@ -20,7 +21,6 @@ from plait.engine.store import _builds
 from plait.engine.store import _schema as db
 from plait.engine.store._builds import BuildRecord
 from plait.errors import InUseError, PipelineError
-from plait.ir.canonical import canonical_json
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -39,24 +39,10 @@ _HEX = re.compile(r"[0-9a-f]+")
 
 
 def build_to_proto(b: BuildRecord) -> pb.Build:
-    """A stored build as the API shows it."""
-    return pb.Build(
-        key=b.key,
-        kind=b.kind,
-        build_digest=b.build_digest,
-        reference=b.reference,
-        image_id=b.image_id,
-        size_bytes=b.size_bytes,
-        duration_seconds=b.duration_seconds,
-        created_at=b.created_at,
-        last_used_at=b.last_used_at,
-        run_ids=b.run_ids,
-        key_material_json=canonical_json(b.material),
-        status=b.status,
-        error=b.error,
-        source=b.source,
-        pushed_to=b.pushed_to,
-    )
+    """A stored build as the API shows it (through the client's record of a build)."""
+    names = {f.name for f in dataclasses.fields(BuildInfo)}
+    values = {k: v for k, v in dataclasses.asdict(b).items() if k in names}
+    return BuildInfo(**{**values, "run_ids": tuple(b.run_ids)}).to_proto()
 
 
 def _key(value: str, field: str) -> str:

@@ -35,7 +35,6 @@ import re
 import secrets
 import shutil
 import site
-import subprocess
 import sys
 import sysconfig
 import time
@@ -47,6 +46,7 @@ from pathlib import Path
 import anyio
 
 from plait._settings import private_dir
+from plait.engine.builds._process import stream_process
 from plait.errors import PlaitError
 from plait.ir.builds import build_material
 from plait.ir.v1 import ir_pb2
@@ -233,26 +233,8 @@ def _child_env() -> dict[str, str]:
 
 
 async def _run(args: list[str], *, log: Callable[[str], None], tail: deque[str]) -> int:
-    """Runs ``args``, sends each line of its output (stdout and stderr) to ``log``, keeps the
-    last ones in ``tail``; returns its exit code."""
-    async with await anyio.open_process(
-        args, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_child_env()
-    ) as process:
-        assert process.stdout is not None
-        pending = b""
-        async for chunk in process.stdout:
-            pending += chunk
-            *lines, pending = re.split(rb"\r?\n|\r", pending)
-            for raw in lines:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    tail.append(line)
-                    log(line)
-        if pending.strip():
-            line = pending.decode(errors="replace").rstrip()
-            tail.append(line)
-            log(line)
-        return await process.wait()
+    """Runs ``args`` (pip, venv) in :func:`_child_env`, its output to ``log``."""
+    return await stream_process(args, log=log, tail=tail, env=_child_env())
 
 
 class VenvBuilder:

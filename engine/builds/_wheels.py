@@ -29,7 +29,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import urllib.parse
@@ -44,6 +43,7 @@ import anyio
 import anyio.to_thread
 
 from plait.engine.builds._errors import BuildError
+from plait.engine.builds._process import stream_process
 from plait.ir.canonical import digest_json
 
 __all__ = [
@@ -348,23 +348,7 @@ async def _pip(args: list[str], log: Log, what: str) -> None:
         "PIP_PROGRESS_BAR": "off",
     }
     tail: deque[str] = deque(maxlen=15)
-    async with await anyio.open_process(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    ) as proc:
-        assert proc.stdout is not None
-        pending = b""
-        async for chunk in proc.stdout:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    tail.append(line)
-                    log(line)
-        if pending.strip():
-            tail.append(pending.decode(errors="replace").rstrip())
-            log(tail[-1])
-        code = await proc.wait()
+    code = await stream_process(cmd, log=log, tail=tail, env=env)
     if code != 0:
         output = "\n".join(tail)
         raise BuildError(
