@@ -14,11 +14,19 @@ Workloads (no-op steps, local process runner, embedded engine, SQLite):
              threads, through a daemon with 4 remote workers, on SQLite (and PostgreSQL when
              given): wall time, steps/s, dispatch p50/p99 over all 5,000 steps
              (`--only load`; see benchmarks/README.md)
+  docker     the Docker runner through a daemon (benchmarks/containers.py): from `run` to the first
+             step's code when its image is built (cold, and once truly cold: no layer cached),
+             found (warm), and after an edit of the step (no build); a 20-step chain per step,
+             beside the same chain on the local runner. Needs Docker and
+             PLAIT_TEST_DOCKER_BASE (scripts/docker.sh; PLAIT_TEST_REGISTRY, from
+             scripts/registry.sh, adds the registry); in the default run only when that is set
 
 Baselines, measured in the same run on the same machine, so that figures read as ratios:
   sqlite-commit  one committed single-row INSERT through SQLAlchemy Core (pysqlite, WAL)
   grpc-unary     one unary gRPC round trip between two processes on loopback
   python-start   `python -c "pass"`, process start to exit
+  docker floor   `docker run --rm BASE python3 -c 'import time; print(time.time())'`, from before
+                 it to the printed time (docker group only; medians there, best elsewhere)
 """
 
 from __future__ import annotations
@@ -431,15 +439,26 @@ def bench_cold(repeat: int) -> float:
     return _best(samples)
 
 
-GROUPS = ("embedded", "cold", "daemon", "workers", "load")
+GROUPS = ("embedded", "cold", "daemon", "workers", "load", "docker")
 """What `--only` selects: the embedded workloads, the cold start, the daemon's workloads, the 4
-remote workers, the load (50 concurrent runs of 100 steps on 4 remote workers)."""
+remote workers, the load (50 concurrent runs of 100 steps on 4 remote workers), the Docker
+runner's start-up (benchmarks/containers.py)."""
+DOCKER_BASE = "PLAIT_TEST_DOCKER_BASE"
+"""The docker group's parent image (made by scripts/docker.sh); the group is part of the default
+run only when it is set."""
+
+
+def default_groups() -> tuple[str, ...]:
+    """The groups run without `--only`: all of them, but docker only when a base image for it
+    is named (it needs a Docker daemon and that image; nothing is pulled)."""
+    return GROUPS if os.environ.get(DOCKER_BASE) else tuple(g for g in GROUPS if g != "docker")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="The load workload (--only load) is described in benchmarks/README.md.",
+        epilog="The load (--only load) and docker (--only docker) workloads are described in "
+        "benchmarks/README.md.",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per workload (best counts)")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -453,20 +472,33 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        default=",".join(GROUPS),
+        default="",
         metavar="NAMES",
-        help=f"comma-separated, among {', '.join(GROUPS)} [default: all]; load runs once per "
-        "database unless selected alone, then --repeat times",
+        help=f"comma-separated, among {', '.join(GROUPS)} [default: all, docker only when "
+        f"${DOCKER_BASE} is set]; load runs once per database unless selected alone, then "
+        "--repeat times",
     )
     opts = parser.parse_args()
-    only = [g.strip() for g in opts.only.split(",") if g.strip()]
+    only = [g.strip() for g in opts.only.split(",") if g.strip()] or list(default_groups())
     if unknown := set(only) - set(GROUPS):
         parser.error(f"--only: unknown {', '.join(sorted(unknown))} (known: {', '.join(GROUPS)})")
     pg_url = opts.postgres or os.environ.get("PLAIT_TEST_POSTGRES_URL", "")
+    docker_base = os.environ.get(DOCKER_BASE, "")
+    if "docker" in only:
+        import containers as docker_bench  # benchmarks/containers.py
+
+        if not docker_base:
+            parser.error(
+                f"--only docker needs ${DOCKER_BASE}, the parent image (nothing is pulled): "
+                f"export {DOCKER_BASE}=$(bash scripts/docker.sh) "
+                "PLAIT_TEST_REGISTRY=$(bash scripts/registry.sh)"
+            )
+        if why := docker_bench.docker_available():
+            parser.error(f"--only docker needs a Docker daemon: {why}")
 
     print(
         f"plait benchmarks: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-        f"best of {opts.repeat}",
+        f"best of {opts.repeat}" + (" (docker: median)" if "docker" in only else ""),
         flush=True,
     )
     sqlite_ms = baseline_sqlite()
@@ -570,6 +602,16 @@ def main() -> int:
                 f"{'':9} the last of the {r['runs']} runs was created after "
                 f"{r['created_s']:.2f} s; wall s of each try: {walls}"
             )
+    if "docker" in only:
+        registry = os.environ.get("PLAIT_TEST_REGISTRY", "")
+        figures["docker"] = docker_bench.bench_docker(opts.repeat, docker_base, registry)
+        ok &= docker_bench.report(figures["docker"])
+    elif not opts.only:
+        print(
+            f"\n(docker: not run, it needs Docker and a base image: export {DOCKER_BASE}=$(bash "
+            "scripts/docker.sh) PLAIT_TEST_REGISTRY=$(bash scripts/registry.sh), then "
+            "benchmarks/run.py --only docker, or the default run includes it)"
+        )
     if ("daemon" in only or "load" in only) and not pg_url:
         print(
             "(no PostgreSQL: pass --postgres URL or set PLAIT_TEST_POSTGRES_URL, e.g. "

@@ -329,11 +329,14 @@ class DockerImageBuilder:
         material: Mapping[str, Any],
         registry: str = "",
         log: Log,
+        pushed: bool = False,
     ) -> BuiltImage:
         """The image of ``key``: found locally, pulled from ``registry``, or built (then pushed
         to ``registry``). ``material`` is what :meth:`material` returned for ``env``, ``key``
         its :func:`~plait.engine.builds._key.material_key`. Progress goes to ``log``, a line at
-        a time (build steps as ``step N/M: ...``).
+        a time (build steps as ``step N/M: ...``). ``pushed``: the caller's records say the
+        image is in ``registry`` already, so a local image is used without asking the
+        registry again.
 
         Raises:
             BuildError: the registry cannot be reached or refuses; the build or a push fails;
@@ -355,8 +358,10 @@ class DockerImageBuilder:
                     raise BuildError(f"the build of {reference} left no image")
             pushed_to = ""
             if registry:
-                if source != "pulled" and (
-                    source == "built" or not await self._registry_has(registry, key, log)
+                if source == "built" or (
+                    source == "local"
+                    and not pushed
+                    and not await self._registry_has(registry, key, log)
                 ):
                     await self._push(reference, log)
                 pushed_to = reference

@@ -130,9 +130,16 @@ class Builds:
 
         key = material_key(material)
 
-        async def make() -> dict[str, Any]:
+        async def make(ready: BuildRecord | None) -> dict[str, Any]:
+            # recorded as pushed to this registry: a local image needs no registry round trip
+            pushed = ready is not None and bool(config.registry)
             built = await builder.ensure(
-                env, key=key, material=material, registry=config.registry, log=log_line
+                env,
+                key=key,
+                material=material,
+                registry=config.registry,
+                log=log_line,
+                pushed=pushed and ready is not None and ready.pushed_to == _ref(key, config),
             )
             return {
                 "reference": built.reference,
@@ -158,7 +165,7 @@ class Builds:
         key = digest_json(material)
         builder = self._venv_builder()
 
-        async def make() -> dict[str, Any]:
+        async def make(ready: BuildRecord | None) -> dict[str, Any]:
             built = await builder.ensure(env, key=key, log=log_line)
             return {
                 "reference": built.reference,
@@ -180,7 +187,7 @@ class Builds:
         env: ir_pb2.Environment,
         material: dict[str, Any],
         run_id: str,
-        make: Callable[[], Any],
+        make: Callable[[BuildRecord | None], Any],
         log_line: Callable[[str], None],
     ) -> dict[str, Any]:
         """Claims ``key``, waits while another holder builds it, and makes it (``make``: the
@@ -197,7 +204,7 @@ class Builds:
         )
         said = False
         while True:
-            state, _ = await self._store.write(lambda conn: claim(conn, now=time.time()))
+            state, ready = await self._store.write(lambda conn: claim(conn, now=time.time()))
             if state != "wait":
                 break
             if not said:
@@ -211,11 +218,11 @@ class Builds:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._renew, key)
                     try:
-                        done: dict[str, Any] = await make()
+                        done: dict[str, Any] = await make(None)
                     finally:
                         tg.cancel_scope.cancel()
             else:
-                done = await make()
+                done = await make(ready)
         except Exception as exc:
             message = str(exc) if isinstance(exc, PlaitError) else f"{type(exc).__name__}: {exc}"
             if state == "mine":
@@ -262,6 +269,12 @@ class Builds:
         for builder in self._images.values():
             await builder.aclose()
         self._images.clear()
+
+
+def _ref(key: str, config: StackBuildConfig) -> str:
+    from plait.engine.builds._docker import image_reference
+
+    return image_reference(key, config.registry)
 
 
 _SOURCES = {
