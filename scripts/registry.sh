@@ -8,7 +8,11 @@
 set -euo pipefail
 addr=${PLAIT_REGISTRY_ADDR:-127.0.0.1:5077}
 dir=${PLAIT_REGISTRY_DIR:-/var/cache/plait-registry}
-answers() { curl -fsS -o /dev/null --max-time 2 "http://$addr/v2/" 2>/dev/null; }
+# python3, not curl: a fresh machine of ours has the one, not always the other
+answers() {
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2).close()' \
+    "http://$addr/v2/" 2>/dev/null
+}
 if answers; then echo "$addr"; exit 0; fi
 
 if ! command -v docker-registry >/dev/null; then
