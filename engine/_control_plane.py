@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import grpc
@@ -28,8 +28,6 @@ from plait.engine._pools import TaskPools
 from plait.engine._runners import LazyRunner, attempts_of_runner, docker_available, docker_runner
 from plait.engine._validate import validate_pipeline
 from plait.engine.api._convert import task_to_proto, token_from_proto, token_to_proto
-from plait.engine.builds._errors import BuildError
-from plait.engine.builds._service import Builds, stack_build_config
 from plait.engine.scheduler import (
     CancelRun,
     Command,
@@ -77,6 +75,9 @@ from plait.ir.builds import needs_build
 from plait.ir.canonical import message_digest
 from plait.ir.v1 import ir_pb2
 from plait.runners import LocalRunner, Runner, RunnerContext
+
+if TYPE_CHECKING:
+    from plait.engine.builds._service import Builds
 
 log = logging.getLogger("plait.engine")
 
@@ -244,8 +245,7 @@ class ControlPlane:
         self.owner_secret = secrets.token_urlsafe(32)
         self.replica_id = _replica_id(config)
         """This control plane's row in the replicas table (see store/_replicas.py)."""
-        self.builds = Builds(self.store, config.home, self.replica_id)
-        """Images and virtualenvs for the steps that need one (engine/builds/)."""
+        self._builds: Builds | None = None
         self._tg: TaskGroup | None = None
         """The serving task group: builds run in it, apart from the scheduler loop."""
         self._renewed = 0.0
@@ -383,6 +383,16 @@ class ControlPlane:
             if active and owner != self.replica_id:
                 return bool(await self.store.write(request_cancel, run_id, time.time()))
         return bool(await self.ask(CancelRun(run_id)))
+
+    @property
+    def builds(self) -> Builds:
+        """Images and virtualenvs for the steps that need one (engine/builds/), made on first
+        use: a control plane that builds nothing loads none of it."""
+        if self._builds is None:
+            from plait.engine.builds._service import Builds
+
+            self._builds = Builds(self.store, self.config.home, self.replica_id)
+        return self._builds
 
     def report_lost(self, token: tasks.LeaseToken, reason: str) -> None:
         self.pools.discard(token)  # a process that never claimed its task
@@ -753,6 +763,8 @@ class ControlPlane:
         lines = _BuildLog(self, order.token)
         options = None
         try:
+            from plait.engine.builds._service import stack_build_config
+
             config = await self.store.read(stack_build_config, order.token.run_id)
             if order.runner == "docker":
                 task.image = await self.builds.image(
@@ -763,7 +775,7 @@ class ControlPlane:
                 task.python = await self.builds.venv(
                     env, run_id=order.token.run_id, log_line=lines.add
                 )
-        except BuildError as exc:
+        except PlaitError as exc:  # a BuildError: a build that cannot be made, said why
             lines.flush()
             self.submit(Failed(order.token, StepError("plait.BuildError", str(exc))))
             return
@@ -926,7 +938,8 @@ class ControlPlane:
                     except Exception:
                         log.exception("could not cancel the active runs at shutdown")
                 await server.stop(grace=0.5)
-                await self.builds.aclose()
+                if self._builds is not None:
+                    await self._builds.aclose()
                 if not self.lost_replica:
                     try:  # another replica may take its unfinished runs over at once
                         await self.store.write(remove_replica, self.replica_id)

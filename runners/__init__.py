@@ -5,9 +5,13 @@ plane's TaskService, wherever it runs. Importing this package never imports aiod
 Docker runner loads it when it starts (``pip install 'plait[docker]'``).
 """
 
-from plait.runners._docker import ContainerOptions, DockerRunner
+from typing import TYPE_CHECKING, Any
+
 from plait.runners._local import LocalRunner
 from plait.runners._protocol import Runner, RunnerContext, WorkerPool
+
+if TYPE_CHECKING:
+    from plait.runners._docker import ContainerOptions, DockerRunner
 
 __all__ = [
     "ContainerOptions",
@@ -17,3 +21,12 @@ __all__ = [
     "RunnerContext",
     "WorkerPool",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the Docker runner's module is loaded on first use: a worker process never pays for it
+    if name in ("ContainerOptions", "DockerRunner"):
+        from plait.runners import _docker
+
+        return getattr(_docker, name)
+    raise AttributeError(f"module 'plait.runners' has no attribute {name!r}")

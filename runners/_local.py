@@ -7,11 +7,8 @@ import itertools
 import math
 import os
 import signal
-import site
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import IO
@@ -62,6 +59,9 @@ def _one_shot_path() -> str:
     site-packages and what their ``.pth`` files add there), which in front of the virtualenv's
     site-packages would hide the versions it installed; its site-packages shows this
     process's after its own."""
+    import site
+    import sysconfig
+
     stdlib: set[str] = set()
     sites = {*site.getsitepackages(), site.getusersitepackages()}
     for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
@@ -250,6 +250,8 @@ class LocalRunner:
         # process's own client uses
         for name in ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_SERVER"):
             env.pop(name, None)
+        import tempfile  # only a one-shot process pays for it
+
         output = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the process is reaped)
         try:
             # started from the event loop's thread, and reaped by its Popen only, as workers

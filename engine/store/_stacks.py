@@ -8,7 +8,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from plait.engine._flavors import check_component
 from plait.engine.store import _schema as db
 from plait.errors import InUseError, NotFoundError, PipelineError
 
@@ -67,6 +66,8 @@ def register_component(conn: Connection, c: Component, now: float) -> Component:
     (:func:`plait.engine._flavors.check_component`); components stored before that rule are
     read as they are.
     """
+    from plait.engine._flavors import check_component  # only registration pays for it
+
     check_component(c.name, c.kind, c.flavor, c.config)
     row = {"kind": c.kind, "flavor": c.flavor, "config": c.config}
     existing = conn.execute(
