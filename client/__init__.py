@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time each name is imported o
     from plait._client import Client
     from plait._context import StepContext, get_step_context, log_metadata
     from plait._environment import Environment, Resources
+    from plait._file import File
     from plait._materializers import Materializer, register_materializer
     from plait._models import ArtifactInfo, Run, RunEvent, RunStatus, StepError, StepRun, StepStatus
     from plait._models import StepStatus as Status
@@ -49,6 +50,7 @@ _LAZY = {
     "log_metadata": "plait._context",
     "Environment": "plait._environment",
     "Resources": "plait._environment",
+    "File": "plait._file",
     "Materializer": "plait._materializers",
     "register_materializer": "plait._materializers",
     "ArtifactInfo": "plait._models",
@@ -108,6 +110,7 @@ __all__ = [
     "ArtifactNotFoundError",
     "Client",
     "Environment",
+    "File",
     "Materializer",
     "NotInStepError",
     "ParameterError",

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from plait import errors
-from plait._settings import saved_token
+from plait._settings import normalize_server, parse_server, saved_token
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """The largest message a client sends or accepts (the control plane's limit too)."""
@@ -36,7 +36,9 @@ class ChannelConfig:
     ``PLAIT_TOKEN``, ``PLAIT_TLS_CA``, ``PLAIT_TLS_CERT`` and ``PLAIT_TLS_KEY``."""
 
     address: str
-    """host:port, or several comma-separated: the replicas of one control plane."""
+    """Where the control plane is, in one of the forms of :data:`plait._settings.SERVER_FORMS`
+    (``host:port``, ``host``, ``grpc://host[:port]``, ``grpcs://host[:port]``), or several
+    comma-separated: the replicas of one control plane."""
     token: str = ""
     """Bearer token sent with every call; empty sends none."""
     tls_ca: str = ""
@@ -50,9 +52,15 @@ class ChannelConfig:
     def from_env(
         cls, address: str, *, token: str | None = None, tls_ca: str | None = None
     ) -> ChannelConfig:
-        """The token is ``token``, else ``$PLAIT_TOKEN``, else one saved for ``address``
+        """The address normalized (:func:`plait._settings.normalize_server`); the token is
+        ``token``, else ``$PLAIT_TOKEN``, else one saved for ``address``
         (:func:`plait._settings.saved_token`: ``plait login``, or the local daemon's credential
-        file)."""
+        file).
+
+        Raises:
+            PlaitError: ``address`` is not a server address (the message lists the forms).
+        """
+        address = normalize_server(address)
         if token is None:
             token = os.environ.get("PLAIT_TOKEN") or saved_token(address)
         return cls(
@@ -68,50 +76,77 @@ class ChannelConfig:
         """The call metadata that carries the token."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
+    @property
+    def tls(self) -> bool:
+        """Whether the channel is TLS: ``grpcs://``, or ``tls_ca`` set for an address without
+        a scheme.
+
+        Raises:
+            PlaitError: the address is not one, or says ``grpc://`` (plain text) while
+                ``tls_ca`` asks for TLS.
+        """
+        scheme = parse_server(self.address)[0].tls
+        if scheme is False and self.tls_ca:
+            raise errors.PlaitError(
+                f"{self.address} says grpc:// (plain text) but PLAIT_TLS_CA asks for TLS: "
+                f"use grpcs://, or leave PLAIT_TLS_CA unset for this server"
+            )
+        return bool(scheme) or (scheme is None and bool(self.tls_ca))
+
 
 def target(address: str) -> str:
-    """The gRPC target of ``address``: ``host:port``, or several, comma-separated: the
-    replicas of one control plane (sharing one database). gRPC then talks to the first that
-    answers and, when it goes away, to the next (its ``pick_first`` policy), so a client
-    reconnects to another replica by itself. Several addresses are resolved here, once."""
-    if "," not in address:
-        return address
+    """The gRPC target of ``address`` (see :data:`plait._settings.SERVER_FORMS`): ``host:port``
+    for one server; for several, comma-separated, the replicas of one control plane (sharing
+    one database), resolved here once into one list. gRPC then talks to the first that answers
+    and, when it goes away, to the next (its ``pick_first`` policy), so a client reconnects to
+    another replica by itself.
+
+    Raises:
+        PlaitError: ``address`` is not a server address, or a replica cannot be resolved.
+    """
+    servers = parse_server(address)
+    if len(servers) == 1:
+        return servers[0].host_port
     v4: list[str] = []
     v6: list[str] = []
-    items = [item.strip() for item in address.split(",")]
-    for item in items:
-        host, sep, port = item.rpartition(":")
-        if not sep or not port.isdigit():
-            raise errors.PlaitError(f"not a host:port in the server list {address!r}: {item!r}")
+    for server in servers:
         try:
-            found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            found = socket.getaddrinfo(
+                server.host.strip("[]"), server.port, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
-            raise errors.PlaitError(f"cannot resolve {item!r}: {exc}") from None
+            raise errors.PlaitError(f"cannot resolve {server.host_port!r}: {exc}") from None
         ips = [(f, a[0], a[1]) for f, *_, a in found if isinstance(a[0], str)]
         v4 += [f"{ip}:{p}" for f, ip, p in ips if f == socket.AF_INET][:1]
         v6 += [f"[{ip}]:{p}" for f, ip, p in ips if f == socket.AF_INET6][:1]
     # one address family per target (gRPC's ipv4: and ipv6: schemes)
-    if len(v4) == len(items):
+    if len(v4) == len(servers):
         return "ipv4:" + ",".join(v4)
-    if len(v6) == len(items):
+    if len(v6) == len(servers):
         return "ipv6:" + ",".join(v6)
     raise errors.PlaitError(f"the servers {address!r} do not share an address family")
 
 
 def open_channel(config: ChannelConfig) -> Any:
     """A ``grpc.Channel`` to the control plane (to one of its replicas, see :func:`target`):
-    TLS when ``config.tls_ca`` is set."""
-    if not config.tls_ca:
-        return grpc.insecure_channel(target(config.address), options=_OPTIONS)
+    TLS for ``grpcs://`` or when ``config.tls_ca`` is set (``grpcs://`` without a CA bundle
+    trusts the system's roots).
+
+    Raises:
+        PlaitError: the address is not a server address, or the TLS files cannot be read.
+    """
+    where = target(config.address)
+    if not config.tls:
+        return grpc.insecure_channel(where, options=_OPTIONS)
     try:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(config.tls_ca).read_bytes(),
+            root_certificates=Path(config.tls_ca).read_bytes() if config.tls_ca else None,
             private_key=Path(config.tls_key).read_bytes() if config.tls_key else None,
             certificate_chain=Path(config.tls_cert).read_bytes() if config.tls_cert else None,
         )
     except OSError as exc:
         raise errors.PlaitError(f"cannot read the TLS files: {exc}") from None
-    return grpc.secure_channel(target(config.address), credentials, options=_OPTIONS)
+    return grpc.secure_channel(where, credentials, options=_OPTIONS)
 
 
 def is_serving(config: ChannelConfig, timeout: float = 2.0) -> bool:

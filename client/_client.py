@@ -17,6 +17,8 @@ import grpc
 
 from plait import errors
 from plait._channel import ChannelConfig, open_channel
+from plait._explain import CacheExplanation
+from plait._file import files_to_json
 from plait._models import (
     ArtifactInfo,
     BuildInfo,
@@ -247,9 +249,16 @@ class Client:
 
     # ---- pipelines and runs ----
 
-    def register(self, pipeline: Pipeline[Any]) -> str:
-        """Registers a pipeline's current version; returns its resource name."""
-        compiled = pipeline.compile()
+    def register(self, pipeline: Pipeline[Any], parameters: Mapping[str, Any] | None = None) -> str:
+        """Registers a pipeline's current version; returns its resource name.
+
+        Args:
+            pipeline: the pipeline.
+            parameters: the values of its structural parameters (those its function uses as
+                values) to compile it with; defaults for the rest (see
+                :meth:`plait.Pipeline.compile`).
+        """
+        compiled = pipeline.compile(parameters)
         resp = self._call_again(
             self._pipelines.RegisterPipeline,
             pipeline_service_pb2.RegisterPipelineRequest(spec=compiled.spec),
@@ -355,28 +364,48 @@ class Client:
         wait: bool = True,
         request_id: str | None = None,
         on_events: Callable[[list[RunEvent]], None] | None = None,
+        refresh: Sequence[str] = (),
     ) -> Run:
-        """Registers the pipeline, starts a run and (with ``wait``) follows it to its end."""
+        """Registers the pipeline, starts a run and (with ``wait``) follows it to its end.
+
+        The parameters are checked against the pipeline's annotations first (nothing starts
+        when one is wrong), and the pipeline is compiled with them (see
+        :meth:`plait.Pipeline.compile`: its structural parameters' values are part of its
+        version). A :class:`plait.File` or :class:`pathlib.Path` value (or a string, for a
+        parameter annotated with one of them) is read now: its content digest is part of the
+        cache key of the steps that take it.
+
+        Args:
+            refresh: ids of steps that run even when the cache holds their outputs (a mapped
+                step's id names all its items); their downstream runs again only where the
+                new outputs differ.
+
+        Raises:
+            ParameterError: a parameter is unknown, not JSON or does not fit its type.
+            FileNotFoundError: a file given as a parameter does not exist.
+        """
+        parameters = {
+            name: files_to_json(value, _declared(pipeline, name))
+            for name, value in parameters.items()
+        }
+        values = pipeline.check_parameters(parameters)
         if self._packer is None:
             self._packer = ThreadPoolExecutor(1, thread_name_prefix="plait-pack")
         packing = self._packer.submit(self._run_code, pipeline)  # while the pipeline registers
         try:
-            version = self.register(pipeline)
+            version = self.register(pipeline, values)
         finally:
             code, archive = packing.result()
-        params = []
-        for name, value in parameters.items():
-            try:
-                params.append(ir_pb2.NamedValue(name=name, json=canonical_json(value)))
-            except (TypeError, ValueError):
-                raise errors.ParameterError(
-                    f"parameter {name!r}: {type(value).__name__} is not JSON"
-                ) from None
+        params = [
+            ir_pb2.NamedValue(name=name, json=canonical_json(value))
+            for name, value in values.items()
+        ]
         request = run_service_pb2.CreateRunRequest(
             pipeline_version=version,
             parameters=params,
             no_cache=no_cache,
             request_id=request_id or uuid.uuid4().hex,
+            refresh=list(refresh),
         )
         if code is not None:
             request.code.CopyFrom(code.to_proto())
@@ -656,6 +685,22 @@ class Client:
             tuple(BuildInfo.from_proto(b) for b in resp.builds), resp.freed_bytes, dry_run
         )
 
+    def explain_step(self, run_id: str, step_id: str) -> CacheExplanation:
+        """Why a step of a run ran or was served from the cache: its cache key compared with
+        the nearest earlier cache entry of the same step (same pipeline, same step id),
+        component by component (code, outputs, each parameter and input, environment,
+        cache_version); for a CACHED step, the run whose outputs it reuses.
+
+        Raises:
+            RunNotFoundError: no run has this id (or a unique prefix of it).
+            NotFoundError: the run has no such step.
+        """
+        resp = self._call(
+            self._runs.ExplainStep,
+            run_service_pb2.ExplainStepRequest(name=f"runs/{run_id}", step_id=step_id),
+        )
+        return CacheExplanation.from_proto(resp)
+
     def cancel_run(self, run_id: str) -> Run:
         """Cancels a run (a no-op for one that already ended) and returns it."""
         resp = self._call(
@@ -758,3 +803,8 @@ class Client:
 
         resp = self._call(self._artifacts.UploadArtifact, requests())
         return str(resp.digest)
+
+
+def _declared(pipeline: Pipeline[Any], name: str) -> str:
+    """A pipeline parameter's declared type expression ("" for a name it does not have)."""
+    return pipeline.parameter_type(name) if name in pipeline.signature.parameters else ""

@@ -5,18 +5,28 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import json
 import math
+import operator
+import sys
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, overload
 
 from plait._archive import code_file, pipeline_root, relative_file
 from plait._environment import Environment, Resources
-from plait._step import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_JITTER, Step
+from plait._step import (
+    DEFAULT_RETRY_BACKOFF,
+    DEFAULT_RETRY_JITTER,
+    Hook,
+    Step,
+    check_hook,
+    code_digest,
+)
 from plait._types import element_type, is_compatible, strip_annotated, type_expr
-from plait.errors import PipelineDefinitionError, PipelineValidationError
+from plait.errors import ParameterError, PipelineDefinitionError, PipelineValidationError
 from plait.ir.canonical import canonical_json, message_digest
 from plait.ir.v1 import ir_pb2
 
@@ -56,6 +66,17 @@ class _Placeholder:
         _misuse(self._describe())
 
     def __iter__(self) -> Iterator[Any]:
+        # `a, b = step()`: a step declared `-> tuple[int, int]` has ONE output, a tuple
+        declared = strip_annotated(getattr(self, "annotation", None))
+        if isinstance(self, OutputRef) and tuple in (declared, typing.get_origin(declared)):
+            raise PipelineValidationError(
+                f"{self._describe()} is one value, declared {type_expr(self.annotation)}: a "
+                f"plain tuple is one output, and cannot be unpacked while the pipeline is "
+                f'traced. To unpack it, name each item with Annotated[T, "name"]: '
+                f'-> tuple[Annotated[int, "a"], Annotated[int, "b"]] declares the outputs a '
+                f"and b, and then `a, b = {self.step_id}(...)` works; or pass the tuple whole "
+                f"to the next step"
+            )
         _misuse(self._describe())
 
     def __len__(self) -> int:
@@ -142,24 +163,134 @@ class OutputRef(_Placeholder):
         return f"<step output {self.step_id}.{self.output}>"
 
 
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "<no value>"})()
+"""The value of a parameter that has none while the pipeline is traced (required, not given)."""
+
+
 class ParamRef(_Placeholder):
-    """A pipeline parameter, while a pipeline is traced."""
+    """A pipeline parameter, while a pipeline is traced.
 
-    __slots__ = ("annotation", "name", "tracer")
+    Passed to a step (alone, or in a list or dict) it is bound by name: a *run parameter*,
+    whose value the version leaves open. Used as a value in Python (``range(n)``, ``if flag:``,
+    ``n - 1``, ``f"{n}"``, ``n == 3``, ``len(items)``, ``for x in items``, ``cfg["key"]``,
+    ``name.upper()``…) it gives its call-time value and the tracer records it as *structural*:
+    the graph depends on its value, which becomes part of the version.
+    """
 
-    def __init__(self, tracer: Tracer, name: str, annotation: Any) -> None:
+    __slots__ = ("annotation", "name", "tracer", "value")
+
+    def __init__(self, tracer: Tracer, name: str, annotation: Any, value: Any = NO_VALUE) -> None:
         object.__setattr__(self, "tracer", tracer)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "annotation", annotation)
+        object.__setattr__(self, "value", value)
 
     def _describe(self) -> str:
         return f"pipeline parameter {self.name!r}"
 
+    def _use(self) -> Any:
+        """The value, recording the parameter as structural."""
+        return self.tracer.use_value(self)
+
     def __getattr__(self, name: str) -> Any:
-        _misuse(f"{self._describe()} (asked for attribute {name!r})")
+        if name.startswith("__"):  # protocols (copy, pickle, numpy…) are not asked of a value
+            raise AttributeError(name)
+        return getattr(self._use(), name)
+
+    def __bool__(self) -> bool:
+        return bool(self._use())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._use())
+
+    def __reversed__(self) -> Iterator[Any]:
+        value: Any = self._use()
+        return iter(reversed(value))
+
+    def __len__(self) -> int:
+        return len(self._use())
+
+    def __str__(self) -> str:
+        return str(self._use())
+
+    def __format__(self, spec: str) -> str:
+        return format(self._use(), spec)
+
+    def __index__(self) -> int:
+        return operator.index(self._use())
+
+    def __int__(self) -> int:
+        return int(self._use())
+
+    def __float__(self) -> float:
+        return float(self._use())
+
+    def __complex__(self) -> complex:
+        return complex(self._use())
+
+    def __round__(self, ndigits: int | None = None) -> Any:
+        return round(self._use(), ndigits)
+
+    def __trunc__(self) -> Any:
+        return math.trunc(self._use())
+
+    def __floor__(self) -> Any:
+        return math.floor(self._use())
+
+    def __ceil__(self) -> Any:
+        return math.ceil(self._use())
+
+    def __hash__(self) -> int:
+        return hash(self._use())
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._use()[_plain(key)]
+
+    def __contains__(self, item: Any) -> bool:
+        return _plain(item) in self._use()
 
     def __repr__(self) -> str:
         return f"<pipeline parameter {self.name}>"
+
+
+def _plain(value: Any) -> Any:
+    """A parameter's value (recording it as structural); anything else unchanged."""
+    return value._use() if isinstance(value, ParamRef) else value
+
+
+def _forward(fn: Callable[..., Any], reflected: bool = False) -> Callable[..., Any]:
+    def op(self: ParamRef, *other: Any) -> Any:
+        args = [_plain(o) for o in other]
+        return fn(*args, self._use()) if reflected else fn(self._use(), *args)
+
+    return op
+
+
+for _op in (
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "and",
+    "or",
+    "xor",
+    "matmul",
+    "lshift",
+    "rshift",
+):
+    _fn = getattr(operator, f"{_op}_" if _op in ("and", "or") else _op)
+    setattr(ParamRef, f"__{_op}__", _forward(_fn))
+    setattr(ParamRef, f"__r{_op}__", _forward(_fn, reflected=True))
+for _name, _fn, _reflected in (
+    ("divmod", divmod, False),
+    ("rdivmod", divmod, True),
+    *((op, getattr(operator, op), False) for op in ("lt", "le", "gt", "ge", "eq", "ne")),
+    *((op, getattr(operator, op), False) for op in ("neg", "pos", "abs", "invert")),
+):
+    setattr(ParamRef, f"__{_name}__", _forward(_fn, _reflected))
 
 
 class StepOutputs(tuple[OutputRef, ...]):
@@ -209,7 +340,25 @@ class Tracer:
     def __init__(self, pipeline: str) -> None:
         self.pipeline = pipeline
         self.invocations: dict[str, Invocation] = {}
+        self.structural: dict[str, str] = {}
+        """The parameters the function used as values, with those values (canonical JSON)."""
         self._counts: dict[str, int] = {}
+
+    def use_value(self, ref: ParamRef) -> Any:
+        """The value of a parameter the function uses in Python, which makes it structural."""
+        if ref.tracer is not self:
+            raise PipelineValidationError(f"{ref!r} belongs to another pipeline")
+        if ref.value is NO_VALUE:
+            raise ParameterError(
+                f"pipeline {self.pipeline!r} uses parameter {ref.name!r} as a value (in Python "
+                f"control flow, arithmetic, formatting or iteration), so its value shapes the "
+                f"graph and is needed to compile it; give one (call the pipeline with "
+                f"{ref.name}=..., or `-p {ref.name}=VALUE` on the command line), or pass "
+                f"{ref.name!r} only to steps"
+            )
+        if ref.name not in self.structural:
+            self.structural[ref.name] = canonical_json(ref.value)
+        return ref.value
 
     def _new_id(self, step: Step[..., Any], explicit: str | None) -> str:
         if explicit is not None:
@@ -370,6 +519,14 @@ class CompiledPipeline:
     """sha256 of the canonical IR."""
     graph: nx.DiGraph
     """Steps as nodes (attribute ``spec``), bindings as edges (attribute ``inputs``)."""
+    structural: Mapping[str, str] = field(default_factory=dict)
+    """The structural parameters (used as values by the pipeline function while it was
+    traced) and the values this version was compiled with, as canonical JSON. The same values
+    are in the IR (``ParameterSpec.structural_value``)."""
+
+
+_KEPT_COMPILATIONS = 16
+"""How many compilations (one per set of structural values) a pipeline keeps."""
 
 
 class Pipeline(Generic[P]):
@@ -384,6 +541,8 @@ class Pipeline(Generic[P]):
         max_concurrency: int | None = None,
         fail_fast: bool = False,
         environment: Environment | None = None,
+        on_success: Hook | None = None,
+        on_failure: Hook | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.fn = fn
@@ -410,6 +569,12 @@ class Pipeline(Generic[P]):
         """The most steps of one run queued or running at once; None: no limit."""
         self.fail_fast = fail_fast
         """Whether a run cancels its other steps at the first step that fails for good."""
+        check_hook("on_success", on_success)
+        check_hook("on_failure", on_failure)
+        self.on_success = on_success
+        """The ``on_success`` hook of the steps that name none."""
+        self.on_failure = on_failure
+        """The ``on_failure`` hook of the steps that name none."""
         self.signature = inspect.signature(fn)
         self.hints = typing.get_type_hints(fn, include_extras=True)
         for p in self.signature.parameters.values():
@@ -417,13 +582,13 @@ class Pipeline(Generic[P]):
                 raise PipelineDefinitionError(
                     f"pipeline {self.name!r}: parameter {p.name!r} must be a named parameter"
                 )
-        self._compiled: CompiledPipeline | None = None
+        self._compiled: list[CompiledPipeline] = []  # the newest last
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Run:
         return self.run(self.bind(*args, **kwargs))
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Parameter values by name from a call's arguments (defaults are left to the engine)."""
+        """Parameter values by name from a call's arguments (defaults are applied later)."""
         try:
             return dict(self.signature.bind_partial(*args, **kwargs).arguments)
         except TypeError as exc:
@@ -436,25 +601,125 @@ class Pipeline(Generic[P]):
         no_cache: bool = False,
         client: Client | None = None,
         wait: bool = True,
+        refresh: Sequence[str] = (),
     ) -> Run:
         """Runs the pipeline and, with ``wait``, blocks until the run ends.
 
         Args:
-            parameters: parameter values by name; missing ones take their defaults.
+            parameters: parameter values by name; missing ones take their defaults. They are
+                checked against the annotations (``1`` for a ``float`` is ``1.0``) before
+                anything runs; the structural ones choose the version (:meth:`compile`).
             no_cache: run every step, ignoring the cache.
             client: the client to use; :func:`plait.Client.default` when None.
             wait: wait for the run to end (True) or return as soon as it is accepted.
+            refresh: step ids to run even when cached (``leaf`` also names ``leaf[i]``); what
+                they feed runs again only when their new outputs differ (docs/cache.md).
         """
         from plait._client import Client
 
         client = client or Client.default()
-        return client.run_pipeline(self, dict(parameters or {}), no_cache=no_cache, wait=wait)
+        return client.run_pipeline(
+            self, dict(parameters or {}), no_cache=no_cache, wait=wait, refresh=refresh
+        )
 
-    def compile(self) -> CompiledPipeline:
-        """Traces the pipeline function and compiles it (once; the result is kept)."""
-        if self._compiled is None:
-            self._compiled = compile_pipeline(self)
-        return self._compiled
+    def compile(self, parameters: Mapping[str, Any] | None = None) -> CompiledPipeline:
+        """Traces the pipeline function with these parameter values and compiles it.
+
+        A parameter the function uses as a value (``range(n)``, ``if flag:``, ``n - 1``,
+        ``f"{n}"``…) is structural: the graph is compiled for its value, given here or its
+        default, and the value is part of the version. A parameter only passed to steps is a
+        run parameter: its value does not matter here. The result is kept, and reused by a
+        later call whose structural values are the same.
+
+        Args:
+            parameters: parameter values by name (missing ones take their defaults); checked
+                against the annotations as :meth:`check_parameters` does.
+
+        Raises:
+            ParameterError: a value does not fit its parameter's type, or a structural
+                parameter has neither a value nor a default.
+        """
+        values = self.trace_values(self.check_parameters(parameters or {}))
+        for compiled in reversed(self._compiled):
+            if all(
+                name in values and canonical_json(values[name]) == value
+                for name, value in compiled.structural.items()
+            ):
+                return compiled
+        compiled = compile_pipeline(self, values)
+        self._compiled = [*self._compiled[-_KEPT_COMPILATIONS + 1 :], compiled]
+        return compiled
+
+    def parameter_type(self, name: str) -> str:
+        """The type expression of parameter ``name``, as the IR declares it."""
+        param = self.signature.parameters[name]
+        return type_expr(self.hints.get(name, param.annotation))
+
+    def check_parameters(self, parameters: Mapping[str, Any]) -> dict[str, Any]:
+        """Parameter values checked against the annotations and converted as a run takes them.
+
+        The rules are the engine's (:func:`plait.engine._ir.coerce_parameter`): an ``int``
+        takes an integer, not ``"3"`` or ``3.5``; a ``float`` takes any number and makes it a
+        float (``1`` is ``1.0``: one version, one cache key); ``list[...]`` and
+        ``dict[...]`` check their items; values must be JSON.
+
+        Raises:
+            ParameterError: an unknown parameter, a value that is not JSON, or one that does
+                not fit its type (the message names the parameter, the type and the value).
+        """
+        from plait.engine._ir import coerce_parameter
+
+        out: dict[str, Any] = {}
+        for name, value in parameters.items():
+            if name not in self.signature.parameters:
+                raise ParameterError(
+                    f"pipeline {self.name!r} has no parameter {name!r}; its parameters are: "
+                    f"{', '.join(self.signature.parameters) or 'none'}"
+                )
+            try:
+                value = json.loads(canonical_json(value))
+            except (TypeError, ValueError):
+                raise ParameterError(
+                    f"parameter {name!r}: {type(value).__name__} value {value!r:.60} is not JSON"
+                ) from None
+            out[name] = coerce_parameter(name, self.parameter_type(name), value)
+        return out
+
+    def trace_values(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The value each parameter has while the function is traced: the given one (checked),
+        else its default (as a run gets it); a required parameter not given has none."""
+        out = dict(given)
+        for name in self.signature.parameters:
+            if name not in out:
+                default = self.default_json(name)
+                if default is not None:
+                    out[name] = json.loads(default)
+        return out
+
+    def default_json(self, name: str) -> str | None:
+        """Parameter ``name``'s default as canonical JSON, converted to its type as a given
+        value is (a ``float`` default ``1`` is ``1.0``); None when it has none.
+
+        Raises:
+            PipelineDefinitionError: the default is not finite.
+            PipelineValidationError: the default is not a JSON value.
+        """
+        from plait.engine._ir import coerce_parameter
+
+        default = self.signature.parameters[name].default
+        if default is inspect.Parameter.empty:
+            return None
+        if isinstance(default, float) and not math.isfinite(default):
+            raise PipelineDefinitionError(
+                f"pipeline {self.name!r}: default of {name!r} is not finite"
+            )
+        text = _literal_json(f"pipeline {self.name!r}, parameter {name!r} default", default)
+        try:
+            return canonical_json(
+                coerce_parameter(name, self.parameter_type(name), json.loads(text))
+            )
+        except ParameterError:  # ``x: int = None``: Python allows it, a run takes it as it is
+            return text
 
     def __repr__(self) -> str:
         return f"<plait.pipeline {self.name}>"
@@ -472,6 +737,8 @@ def pipeline(
     max_concurrency: int | None = None,
     fail_fast: bool = False,
     environment: Environment | None = None,
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
 ) -> Callable[[Callable[P, Any]], Pipeline[P]]: ...
 
 
@@ -484,11 +751,17 @@ def pipeline(
     max_concurrency: int | None = None,
     fail_fast: bool = False,
     environment: Environment | None = None,
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
 ) -> Pipeline[P] | Callable[[Callable[P, Any]], Pipeline[P]]:
     """Declares a pipeline: a function that calls steps. Calling it runs it and returns a Run.
 
-    The function's parameters are the pipeline's parameters: inside the function they are
-    placeholders that can only be passed to steps. Defaults must be JSON values.
+    The function's parameters are the pipeline's parameters; their values and defaults must
+    be JSON and are checked against their annotations before anything runs. A parameter only
+    passed to steps is a *run parameter*: one version of the pipeline for all its values. A
+    parameter the function uses as a value (``range(n)``, ``if flag:``, ``n - 1``,
+    ``f"{n}"``, ``len(items)``) has its call-time value there and is *structural*: the graph
+    depends on it, so its value is part of the version (see ``docs/parameters.md``).
 
     Args:
         name: the pipeline's name; the function's name by default.
@@ -503,6 +776,10 @@ def pipeline(
             only the failed step's downstream is skipped.
         environment: the :class:`plait.Environment` of every step that names none itself (a
             step's own environment wins; the two are not merged).
+        on_success: the ``on_success`` hook (see :func:`plait.step`) of every step that
+            names none itself; a step's own wins.
+        on_failure: the ``on_failure`` hook of every step that names none itself; a step's
+            own wins. See ``docs/hooks.md``.
     """
 
     def wrap(f: Callable[P, Any]) -> Pipeline[P]:
@@ -513,16 +790,26 @@ def pipeline(
             max_concurrency=max_concurrency,
             fail_fast=fail_fast,
             environment=environment,
+            on_success=on_success,
+            on_failure=on_failure,
         )
 
     return wrap(fn) if fn is not None else wrap
 
 
-def trace(pipe: Pipeline[Any]) -> Tracer:
-    """Runs the pipeline function with placeholders and records its step invocations."""
+def trace(pipe: Pipeline[Any], values: Mapping[str, Any] | None = None) -> Tracer:
+    """Runs the pipeline function with placeholders and records its step invocations.
+
+    ``values`` are the parameters' values (:meth:`Pipeline.trace_values`): a parameter the
+    function uses as a value gets its own and is recorded as structural
+    (:attr:`Tracer.structural`).
+    """
     tracer = Tracer(pipe.name)
+    values = {} if values is None else values
     params = {
-        name: ParamRef(tracer, name, pipe.hints.get(name, inspect.Parameter.empty))
+        name: ParamRef(
+            tracer, name, pipe.hints.get(name, inspect.Parameter.empty), values.get(name, NO_VALUE)
+        )
         for name in pipe.signature.parameters
     }
     token = _tracer.set(tracer)
@@ -567,11 +854,51 @@ def _code_ref(step: Step[..., Any], root: Path | None) -> ir_pb2.CodeRef:
     )
 
 
+def _hook_ref(step: Step[..., Any], what: str, hook: Hook, root: Path | None) -> ir_pb2.CodeRef:
+    """A hook's code reference, found by a worker as a step's code is (module and qualname,
+    the file relative to the source root for a script)."""
+    check_hook(what, hook)
+    module, qualname = hook.__module__, hook.__qualname__
+    where = f"step {step.name!r}: {what} hook {module}.{qualname}"
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not hook:
+        raise PipelineDefinitionError(
+            f"{where} cannot be found under that name in its module (was it replaced, or made "
+            f"by a factory?); define the hook as a function at module level"
+        )
+    file = code_file(hook)
+    if module == "__main__" and file is None:
+        raise PipelineDefinitionError(
+            f"{where} is defined in an interactive session; define it in a module or a script "
+            f"file so that worker processes can import it"
+        )
+    rel = relative_file(file, root) if file is not None and root is not None else ""
+    if module == "__main__" and not rel:
+        raise PipelineDefinitionError(
+            f"{where} is defined in the script {file}, outside the pipeline's source root "
+            f"{root}, so workers cannot load it; define it beside the pipeline"
+        )
+    return ir_pb2.CodeRef(
+        module=module,
+        qualname=qualname,
+        file=rel,
+        code_digest=code_digest(hook),
+        is_async=inspect.iscoroutinefunction(hook),
+    )
+
+
 def _settings(
-    step: Step[..., Any], pool: str = "", environment: Environment | None = None
+    step: Step[..., Any],
+    pool: str = "",
+    environment: Environment | None = None,
+    hooks: Mapping[str, Hook | None] | None = None,
+    root: Path | None = None,
 ) -> ir_pb2.StepSettings:
-    """A step's IR settings; ``pool`` and ``environment`` are its pipeline's, for a step that
-    names none."""
+    """A step's IR settings; ``pool``, ``environment`` and ``hooks`` (by name: on_success,
+    on_failure) are its pipeline's, for a step that names none; ``root`` is the pipeline's
+    source root, which a hook defined in a script is found under."""
     s = step.settings
     out = ir_pb2.StepSettings(
         cache_version=s.cache_version, retries=s.retries, runner=s.runner, pool=s.pool or pool
@@ -597,39 +924,54 @@ def _settings(
         out.retry_jitter = float(s.retry_jitter)
     out.retry_on.extend(s.retry_on)
     out.no_retry_on.extend(s.no_retry_on)
+    # no hook, no field: a pipeline without hooks keeps its version
+    own = {"on_success": s.on_success, "on_failure": s.on_failure}
+    for what, hook in own.items():
+        hook = hook or (hooks or {}).get(what)
+        if hook is not None:
+            getattr(out, what).CopyFrom(_hook_ref(step, what, hook, root))
     return out
 
 
-def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
-    """Traces ``pipe`` into a networkx graph, validates it and compiles it into the IR."""
+def compile_pipeline(
+    pipe: Pipeline[Any], values: Mapping[str, Any] | None = None
+) -> CompiledPipeline:
+    """Traces ``pipe`` into a networkx graph, validates it and compiles it into the IR.
+
+    ``values`` are the parameters' values while it is traced (:meth:`Pipeline.trace_values`;
+    by default the defaults): those of the structural parameters go into the IR.
+    """
     import networkx as nx
 
-    tracer = trace(pipe)
+    if values is None:
+        values = pipe.trace_values({})
+    tracer = trace(pipe, values)
     root = pipeline_root(pipe.fn)
     spec = ir_pb2.PipelineSpec(
         name=pipe.name, description=inspect.getdoc(pipe.fn) or "", fail_fast=pipe.fail_fast
     )
     if pipe.max_concurrency is not None:
         spec.max_concurrency = pipe.max_concurrency
-    for name, param in pipe.signature.parameters.items():
-        ps = spec.parameters.add(
-            name=name, type=ir_pb2.TypeSpec(expr=type_expr(pipe.hints.get(name, param.annotation)))
-        )
-        if param.default is not inspect.Parameter.empty:
-            if isinstance(param.default, float) and not math.isfinite(param.default):
-                raise PipelineDefinitionError(
-                    f"pipeline {pipe.name!r}: default of {name!r} is not finite"
-                )
-            ps.default_value.json = _literal_json(
-                f"pipeline {pipe.name!r}, parameter {name!r} default", param.default
-            )
+    for name in pipe.signature.parameters:
+        ps = spec.parameters.add(name=name, type=ir_pb2.TypeSpec(expr=pipe.parameter_type(name)))
+        default = pipe.default_json(name)
+        if default is not None:
+            ps.default_value.json = default
+        if name in tracer.structural:
+            ps.structural_value.json = tracer.structural[name]
     graph = nx.DiGraph()
     for inv in tracer.invocations.values():
         step_spec = spec.steps.add(
             id=inv.id,
             name=inv.step.name,
             code=_code_ref(inv.step, root),
-            settings=_settings(inv.step, pipe.pool, pipe.environment),
+            settings=_settings(
+                inv.step,
+                pipe.pool,
+                pipe.environment,
+                {"on_success": pipe.on_success, "on_failure": pipe.on_failure},
+                root,
+            ),
         )
         for name, binding in inv.bindings.items():
             step_spec.inputs.add(
@@ -648,4 +990,6 @@ def compile_pipeline(pipe: Pipeline[Any]) -> CompiledPipeline:
             graph.add_edge(up, inv.id)
     if not nx.is_directed_acyclic_graph(graph):  # cannot happen through tracing; keep it honest
         raise PipelineValidationError(f"pipeline {pipe.name!r} has a cycle")
-    return CompiledPipeline(spec=spec, version=message_digest(spec), graph=graph)
+    return CompiledPipeline(
+        spec=spec, version=message_digest(spec), graph=graph, structural=dict(tracer.structural)
+    )

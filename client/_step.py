@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
 
 from plait._environment import Environment, Resources
-from plait._types import type_expr
+from plait._types import strip_annotated, type_expr
 from plait.errors import PipelineDefinitionError
 
 P = ParamSpec("P")
@@ -50,6 +50,51 @@ def _type_names(what: str, types: Any) -> tuple[str, ...]:
                 f'("mypkg.errors.Flaky")'
             )
     return tuple(names)
+
+
+Hook = Callable[..., Any]
+"""A hook: a module-level function, ``on_success(context)`` or ``on_failure(context, error)``."""
+
+_HOOK_ARGS = {"on_success": ("context",), "on_failure": ("context", "error")}
+
+
+def check_hook(what: str, hook: Any) -> None:
+    """Refuses a hook that a worker could not import by module and qualified name, or whose
+    signature does not take the arguments it is called with.
+
+    Args:
+        what: ``"on_success"`` or ``"on_failure"``, to name it in the error (and to know its
+            arguments).
+        hook: the hook, or None.
+
+    Raises:
+        PipelineDefinitionError: naming the hook and what to do.
+    """
+    if hook is None:
+        return
+    args = _HOOK_ARGS[what]
+    qualname = getattr(hook, "__qualname__", None)
+    module = getattr(hook, "__module__", None)
+    if isinstance(hook, Step) or not callable(hook) or not isinstance(qualname, str) or not module:
+        raise PipelineDefinitionError(
+            f"{what}: {hook!r} is not a function; a hook is a module-level function "
+            f"taking ({', '.join(args)})"
+        )
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        raise PipelineDefinitionError(
+            f"{what}: {module}.{qualname} is a lambda or is defined inside a function; define "
+            f"the hook as a function at module level (def {what}_hook({', '.join(args)}): ...) "
+            f"so that worker processes can import it"
+        )
+    try:
+        inspect.signature(hook).bind(*args)
+    except TypeError:
+        raise PipelineDefinitionError(
+            f"{what}: {module}.{qualname} is called as {qualname}({', '.join(args)}); its "
+            f"signature {inspect.signature(hook)} does not take that"
+        ) from None
+    except ValueError:  # no signature to check (a builtin): the call will tell
+        pass
 
 
 def _check_retry_policy(s: StepSettings) -> None:
@@ -103,8 +148,17 @@ class StepSettings:
     ``plait worker --pool``); empty means the pipeline's pool, else the runner's own workers."""
     materializer: str | Mapping[str, str] = ""
     """A materializer name for every output, or one per output name ("pickle" is an opt-in)."""
+    on_success: Hook | None = None
+    """Called by the worker as ``on_success(context)`` after an attempt's outputs are stored;
+    None: the pipeline's. A module-level function; not in the cache key."""
+    on_failure: Hook | None = None
+    """Called by the worker as ``on_failure(context, error)`` after the step's code raised,
+    before the failure is reported; None: the pipeline's. A module-level function; not in the
+    cache key."""
 
     def __post_init__(self) -> None:
+        check_hook("on_success", self.on_success)
+        check_hook("on_failure", self.on_failure)
         object.__setattr__(self, "retry_on", _type_names("retry_on", self.retry_on))
         object.__setattr__(self, "no_retry_on", _type_names("no_retry_on", self.no_retry_on))
         if self.resources is not None:
@@ -186,8 +240,45 @@ class Step(Generic[P, R]):
         tracer = current_tracer()
         if tracer is None:
             return self.fn(*args, **kwargs)
+        self.check_outputs_storable()
         result: R = tracer.invoke(self, args, dict(kwargs))
         return result
+
+    def check_outputs_storable(self) -> None:
+        """Refuses, while a pipeline is traced (before any step runs), an output whose declared
+        type no materializer stores.
+
+        An output with a ``materializer=`` of its own is not checked (the named one is asked
+        when the step returns). Materializers registered by then count (see
+        :func:`plait._materializers.type_problem` for what is refused and what passes).
+
+        Raises:
+            PipelineDefinitionError: naming the step, the output, the type and what to do.
+        """
+        from plait._materializers import type_problem
+
+        for out in self.outputs:
+            if self.settings.materializer_for(out.name):
+                continue
+            problem = type_problem(out.annotation)
+            if problem is None:
+                continue
+            declared = type_expr(out.annotation)
+            where = "" if problem == declared else f" (it holds {problem})"
+            hint = ""
+            if get_origin(strip_annotated(out.annotation)) is tuple:
+                hint = (
+                    " To return several outputs (an array and a number, say), name each item: "
+                    '-> tuple[Annotated[numpy.ndarray, "x"], Annotated[int, "n"]].'
+                )
+            raise PipelineDefinitionError(
+                f"step {self.name!r}: output {out.name!r} is declared {declared}{where}, and no "
+                f"materializer stores a {problem}.{hint} Register one for the type with "
+                f"plait.register_materializer(...) in the module that defines the step; or "
+                f"declare a type Plait stores (builtins, numpy, pandas: see docs/types.md); "
+                f'or opt into pickle with @plait.step(materializer="pickle") (unsafe: loading '
+                f"it runs code)"
+            )
 
     def with_options(self, *, id: str | None = None, **settings: Any) -> Step[P, R]:
         """A copy with other settings (same names as ``@plait.step``) or an invocation id."""
@@ -285,6 +376,8 @@ def step(
     runner: str = "",
     pool: str = "",
     materializer: str | Mapping[str, str] = "",
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
 ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
 
@@ -308,6 +401,8 @@ def step(
     runner: str = "",
     pool: str = "",
     materializer: str | Mapping[str, str] = "",
+    on_success: Hook | None = None,
+    on_failure: Hook | None = None,
 ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
     """Declares a step. Use bare (``@plait.step``) or with settings (``@plait.step(cache=False)``).
 
@@ -341,6 +436,14 @@ def step(
             ``plait worker --pool NAME``); the pipeline's pool when empty.
         materializer: a materializer name for all outputs, or a dict by output name.
             ``"pickle"`` stores any picklable object; loading it runs code, so it is opt-in.
+        on_success: a module-level function the worker calls as ``on_success(context)``
+            after each attempt that succeeded, once its outputs are stored (``context`` is
+            what :func:`plait.get_step_context` returns in the step). None: the pipeline's
+            (``@plait.pipeline(on_success=)``). See ``docs/hooks.md``.
+        on_failure: a module-level function the worker calls as
+            ``on_failure(context, error)`` after each attempt whose code raised, with the
+            exception, before the failure is reported. None: the pipeline's. A hook that
+            raises is logged to the step's stderr; it never changes the step's outcome.
 
     Outputs come from the return annotation: ``-> T`` is one output named ``output``;
     ``-> tuple[Annotated[int, "total"], Annotated[float, "mean"]]`` names two outputs.
@@ -365,6 +468,8 @@ def step(
         runner=runner,
         pool=pool,
         materializer=materializer,
+        on_success=on_success,
+        on_failure=on_failure,
     )
 
     def wrap(f: Callable[P, R]) -> Step[P, R]:

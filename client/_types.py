@@ -119,3 +119,104 @@ def element_type(tp: Any) -> Any:
     if issubclass(origin, collections.abc.Iterable) and len(args) == 1:
         return args[0]
     return Any
+
+
+_SEQUENCES = {"list", "Sequence", "MutableSequence", "Iterable", "Collection"}
+_MAPPINGS = {"dict", "Mapping", "MutableMapping"}
+
+
+def conform(value: Any, expr: str) -> Any:
+    """``value`` with numpy scalars where ``expr`` declares ``int``, ``float`` or ``bool``
+    turned into those Python types, when that is exact; anything else unchanged.
+
+    ``arr.mean()`` is a ``numpy.float64`` and ``arr.sum()`` of ints a ``numpy.int64``: a step
+    declared ``-> float`` or ``-> int`` that returns one stores the Python number, as declared.
+    The items of tuples, lists and dicts are converted by their declared item types
+    (``tuple[int, float]``, ``list[float]``, ``dict[str, int]``), rebuilt only when one
+    changes. A conversion that would lose something (a ``numpy.longdouble`` that no float
+    holds) is not made.
+
+    Args:
+        value: a step's output.
+        expr: its declared type, as the IR writes it (:func:`type_expr`).
+    """
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return value
+    return _conform(value, node)
+
+
+def _members(node: ast.expr) -> list[ast.expr]:
+    """The members of a union ``a | b | c``, or the node alone."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _members(node.left) + _members(node.right)
+    return [node]
+
+
+def _base(node: ast.expr) -> tuple[str, list[ast.expr]]:
+    """``collections.abc.Sequence[int]`` → ``("Sequence", [int])``; ``int`` → ``("int", [])``."""
+    args: list[ast.expr] = []
+    if isinstance(node, ast.Subscript):
+        inner = node.slice
+        args = list(inner.elts) if isinstance(inner, ast.Tuple) else [inner]
+        node = node.value
+    if isinstance(node, ast.Name):
+        return node.id, args
+    if isinstance(node, ast.Attribute):
+        return node.attr, args
+    return "", args
+
+
+def _conform(value: Any, node: ast.expr) -> Any:
+    members = [_base(m) for m in _members(node)]
+    names = {name for name, _ in members}
+    t = type(value)
+    if t.__module__ == "numpy":
+        return _from_numpy(value, names)
+    if t is tuple:
+        for name, args in members:
+            if name == "tuple" and len(args) == 2 and _is_ellipsis(args[1]):
+                return _rebuilt(value, [_conform(v, args[0]) for v in value])
+            if name == "tuple" and len(args) == len(value):
+                return _rebuilt(value, [_conform(v, a) for v, a in zip(value, args, strict=True)])
+            if name in _SEQUENCES - {"list"} and len(args) == 1:
+                return _rebuilt(value, [_conform(v, args[0]) for v in value])
+    elif t is list:
+        for name, args in members:
+            if name in _SEQUENCES and len(args) == 1:
+                return _rebuilt(value, [_conform(v, args[0]) for v in value])
+    elif t is dict:
+        for name, args in members:
+            if name in _MAPPINGS and len(args) == 2:
+                pairs = [(_conform(k, args[0]), _conform(v, args[1])) for k, v in value.items()]
+                same = zip(pairs, value.items(), strict=True)
+                if all(a is k and b is v for (a, b), (k, v) in same):
+                    return value
+                return dict(pairs)
+    return value
+
+
+def _is_ellipsis(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is Ellipsis
+
+
+def _rebuilt(value: Any, items: list[Any]) -> Any:
+    """``value`` (a tuple or a list) itself when no item changed, else a new one of its type."""
+    if all(a is b for a, b in zip(items, value, strict=True)):
+        return value
+    return type(value)(items)
+
+
+def _from_numpy(value: Any, declared: set[str]) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.bool_) and "bool" in declared:
+        return bool(value)
+    if isinstance(value, np.integer) and declared & {"int", "float"}:
+        return int(value)  # exact at any size; an int is a float as declarations go
+    if isinstance(value, np.floating) and "float" in declared:
+        as_float = float(value)
+        if value.dtype.itemsize <= 8 or as_float == value or (np.isnan(value)):
+            return as_float
+    return value

@@ -5,7 +5,10 @@ The key of a step in a run is the sha256 of the canonical encoding (plait.ir.can
 
 * the step's code digest (its AST without decorators: comments and formatting don't count);
 * its outputs' names, types and requested materializers;
-* the values of its inputs bound to pipeline parameters and literals;
+* the values of its inputs bound to pipeline parameters and literals, where a file
+  (``plait.File``, a ``pathlib.Path`` parameter: ``{"plait.file": PATH, "sha256": DIGEST}``)
+  counts by its content digest alone, so a file overwritten at the same path changes the key
+  and the same bytes under another path do not;
 * the content digests (and materializers) of its inputs bound to upstream outputs;
 * the digest of its environment;
 * its ``cache_version``.
@@ -26,6 +29,9 @@ from plait.ir.v1 import ir_pb2
 
 KEY_SCHEME = "plait.cache.v1"
 
+FILE_MARKER = "plait.file"
+"""The key of a JSON object that stands for a file (see plait.File): its path and sha256."""
+
 
 def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheKeyMaterial:
     """The key material of ``step`` given its resolved input values.
@@ -43,15 +49,34 @@ def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheK
     for spec in step.inputs:
         kind, value = values[spec.name]
         if kind == "json":
-            material.parameters.add(name=spec.name, json=canonical_json(json.loads(value)))
+            material.parameters.add(name=spec.name, json=_json_key(value))
         else:
             material.inputs.add(name=spec.name, json=canonical_json(_key_value(kind, value)))
     return material
 
 
+def _json_key(text: str) -> str:
+    """A JSON value's canonical text in the key: a file counts by its content digest."""
+    value = json.loads(text)
+    if FILE_MARKER in text:  # the common case (no file) pays only this test
+        value = _by_content(value)
+    return canonical_json(value)
+
+
+def _by_content(value: Any) -> Any:
+    if isinstance(value, dict):
+        if FILE_MARKER in value and "sha256" in value:
+            return {"plait.file.sha256": value["sha256"]}
+        return {k: _by_content(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_content(v) for v in value]
+    return value
+
+
 def _key_value(kind: str, value: Any) -> Any:
     if kind == "json":
-        return {"value": json.loads(value)}
+        parsed = json.loads(value)
+        return {"value": _by_content(parsed) if FILE_MARKER in value else parsed}
     if kind == "artifact":
         return {"artifact": value.digest, "materializer": value.materializer}
     if kind == "list":

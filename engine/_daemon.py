@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from plait._settings import CREDENTIAL_FILE, is_loopback, private_dir
+from plait._settings import DEFAULT_PORT as DEFAULT_PORT  # the one default, shared
 from plait.engine._control_plane import (
     ControlPlane,
     ControlPlaneConfig,
@@ -27,8 +28,6 @@ from plait.engine.scheduler._machine import DEFAULT_CRASH_RETRIES
 from plait.errors import PlaitError
 
 log = logging.getLogger("plait.server")
-
-DEFAULT_PORT = 7676
 
 PID_FILE = "server.pid"
 """In PLAIT_HOME: ``PID\nHOST:PORT\n``, written once the daemon listens."""

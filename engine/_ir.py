@@ -99,7 +99,11 @@ def upstream_ids(step: ir_pb2.StepSpec) -> list[str]:
 
 def resolve_parameters(spec: ir_pb2.PipelineSpec, given: dict[str, str]) -> dict[str, str]:
     """Parameter values as canonical JSON: the given ones, checked against their declared types
-    (:func:`coerce_parameter`), and defaults for the rest."""
+    (:func:`coerce_parameter`), and defaults for the rest.
+
+    A structural parameter (``structural_value`` set: the version's graph was compiled for that
+    value) takes that value, given or not; another value is refused.
+    """
     declared = {p.name: p for p in spec.parameters}
     unknown = sorted(set(given) - set(declared))
     if unknown:
@@ -109,17 +113,48 @@ def resolve_parameters(spec: ir_pb2.PipelineSpec, given: dict[str, str]) -> dict
         )
     out: dict[str, str] = {}
     for name, p in declared.items():
+        structural = None
+        if p.HasField("structural_value"):
+            structural = _checked_json(name, p.type.expr, p.structural_value.json, "compiled")
         if name in given:
-            try:
-                value = load_json(given[name])
-            except ValueError as exc:
-                raise ParameterError(f"parameter {name!r}: not JSON: {exc}") from None
-            out[name] = canonical_json(coerce_parameter(name, p.type.expr, value))
+            out[name] = _checked_json(name, p.type.expr, given[name], "")
+            if structural is not None and out[name] != structural:
+                raise ParameterError(
+                    f"pipeline {spec.name!r}: parameter {name!r} is structural (the pipeline "
+                    f"function uses its value, so the graph depends on it) and this version was "
+                    f"compiled with {name}={_brief(structural)}; got {name}={_brief(out[name])}. "
+                    f"Compile the pipeline with {name}={_brief(out[name])} (calling it with that "
+                    f"value does) and run that version"
+                )
+        elif structural is not None:
+            out[name] = structural
         elif p.HasField("default_value"):
-            out[name] = p.default_value.json
+            try:
+                out[name] = _checked_json(name, p.type.expr, p.default_value.json, "default")
+            except ParameterError:  # ``x: int = None``: Python allows it; taken as it is
+                out[name] = p.default_value.json
         else:
             raise ParameterError(f"pipeline {spec.name!r}: parameter {name!r} is required")
     return out
+
+
+def _checked_json(name: str, expr: str, text: str, what: str) -> str:
+    """``text`` (JSON) checked against the type ``expr`` and converted, as canonical JSON."""
+    label = f"parameter {name!r}" + (f" ({what} value)" if what else "")
+    try:
+        value = load_json(text)
+    except ValueError as exc:
+        raise ParameterError(f"{label}: not JSON: {exc}") from None
+    try:
+        return canonical_json(coerce_parameter(name, expr, value))
+    except ParameterError as exc:
+        if not what:
+            raise
+        raise ParameterError(f"{exc} (the {what} value in the pipeline's IR)") from None
+
+
+def _brief(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ---- parameter types ----
@@ -202,12 +237,14 @@ def _members(node: ast.expr) -> list[ast.expr] | None:
 def _coerce(node: ast.expr, value: Any, where: str) -> Any:
     members = _members(node)
     if members is not None:
+        deepest = _Mismatch(where, value)
         for member in members:
             try:
                 return _coerce(member, value, where)
-            except _Mismatch:
-                continue
-        raise _Mismatch(where, value)
+            except _Mismatch as m:
+                if len(m.where) > len(deepest.where):  # a member that fit but for an item
+                    deepest = m
+        raise deepest
     if isinstance(node, ast.Constant):
         if node.value is None:
             if value is None:

@@ -23,6 +23,12 @@ def test_there_are_examples() -> None:
         "custom_materializer",
         "caching",
         "retry_policies",
+        "environments",
+        "parameters",
+        "everyday_types",
+        "hooks",
+        "churn",
+        "cache_control",
     } <= names
 
 

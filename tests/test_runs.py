@@ -406,10 +406,9 @@ def test_a_worker_that_always_dies_crashes_the_step(client: plait.Client) -> Non
 
 
 def test_unknown_objects_need_an_explicit_pickle_opt_in(client: plait.Client) -> None:
-    r = run(unpicklable, client)
-    assert r.status == "FAILED"
-    err = r.steps["make_point"].error
-    assert err is not None and "register_materializer" in err.message
+    # refused when the pipeline is traced, before any step runs
+    with pytest.raises(plait.PipelineDefinitionError, match="register_materializer"):
+        run(unpicklable, client)
     ok = run(pickled, client)
     assert ok.status == "SUCCEEDED"
     art = ok.steps["make_point_pickled"].outputs["output"]

@@ -230,12 +230,13 @@ def test_step_output_used_by_non_step_code(use: Any) -> None:
     assert "output 'output' of step 'shout'" in msg and "Pass it to a step" in msg
 
 
-def test_pipeline_parameter_used_as_a_value() -> None:
+def test_pipeline_parameter_used_as_a_value_is_structural() -> None:
     def p(n: int = 3) -> None:
         for i in range(n):
             leaf(i)
 
-    assert "pipeline parameter 'n'" in _error(p)
+    compiled = compile_pipeline(plait.pipeline(p))
+    assert len(compiled.spec.steps) == 3 and dict(compiled.structural) == {"n": "3"}
 
 
 def test_annotation_contradicting_the_upstream_type() -> None:
@@ -375,6 +376,7 @@ def test_public_api_is_locked() -> None:
         "ArtifactNotFoundError",
         "Client",
         "Environment",
+        "File",
         "Materializer",
         "NotInStepError",
         "ParameterError",

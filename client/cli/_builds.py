@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from plait.cli._common import EPILOG, fail, get_console
+from plait.cli._common import EPILOG, fail, get_console, output_option, print_json, time_json
 from plait.errors import PlaitError
 
 if TYPE_CHECKING:
@@ -168,6 +168,27 @@ def diff_material(a: dict[str, Any], b: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def build_json(b: BuildInfo) -> dict[str, Any]:
+    """A build as ``--output json`` prints it."""
+    return {
+        "key": b.key,
+        "kind": b.kind,
+        "status": b.status,
+        "build_digest": b.build_digest or None,
+        "reference": b.reference or None,
+        "image_id": b.image_id or None,
+        "size_bytes": b.size_bytes,
+        "duration_seconds": b.duration_seconds,
+        "create_time": time_json(b.created_at),
+        "last_used_time": time_json(b.last_used_at),
+        "run_ids": list(b.run_ids),
+        "material": b.material,
+        "error": b.error or None,
+        "source": b.source or None,
+        "pushed_to": b.pushed_to or None,
+    }
+
+
 # ---- the commands ----
 
 
@@ -184,12 +205,15 @@ def builds() -> None:
 @builds.command("list", epilog=EPILOG)
 @click.option("--limit", "-n", default=50, show_default=True, help="How many builds to show.")
 @click.option("--kind", type=click.Choice(["image", "venv"]), help="Only builds of this kind.")
-def builds_list(limit: int, kind: str | None) -> None:
+@output_option
+def builds_list(limit: int, kind: str | None, output: str) -> None:
     """List builds, the most recently used first.
 
     \b
     Columns: the key's first 12 hex digits, image or venv, the status, the size, how long
     ago it was made, when a run last used it, how many runs used it, and where it is.
+    With --output json: {"builds": [BUILD, ...]}, each as `plait builds show --output json`
+    prints it.
 
     \b
     Examples:
@@ -203,6 +227,9 @@ def builds_list(limit: int, kind: str | None) -> None:
         found = _client().list_builds(limit=limit, kind=kind or "")
     except PlaitError as exc:
         fail(str(exc))
+    if output == "json":
+        print_json({"builds": [build_json(b) for b in found]})
+        return
     if not found:
         click.echo(
             "no builds yet: one is made when a step's environment needs an image or a "
@@ -228,16 +255,25 @@ def builds_list(limit: int, kind: str | None) -> None:
 
 @builds.command("show", epilog=EPILOG)
 @click.argument("key")
-def builds_show(key: str) -> None:
+@output_option
+def builds_show(key: str, output: str) -> None:
     """Show a build: where it is, its size, its key material and the runs that used it.
 
     KEY may be a unique prefix of at least 6 hex digits.
+
+    \b
+    With --output json: key, kind, status, build_digest, reference, image_id, size_bytes,
+    duration_seconds, create_time, last_used_time, run_ids (newest first, at most 100),
+    material (the key material), error, source (built or pulled) and pushed_to.
 
     \b
     Example:
       plait builds show 3fa2c1
     """
     b = _get(_client(), key)
+    if output == "json":
+        print_json(build_json(b))
+        return
     now = time.time()
     lines = [
         f"build {b.key}",

@@ -1,19 +1,129 @@
-"""What the command groups share: the epilog, the console, failing, parameters, printing a run."""
+"""What the command groups share: the epilog, the console, failing, parameters, printing a run,
+and the ``--output json`` documents of the list and show commands.
+
+Every list and show command takes ``--output table|json``. With ``json`` it prints one JSON
+document on standard output and nothing else there: a list command an object with one key, the
+plural of what it lists, holding an array (``{"runs": [...]}``), a show command the object
+itself. Keys are snake_case and sorted, and stay: new ones may be added, none renamed or
+removed. Times are ISO 8601 in UTC (``2026-11-03T09:12:44.123456+00:00``) or null, durations
+``*_seconds`` numbers, sizes ``*_bytes``, ids in full (never cut to 12 characters).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+import click
 
 EPILOG = (
     "With no PLAIT_SERVER set, commands use the embedded engine and the store under "
     "PLAIT_HOME (default: ~/.local/share/plait)."
 )
+
+
+OUTPUT_HELP = (
+    "table: for people; json: one JSON document on standard output, for scripts (a list "
+    'command prints {"<things>": [...]}, a show command the object; keys are stable and '
+    "sorted, times ISO 8601 in UTC, ids in full)."
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def output_option(fn: _F) -> _F:
+    """The ``--output table|json`` option of every list and show command (as ``output``)."""
+    option = click.option(
+        "--output",
+        "output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help=OUTPUT_HELP,
+    )
+    return option(fn)
+
+
+def print_json(document: Any) -> None:
+    """Prints one JSON document on standard output: sorted keys, indented, UTF-8."""
+    click.echo(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def time_json(when: datetime | float | None) -> str | None:
+    """A time as JSON: ISO 8601 in UTC; None (and 0, an unset epoch time) stays null."""
+    if when is None or (not isinstance(when, datetime) and not when):
+        return None
+    if not isinstance(when, datetime):
+        when = datetime.fromtimestamp(when, UTC)
+    return when.astimezone(UTC).isoformat()
+
+
+def artifact_json(a: Any) -> dict[str, Any]:
+    """A ``plait.ArtifactInfo`` as ``--output json`` prints it."""
+    return {
+        "artifact_id": a.artifact_id,
+        "output": a.output,
+        "digest": a.digest,
+        "size_bytes": a.size,
+        "uri": a.uri,
+        "materializer": a.materializer,
+        "data_type": a.data_type,
+        "unsafe": a.unsafe,
+        "run_id": a.run_id,
+        "step_id": a.step_id,
+        "create_time": time_json(a.created_at),
+        "metadata": a.metadata,
+    }
+
+
+def step_json(s: Any) -> dict[str, Any]:
+    """A ``plait.StepRun`` as ``--output json`` prints it."""
+    error = None
+    if s.error is not None:
+        error = {"type": s.error.type, "message": s.error.message, "traceback": s.error.traceback}
+    return {
+        "step_id": s.step_id,
+        "status": str(s.status),
+        "attempt": s.attempt,
+        "start_time": time_json(s.start_time),
+        "end_time": time_json(s.end_time),
+        "duration_seconds": s.duration,
+        "cached": s.cached,
+        "cache_key": s.cache_key,
+        "upstream": list(s.upstream),
+        "metadata": s.metadata,
+        "outputs": {name: artifact_json(a) for name, a in s.outputs.items()},
+        "error": error,
+    }
+
+
+def run_json(run: Any, *, steps: bool = True) -> dict[str, Any]:
+    """A ``plait.Run`` as ``--output json`` prints it; ``steps`` adds its steps, in order."""
+    duration = None
+    if run.create_time and run.end_time:
+        duration = (run.end_time - run.create_time).total_seconds()
+    doc: dict[str, Any] = {
+        "run_id": run.run_id,
+        "pipeline": run.pipeline,
+        "pipeline_version": run.pipeline_version,
+        "status": str(run.status),
+        "stack": run.stack or None,
+        "parameters": run.parameters,
+        "create_time": time_json(run.create_time),
+        "end_time": time_json(run.end_time),
+        "duration_seconds": duration,
+    }
+    if steps:
+        doc["steps"] = [step_json(s) for s in run.steps.values()]
+    return doc
 
 
 def get_console(stderr: bool = False) -> Any:
@@ -73,11 +183,15 @@ def load_pipeline(target: str) -> Any:
             fail(f"cannot load {where}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        # a pipeline call at the file's top level would run here, then again: the guard says
+        # to put it under `if __name__ == "__main__":`, as a worker importing the file would
+        with _guarded(where):
+            spec.loader.exec_module(module)
     else:
         sys.path.insert(0, str(Path.cwd()))
         try:
-            module = importlib.import_module(where)
+            with _guarded(where):
+                module = importlib.import_module(where)
         except ImportError as exc:
             fail(f"cannot import {where!r}: {exc}")
     obj = getattr(module, name, None)
@@ -85,6 +199,20 @@ def load_pipeline(target: str) -> Any:
         found = sorted(k for k, v in vars(module).items() if isinstance(v, Pipeline))
         fail(f"{where} has no pipeline {name!r}; pipelines there: {', '.join(found) or 'none'}")
     return obj
+
+
+@contextlib.contextmanager
+def _guarded(where: str) -> Iterator[None]:
+    """Loading a pipeline's module: a pipeline it runs at import time ends the command with
+    the guard's message (see plait.runners.worker._code.refusing_pipeline_runs)."""
+    from plait.errors import PlaitError
+    from plait.runners.worker._code import refusing_pipeline_runs
+
+    try:
+        with refusing_pipeline_runs(where, Path.cwd()):
+            yield
+    except PlaitError as exc:
+        fail(str(exc))
 
 
 def parse_params(items: tuple[str, ...]) -> dict[str, Any]:
@@ -119,8 +247,13 @@ def healthy(address: str, timeout: float = 2.0) -> bool:
         True when it reports SERVING.
     """
     from plait._channel import ChannelConfig, is_serving
+    from plait.errors import PlaitError
 
-    return is_serving(ChannelConfig.from_env(address), timeout)
+    try:
+        config = ChannelConfig.from_env(address)
+    except PlaitError:
+        return False  # not an address: nothing answers there
+    return is_serving(config, timeout)
 
 
 _STYLE = {

@@ -16,16 +16,29 @@ from plait.cli._common import EPILOG, fail, healthy
     help="The API token to send to ADDRESS; saved owner-only (0600) beside the server's address.",
 )
 def login(address: str, token: str | None) -> None:
-    """Use the server at ADDRESS (HOST:PORT) from now on, when PLAIT_SERVER is not set."""
-    from plait._settings import config_path, read_config, write_config
+    """Use the server at ADDRESS from now on, when PLAIT_SERVER is not set.
 
+    \b
+    ADDRESS is one of (as PLAIT_SERVER and --server take it):
+      HOST:PORT
+      HOST                  the default port, 7676
+      grpc://HOST[:PORT]    plain text
+      grpcs://HOST[:PORT]   TLS (PLAIT_TLS_CA, else the system's roots, trust the server)
+      several of one form, comma-separated: the replicas of one control plane
+    """
+    from plait._settings import config_path, normalize_server, read_config, write_config
+    from plait.errors import PlaitError
+
+    try:
+        address = normalize_server(address)
+    except PlaitError as exc:
+        fail(str(exc))
     if not healthy(address):
         fail(f"no Plait server answers at {address}")
     config = read_config()
     config["server"] = address
     if token is not None:
         from plait._client import Client
-        from plait.errors import PlaitError
 
         try:
             Client(address, token=token).list_runs(limit=1)

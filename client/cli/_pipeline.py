@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from plait.cli._common import EPILOG, fail, get_console, load_pipeline
+from plait.cli._common import EPILOG, fail, get_console, load_pipeline, output_option, print_json
 from plait.errors import PlaitError
 
 
@@ -17,8 +17,12 @@ def pipeline() -> None:
 
 
 @pipeline.command("list", epilog=EPILOG)
-def pipeline_list() -> None:
-    """List registered pipelines: versions and the newest one."""
+@output_option
+def pipeline_list(output: str) -> None:
+    """List registered pipelines: versions and the newest one.
+
+    With --output json: {"pipelines": [{"name", "version_count", "latest_version"}]}.
+    """
     from rich.table import Table
 
     from plait._client import Client
@@ -27,6 +31,16 @@ def pipeline_list() -> None:
         found = Client.default().list_pipelines()
     except PlaitError as exc:
         fail(str(exc))
+    if output == "json":
+        print_json(
+            {
+                "pipelines": [
+                    {"name": name, "version_count": count, "latest_version": latest}
+                    for name, count, latest in found
+                ]
+            }
+        )
+        return
     if not found:
         click.echo("no pipelines yet: running one registers it")
         return
@@ -46,16 +60,35 @@ def pipeline_list() -> None:
     type=click.Path(file_okay=False),
     help="Where to write the files.",
 )
-def pipeline_compile(target: str, output_dir: str) -> None:
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A parameter value to compile with (as `plait run -p` reads it); it matters for the "
+    "structural parameters, those the pipeline function uses as values. Repeatable.",
+)
+def pipeline_compile(target: str, output_dir: str, params: tuple[str, ...]) -> None:
     """Compile TARGET to its IR: NAME.pb (binary), NAME.json, and NAME.dot (the graph).
 
-    The version printed is the sha256 of the canonical IR.
+    The version printed is the sha256 of the canonical IR. A parameter the pipeline function
+    uses as a value (`range(n)`, `if flag:`, `n - 1`) is structural: the graph is compiled
+    for its value (given with -p, else its default), which is part of the version; the
+    structural parameters are listed with their values.
+
+    \b
+    Example:
+      plait pipeline compile examples/parameters.py:fan_out -p n=3
     """
     from google.protobuf.json_format import MessageToJson
 
+    from plait.cli._run import typed_params
+
     pipe = load_pipeline(target)
+    values = typed_params(pipe, params)
     try:
-        compiled = pipe.compile()
+        compiled = pipe.compile(values)
     except PlaitError as exc:
         fail(str(exc))
     out = Path(output_dir)
@@ -67,6 +100,9 @@ def pipeline_compile(target: str, output_dir: str) -> None:
     )
     (out / f"{name}.dot").write_text(to_dot(compiled))
     click.echo(f"{name} {compiled.version}")
+    if compiled.structural:
+        shown = ", ".join(f"{k}={v}" for k, v in compiled.structural.items())
+        click.echo(f"  structural parameters: {shown}")
     for ext in ("pb", "json", "dot"):
         click.echo(f"  {out / f'{name}.{ext}'}")
 

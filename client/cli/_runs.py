@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any, NoReturn
 
 import click
 
 from plait._models import RunStatus
-from plait.cli._common import EPILOG, fail, get_console, print_run, styled
+from plait.cli._common import (
+    EPILOG,
+    fail,
+    get_console,
+    output_option,
+    print_json,
+    print_run,
+    run_json,
+    styled,
+)
 from plait.cli._run import reconnect_notice
 from plait.errors import PlaitError
 
@@ -26,8 +36,13 @@ def runs() -> None:
     type=click.Choice([s.name for s in RunStatus], case_sensitive=False),
     help="Only runs in this state.",
 )
-def runs_list(limit: int, pipeline: str, status: str | None) -> None:
-    """List runs, newest first."""
+@output_option
+def runs_list(limit: int, pipeline: str, status: str | None, output: str) -> None:
+    """List runs, newest first.
+
+    With --output json: {"runs": [RUN, ...]}, each RUN as `plait runs show --output json`
+    prints it without its steps.
+    """
     from rich.table import Table
 
     from plait._client import Client
@@ -38,6 +53,9 @@ def runs_list(limit: int, pipeline: str, status: str | None) -> None:
         )
     except PlaitError as exc:
         fail(str(exc))
+    if output == "json":
+        print_json({"runs": [run_json(r, steps=False) for r in found]})
+        return
     table = Table("run", "pipeline", "status", "created", "duration")
     for r in found:
         duration = (
@@ -63,10 +81,18 @@ def runs_list(limit: int, pipeline: str, status: str | None) -> None:
 
 @runs.command("show", epilog=EPILOG)
 @click.argument("run_id")
-def runs_show(run_id: str) -> None:
+@output_option
+def runs_show(run_id: str, output: str) -> None:
     """Show a run's steps: status, duration, cached, outputs and metadata.
 
     RUN_ID may be a unique prefix of the id.
+
+    \b
+    With --output json, the run: run_id, pipeline, pipeline_version, status, stack,
+    parameters, create_time, end_time, duration_seconds, and steps: [STEP, ...] in order,
+    each with step_id, status, attempt, start_time, end_time, duration_seconds, cached,
+    cache_key, upstream, metadata, outputs {NAME: ARTIFACT} and error (type, message,
+    traceback; null unless it failed).
     """
     from rich.table import Table
 
@@ -76,6 +102,9 @@ def runs_show(run_id: str) -> None:
         run = Client.default().get_run(run_id)
     except PlaitError as exc:
         fail(str(exc))
+    if output == "json":
+        print_json(run_json(run))
+        return
     console = get_console()
     console.print(
         f"run [bold]{run.run_id}[/]  pipeline {run.pipeline}  "
@@ -183,14 +212,48 @@ def runs_watch(run_id: str) -> None:
         sys.exit(1)
 
 
-@runs.command("cancel", epilog=EPILOG)
+_CANCEL_EPILOG = f"""\b
+Exit codes: 0 the run is cancelled (or its cancellation is under way: it was running on
+another replica); 1 the run had already ended, so nothing was cancelled (its status is
+printed); 2 no such run, or the server could not be reached.
+
+{EPILOG}"""
+
+
+@runs.command("cancel", epilog=_CANCEL_EPILOG)
 @click.argument("run_id")
 def runs_cancel(run_id: str) -> None:
-    """Cancel a run: running steps are stopped, pending ones never run."""
+    """Cancel a run: running steps are stopped, pending ones never run.
+
+    RUN_ID may be a unique prefix of the id. A run that already ended is left as it is.
+    """
     from plait._client import Client
 
     try:
-        run = Client.default().cancel_run(run_id)
+        client = Client.default()
+        before = client.get_run(run_id)
+        if before.status.is_final:
+            _already_ended(before)
+        run = client.cancel_run(before.run_id)
     except PlaitError as exc:
         fail(str(exc))
-    click.echo(f"run {run.run_id}: {run.status}")
+    if run.status.is_final and run.status != RunStatus.CANCELLED:
+        _already_ended(run)  # it ended while the cancellation was on its way
+    if run.status == RunStatus.CANCELLED:
+        click.echo(f"run {run.run_id}: CANCELLED")
+    else:
+        click.echo(f"run {run.run_id}: cancelling (it is {run.status}; its steps are stopping)")
+
+
+def _already_ended(run: Any) -> NoReturn:
+    click.echo(
+        f"run {run.run_id} already ended: {run.status}; nothing to cancel "
+        f"(see `plait runs show {run.run_id[:12]}`)",
+        err=True,
+    )
+    sys.exit(1)
+
+
+from plait.cli._explain import runs_explain  # noqa: E402
+
+runs.add_command(runs_explain)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from plait.cli._common import EPILOG, fail, get_console, parse_params
+from plait.cli._common import EPILOG, fail, get_console, output_option, parse_params, print_json
 from plait.errors import PlaitError
 
 _KINDS = ("runner", "artifact_store", "image_builder", "container_registry", "secrets")
@@ -34,6 +34,31 @@ def _component_row(c: Any, pb: Any) -> tuple[str, str, str, str]:
     """A component as it is printed: name, kind, flavor, configuration."""
     kind = pb.ComponentKind.Name(c.kind).removeprefix("COMPONENT_KIND_").lower()
     return c.name.removeprefix("components/"), kind, c.flavor, c.config_json
+
+
+def _component_json(c: Any, pb: Any, stacks: Any = None) -> dict[str, Any]:
+    """A component as ``--output json`` prints it; with ``stacks``, the ones that use it."""
+    name, kind, flavor, config = _component_row(c, pb)
+    doc: dict[str, Any] = {
+        "name": name,
+        "kind": kind,
+        "flavor": flavor,
+        "config": json.loads(config) if config else {},
+    }
+    if stacks is not None:
+        doc["used_by"] = [s.name.removeprefix("stacks/") for s in stacks if c.name in s.components]
+    return doc
+
+
+def _stack_json(s: Any, components: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A stack as ``--output json`` prints it: its components by name, or in full when
+    ``components`` (by resource name) is given."""
+    names = [c.removeprefix("components/") for c in s.components]
+    return {
+        "name": s.name.removeprefix("stacks/"),
+        "active": s.active,
+        "components": names if components is None else [components[c] for c in s.components],
+    }
 
 
 @click.group("component", epilog=EPILOG)
@@ -100,13 +125,21 @@ def component_register(name: str, kind: str, flavor: str, config: tuple[str, ...
 
 @component.command("list", epilog=EPILOG)
 @click.option("--kind", type=click.Choice(_KINDS), help="Only components of this kind.")
-def component_list(kind: str | None) -> None:
-    """List components."""
+@output_option
+def component_list(kind: str | None, output: str) -> None:
+    """List components.
+
+    With --output json: {"components": [{name, kind, flavor, config}, ...]}, config an
+    object.
+    """
     from rich.table import Table
 
     pb = _stack_pb()
     value = pb.ComponentKind.Value(f"COMPONENT_KIND_{kind.upper()}") if kind else 0
     found = _stack_call("ListComponents", pb.ListComponentsRequest(kind=value)).components
+    if output == "json":
+        print_json({"components": [_component_json(c, pb) for c in found]})
+        return
     table = Table("component", "kind", "flavor", "config")
     for c in found:
         table.add_row(*_component_row(c, pb))
@@ -115,8 +148,12 @@ def component_list(kind: str | None) -> None:
 
 @component.command("describe", epilog=EPILOG)
 @click.argument("name")
-def component_describe(name: str) -> None:
-    """Show one component and the stacks that use it."""
+@output_option
+def component_describe(name: str, output: str) -> None:
+    """Show one component and the stacks that use it.
+
+    With --output json: {name, kind, flavor, config, used_by: [STACK, ...]}.
+    """
     pb = _stack_pb()
     found = [
         c
@@ -126,6 +163,9 @@ def component_describe(name: str) -> None:
     stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
     if not found:
         fail(f"no component {name!r} (see `plait component list`)")
+    if output == "json":
+        print_json(_component_json(found[0], pb, stacks))
+        return
     cname, kind, flavor, config = _component_row(found[0], pb)
     users = [s.name.removeprefix("stacks/") for s in stacks if f"components/{name}" in s.components]
     click.echo(
@@ -182,12 +222,19 @@ def stack_register(name: str, components: tuple[str, ...], activate: bool) -> No
 
 
 @stack.command("list", epilog=EPILOG)
-def stack_list() -> None:
-    """List stacks; the active one is marked."""
+@output_option
+def stack_list(output: str) -> None:
+    """List stacks; the active one is marked.
+
+    With --output json: {"stacks": [{name, active, components: [NAME, ...]}, ...]}.
+    """
     from rich.table import Table
 
     pb = _stack_pb()
     stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
+    if output == "json":
+        print_json({"stacks": [_stack_json(s) for s in stacks]})
+        return
     table = Table("stack", "active", "components")
     for s in stacks:
         table.add_row(
@@ -200,8 +247,12 @@ def stack_list() -> None:
 
 @stack.command("describe", epilog=EPILOG)
 @click.argument("name", required=False)
-def stack_describe(name: str | None) -> None:
-    """Show a stack's components (the active stack when NAME is left out)."""
+@output_option
+def stack_describe(name: str | None, output: str) -> None:
+    """Show a stack's components (the active stack when NAME is left out).
+
+    With --output json: {name, active, components: [{name, kind, flavor, config}, ...]}.
+    """
     pb = _stack_pb()
     stacks = _stack_call("ListStacks", pb.ListStacksRequest()).stacks
     comps = {
@@ -211,6 +262,9 @@ def stack_describe(name: str | None) -> None:
     if not chosen:
         fail(f"no stack {name!r} (see `plait stack list`)")
     s = chosen[0]
+    if output == "json":
+        print_json(_stack_json(s, {c: _component_json(comps[c], pb) for c in s.components}))
+        return
     click.echo(f"stack {s.name.removeprefix('stacks/')}{' (active)' if s.active else ''}")
     for c in s.components:
         cname, kind, flavor, config = _component_row(comps[c], pb)

@@ -18,14 +18,28 @@ number when a second signal stopped it at once.
 """
 
 
+def _server_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A click callback: the --server address normalized, or a usage error listing the forms."""
+    from plait._settings import normalize_server
+    from plait.errors import PlaitError
+
+    try:
+        return normalize_server(value)
+    except PlaitError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @click.command("worker", epilog=_EPILOG)
 @click.option(
     "--server",
     envvar="PLAIT_SERVER",
     required=True,
-    metavar="HOST:PORT",
-    help="The control plane to pull steps from: host:port, or its replicas comma-separated "
-    "(the first that answers is used, the next when it goes away) [env PLAIT_SERVER].",
+    metavar="ADDRESS",
+    callback=_server_option,
+    help="The control plane to pull steps from: HOST:PORT, HOST (port 7676), "
+    "grpc://HOST[:PORT] (plain text) or grpcs://HOST[:PORT] (TLS), or its replicas "
+    "comma-separated (the first that answers is used, the next when it goes away) "
+    "[env PLAIT_SERVER].",
 )
 @click.option("--pool", required=True, help='The pool to run: steps declared with pool="NAME".')
 @click.option(
@@ -67,7 +81,7 @@ def worker(
 ) -> None:
     """Run the steps of a pool on this machine, in its own Python environment.
 
-    The worker long-polls the control plane at HOST:PORT for steps of POOL, runs each in a
+    The worker long-polls the control plane at ADDRESS for steps of POOL, runs each in a
     child process of its own (at most --concurrency at once), keeps its lease with heartbeats
     and reports logs, metadata, outputs and the result. Several workers may share a pool. It
     needs only `pip install plait`, the step's code importable here (or shipped as a code

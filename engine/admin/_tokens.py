@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from plait.cli._common import EPILOG, fail, get_console
+from plait.cli._common import EPILOG, fail, get_console, output_option, print_json, time_json
 from plait.errors import PlaitError
 
 ROLES = ("user", "worker", "admin")
@@ -122,23 +122,31 @@ def token_create(name: str, role: str, database_url: str) -> None:
 
 @token.command("list", epilog=EPILOG)
 @_DB_OPTION
-def token_list(database_url: str) -> None:
-    """List tokens: id, name, role, created, revoked."""
+@output_option
+def token_list(database_url: str, output: str) -> None:
+    """List tokens: id, name, role, created, revoked (never their secrets).
+
+    With --output json: {"tokens": [{"id", "name", "role", "created", "revoked"}]}, times in
+    ISO 8601 (UTC), revoked null while the token is valid.
+    """
     from rich.table import Table
 
     address = None if database_url else _server()
     rows: list[tuple[str, str, str, str, str]] = []
+    times: list[tuple[float, float | None]] = []
     try:
         if address is None:
             from plait.engine.store._tokens import list_tokens
 
             for t in _store_call(database_url, list_tokens):
                 rows.append((t.id, t.name, t.role, _when(t.created_at), _when(t.revoked_at)))
+                times.append((t.created_at, t.revoked_at))
         else:
             from plait.api.v1 import token_service_pb2 as pb
 
             for m in _api_call(address, "ListTokens", pb.ListTokensRequest()).tokens:
                 revoked = m.revoke_time.ToNanoseconds() / 1e9 if m.HasField("revoke_time") else None
+                times.append((m.create_time.ToNanoseconds() / 1e9, revoked))
                 rows.append(
                     (
                         m.token_id,
@@ -150,6 +158,22 @@ def token_list(database_url: str) -> None:
                 )
     except PlaitError as exc:
         fail(str(exc))
+    if output == "json":
+        print_json(
+            {
+                "tokens": [
+                    {
+                        "id": row[0],
+                        "name": row[1],
+                        "role": row[2],
+                        "created": time_json(created),
+                        "revoked": time_json(revoked),
+                    }
+                    for row, (created, revoked) in zip(rows, times, strict=True)
+                ]
+            }
+        )
+        return
     if not rows:
         click.echo("no tokens: create one with `plait token create NAME`")
         return

@@ -105,6 +105,9 @@ LIMITS: dict[str, int] = {
     _API + "CancelRunRequest.name": NAME,
     _API + "StreamLogsRequest.name": NAME,
     _API + "StreamLogsRequest.step_id": NAME,
+    _API + "CreateRunRequest.refresh": NAME,
+    _API + "ExplainStepRequest.name": NAME,
+    _API + "ExplainStepRequest.step_id": NAME,
     # ArtifactService
     _API + "GetArtifactRequest.name": NAME,
     _API + "DownloadArtifactRequest.name": NAME,
@@ -176,6 +179,7 @@ COUNTS: dict[str, int] = {
     _IR + "StepSettings.retry_on": 1_000,
     _IR + "StepSettings.no_retry_on": 1_000,
     _API + "CreateRunRequest.parameters": 1_000,
+    _API + "CreateRunRequest.refresh": 1_000,
     _API + "Stack.components": 1_000,
     _API + "PruneBuildsRequest.keys": 1_000,
     _API + "TaskCompleted.outputs": 1_000,

@@ -13,6 +13,7 @@ from plait.api.v1 import run_service_pb2_grpc
 from plait.engine._events import follow_logs, watch_events
 from plait.engine.api._convert import name_id, run_status_from_proto, version_id
 from plait.engine.api._errors import abort_on_plait_error
+from plait.engine.scheduler import CreateRun, RunCreated
 from plait.engine.store import _runs
 from plait.errors import ArtifactNotFoundError, PipelineError, PipelineValidationError
 
@@ -81,16 +82,50 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                     f"code archive {code.archive} is not in the control plane's store: "
                     f"upload it (ArtifactService.UploadArtifact) before CreateRun"
                 )
-            created = await self.cp.create_run(
+            if request.refresh:
+                created = await self._create_refreshing(request, params, code)
+            else:
+                created = await self.cp.create_run(
+                    version_id(request.pipeline_version),
+                    params,
+                    request.no_cache,
+                    request.request_id,
+                    code=code,
+                )
+            # a new run's steps are all PENDING: the response carries the run alone
+            run = await self.cp.store.read(_runs.get_run, created.run_id, False)
+        return pb.CreateRunResponse(run=run.to_proto(), created=created.created)
+
+    async def _create_refreshing(
+        self, request: pb.CreateRunRequest, params: dict[str, str], code: CodeSource | None
+    ) -> RunCreated:
+        """CreateRun with steps to refresh (ControlPlane.create_run takes none yet)."""
+        answer = await self.cp.ask(
+            CreateRun(
                 version_id(request.pipeline_version),
                 params,
                 request.no_cache,
                 request.request_id,
-                code=code,
+                code_archive=code.archive if code is not None else "",
+                git_commit=code.git_commit if code is not None else "",
+                git_dirty=code.git_dirty if code is not None else False,
+                code_root=code.local_root if code is not None else "",
+                refresh=tuple(request.refresh),
             )
-            # a new run's steps are all PENDING: the response carries the run alone
-            run = await self.cp.store.read(_runs.get_run, created.run_id, False)
-        return pb.CreateRunResponse(run=run.to_proto(), created=created.created)
+        )
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, RunCreated)
+        return answer
+
+    async def ExplainStep(
+        self, request: pb.ExplainStepRequest, context: Ctx
+    ) -> pb.ExplainStepResponse:
+        async with abort_on_plait_error(context):
+            explanation = await self.cp.store.read(
+                _runs.explain_step, name_id(request.name, "runs"), request.step_id
+            )
+        return explanation.to_proto()
 
     async def GetRun(self, request: pb.GetRunRequest, context: Ctx) -> pb.GetRunResponse:
         async with abort_on_plait_error(context):

@@ -34,6 +34,8 @@ class CreateRun:
     code_root: str = ""
     """With no archive: the folder an embedded engine's workers import the code from (the
     source root of its own client, on this machine). Not stored: embedded runs never resume."""
+    refresh: tuple[str, ...] = ()
+    """Steps that run even when cached (step ids; a mapped step's id names its items)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -68,6 +68,8 @@ class Effects:
     attempt_updates: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     cache_entries: list[dict[str, Any]] = field(default_factory=list)
+    cache_replacements: list[dict[str, Any]] = field(default_factory=list)
+    """Cache entries that replace the one under their key (a refreshed step's outputs)."""
     logs: list[dict[str, Any]] = field(default_factory=list)
     events: list[RunEvent] = field(default_factory=list)
     """To publish; their sequence numbers are given when they are written."""
@@ -86,9 +88,10 @@ class Effects:
 
     def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
         """Outputs of a cache entry made earlier in this very batch."""
-        for entry in self.cache_entries:
-            if entry["key"] == key:
-                return {k: ArtifactInfo.from_json(v) for k, v in entry["outputs"].items()}
+        for entries in (self.cache_replacements, self.cache_entries):
+            for entry in entries:
+                if entry["key"] == key:
+                    return {k: ArtifactInfo.from_json(v) for k, v in entry["outputs"].items()}
         return None
 
     def created_run(self, request_id: str) -> str | None:

@@ -147,6 +147,7 @@ class StoredRun:
     stack: str
     steps: list[StoredStep]
     code_archive: str = ""
+    refresh: tuple[str, ...] = ()
 
 
 def artifact_id_for(token: Token, output: str) -> str:
@@ -502,6 +503,7 @@ class Scheduler:
             code_archive=row.code_archive,
             slots=Slots(limit, used),
             fail_fast=spec.fail_fast,
+            refresh=frozenset(row.refresh),
         )
 
     @staticmethod
@@ -533,6 +535,13 @@ class Scheduler:
                     f"step {s.id!r} asks for runner {runner!r}, which this control plane does "
                     f"not have (it has: {', '.join(sorted(self._runners))})"
                 )
+        ids = {s.id for s in spec.steps} | {s.id.split("[", 1)[0] for s in spec.steps}
+        unknown = sorted(set(cmd.refresh) - ids)
+        if unknown:
+            raise PipelineError(
+                f"refresh names {', '.join(map(repr, unknown))}, not a step of pipeline "
+                f"{spec.name!r}; its steps are: {', '.join(s.id for s in spec.steps)}"
+            )
         run_id = uuid.uuid4().hex
         steps = self._step_states(spec)
         for st in steps.values():
@@ -550,6 +559,7 @@ class Scheduler:
             code_root=cmd.code_root,
             slots=Slots(spec.max_concurrency if spec.HasField("max_concurrency") else None),
             fail_fast=spec.fail_fast,
+            refresh=frozenset(cmd.refresh),
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
@@ -567,6 +577,7 @@ class Scheduler:
                 "code_archive": cmd.code_archive or None,
                 "git_commit": cmd.git_commit or None,
                 "git_dirty": cmd.git_dirty if cmd.git_commit else None,
+                "refresh": sorted(set(cmd.refresh)) or None,
             }
         )
         fx.step_inserts.extend(
@@ -783,7 +794,7 @@ class Scheduler:
             st.material = key_material(st.spec, values)
             st.key = cache_key(st.material)
             cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
-            if cacheable and not run.no_cache:
+            if cacheable and not run.no_cache and not (run.refresh and run.refreshes(st.spec.id)):
                 outputs = fx.cached_outputs(st.key) or lookups.cached_outputs(st.key)
                 if outputs is not None:
                     st.move(StepStatus.CACHED)
@@ -1097,16 +1108,18 @@ class Scheduler:
         fx.attempt(run.run_id, st.spec.id, st.attempt, status=StepStatus.SUCCEEDED, ended_at=now)
         cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
         if cacheable and st.key is not None and st.material is not None:
-            fx.cache_entries.append(
-                {
-                    "key": st.key,
-                    "material": material_to_json(st.material),
-                    "outputs": outputs_json,
-                    "run_id": run.run_id,
-                    "step_id": st.spec.id,
-                    "created_at": now,
-                }
-            )
+            entry = {
+                "key": st.key,
+                "material": material_to_json(st.material),
+                "outputs": outputs_json,
+                "run_id": run.run_id,
+                "step_id": st.spec.id,
+                "created_at": now,
+            }
+            if run.no_cache or (run.refresh and run.refreshes(st.spec.id)):
+                fx.cache_replacements.append(entry)  # fresh outputs replace the entry's
+            else:
+                fx.cache_entries.append(entry)
         self._event(fx, run, st, now)
         self._close_step(run, st, fx, now, ready)
 

@@ -131,6 +131,13 @@ class RunState:
     """The run's attempts at once, against its pipeline's ``max_concurrency``."""
     fail_fast: bool = False
     """The pipeline's ``fail_fast``: the first step to fail for good cancels the others."""
+    refresh: frozenset[str] = frozenset()
+    """Steps that run even when cached (``plait run --refresh``): step ids, or the id of a
+    mapped step, which names its items (``leaf`` for ``leaf[3]``)."""
+
+    def refreshes(self, step_id: str) -> bool:
+        """Whether the run asked to refresh ``step_id``."""
+        return step_id in self.refresh or step_id.split("[", 1)[0] in self.refresh
 
     def move(self, to: RunStatus) -> None:
         if to not in RUN_TRANSITIONS[self.status]:

@@ -9,8 +9,10 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import json_format
 from sqlalchemy.engine import Connection
 
+from plait._explain import CacheExplanation, KeyDifference
 from plait._models import (
     ArtifactInfo,
     CodeSource,
@@ -23,12 +25,15 @@ from plait._models import (
     StepStatus,
     from_epoch,
 )
+from plait.engine._cache import key_material
 from plait.engine._ir import upstream_ids
 from plait.engine.store import _schema as db
 from plait.engine.store._artifacts import artifact_metadata
 from plait.engine.store._ids import resolve_prefix
 from plait.engine.store._pipelines import get_pipeline_version
-from plait.errors import PipelineError, RunNotFoundError
+from plait.errors import NotFoundError, PipelineError, RunNotFoundError
+from plait.ir.canonical import canonical_json
+from plait.ir.v1 import ir_pb2
 
 
 def resolve_run_id(conn: Connection, prefix: str) -> str:
@@ -187,3 +192,187 @@ def list_logs(
         )
         for r in conn.execute(q)
     ]
+
+
+# ---- why a step ran or was cached ----
+
+_COMPONENTS = (
+    ("key_scheme", "key_scheme"),
+    ("code", "code_digest"),
+    ("environment", "environment_digest"),
+    ("cache_version", "cache_version"),
+)
+
+
+def explain_step(conn: Connection, prefix: str, step_id: str) -> CacheExplanation:
+    """Why a step of a run ran or was served from the cache: its key material (computed again
+    from the run's parameters and its upstream outputs, as the scheduler did) compared with that
+    of the nearest earlier cache entry of the same step id in a run of the same pipeline."""
+    run_id = resolve_run_id(conn, prefix)
+    run = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).one()
+    spec = get_pipeline_version(conn, run.version)
+    steps = {s.id: s for s in spec.steps}
+    step = steps.get(step_id)
+    s = db.step_runs
+    row = conn.execute(sa.select(s).where(s.c.run_id == run_id, s.c.step_id == step_id)).first()
+    if step is None or row is None:
+        raise NotFoundError(
+            f"run {run_id} has no step {step_id!r}; its steps are: {', '.join(steps) or 'none'}"
+        )
+    status = StepStatus(row.status)
+    key = row.cache_key or ""
+    outputs = {
+        r.step_id: r.outputs
+        for r in conn.execute(
+            sa.select(s.c.step_id, s.c.outputs).where(
+                s.c.run_id == run_id, s.c.step_id.in_(upstream_ids(step))
+            )
+        )
+    }
+    material = _material(step, dict(run.parameters or {}), outputs)
+    ce = db.cache_entries
+    if material is None and key:
+        stored = conn.execute(sa.select(ce.c.material).where(ce.c.key == key)).scalar()
+        if stored is not None:
+            material = json_format.ParseDict(stored, ir_pb2.CacheKeyMaterial())
+    decided = conn.execute(
+        sa.select(sa.func.min(db.attempts.c.created_at)).where(
+            db.attempts.c.run_id == run_id, db.attempts.c.step_id == step_id
+        )
+    ).scalar()
+    when = decided or row.started_at or run.created_at
+    earlier = conn.execute(
+        sa.select(ce.c.run_id, ce.c.material, ce.c.key)
+        .select_from(ce.join(db.runs, db.runs.c.id == ce.c.run_id))
+        .where(
+            ce.c.step_id == step_id,
+            db.runs.c.pipeline == run.pipeline,
+            ce.c.run_id != run_id,
+            ce.c.created_at <= when,
+        )
+        .order_by(ce.c.created_at.desc())
+        .limit(1)
+    ).first()
+    cached_from = ""
+    if status is StepStatus.CACHED:
+        producers = {o.get("run_id", "") for o in (row.outputs or {}).values()} - {""}
+        if len(producers) == 1:
+            cached_from = producers.pop()
+        else:
+            found = conn.execute(sa.select(ce.c.run_id).where(ce.c.key == key)).scalar()
+            cached_from = str(found or "")
+    differences: list[KeyDifference] = []
+    if earlier is not None and material is not None and status is not StepStatus.CACHED:
+        before = json_format.ParseDict(earlier.material, ir_pb2.CacheKeyMaterial())
+        differences = _differences(material, before)
+    reason = _reason(
+        conn, run, step, status, key, cached_from, earlier, differences, material, when
+    )
+    return CacheExplanation(
+        run_id=run_id,
+        step_id=step_id,
+        status=status,
+        cache_key=key,
+        reason=reason,
+        cached_from_run=cached_from,
+        earlier_run=earlier.run_id if earlier is not None else "",
+        differences=differences,
+    )
+
+
+def _material(
+    step: ir_pb2.StepSpec, parameters: dict[str, Any], outputs: dict[str, Any]
+) -> ir_pb2.CacheKeyMaterial | None:
+    """The step's key material, as the scheduler computes it; None while an upstream step has
+    no outputs (the step never became ready)."""
+
+    def resolve(b: ir_pb2.Binding) -> tuple[str, Any]:
+        kind = b.WhichOneof("kind")
+        if kind == "output":
+            found = outputs.get(b.output.step_id) or {}
+            if b.output.output not in found:
+                raise LookupError(b.output.step_id)
+            return ("artifact", ArtifactInfo.from_json(found[b.output.output]))
+        if kind == "parameter":
+            return ("json", canonical_json(parameters.get(b.parameter)))
+        if kind == "literal":
+            return ("json", b.literal.json)
+        if kind == "list":
+            return ("list", [resolve(i) for i in b.list.items])
+        return ("map", {e.key: resolve(e.value) for e in b.map.entries})
+
+    try:
+        values = {i.name: resolve(i.binding) for i in step.inputs}
+    except LookupError:
+        return None
+    return key_material(step, values)
+
+
+def _differences(
+    now: ir_pb2.CacheKeyMaterial, before: ir_pb2.CacheKeyMaterial
+) -> list[KeyDifference]:
+    out = []
+    for component, attr in _COMPONENTS:
+        a, b = getattr(now, attr), getattr(before, attr)
+        if a != b:
+            out.append(KeyDifference(component, "", a, b))
+    a_out = canonical_json([json_format.MessageToDict(o) for o in now.outputs])
+    b_out = canonical_json([json_format.MessageToDict(o) for o in before.outputs])
+    if a_out != b_out:
+        out.append(KeyDifference("outputs", "", a_out, b_out))
+    for component, field in (("parameter", "parameters"), ("input", "inputs")):
+        mine = {v.name: v.json for v in getattr(now, field)}
+        theirs = {v.name: v.json for v in getattr(before, field)}
+        for name in sorted(mine.keys() | theirs.keys()):
+            if mine.get(name) != theirs.get(name):
+                out.append(KeyDifference(component, name, mine.get(name, ""), theirs.get(name, "")))
+    return out
+
+
+def _reason(
+    conn: Connection,
+    run: Any,
+    step: ir_pb2.StepSpec,
+    status: StepStatus,
+    key: str,
+    cached_from: str,
+    earlier: Any,
+    differences: list[KeyDifference],
+    material: ir_pb2.CacheKeyMaterial | None,
+    when: float,
+) -> str:
+    if status is StepStatus.CACHED:
+        return f"cached: its key matched the cache entry of run {cached_from or '(unknown)'}"
+    if not key:
+        if status is StepStatus.SKIPPED:
+            return "not run: an upstream step did not succeed"
+        return f"not decided yet: it is {status} and has no cache key"
+    if step.settings.HasField("cache") and not step.settings.cache:
+        return "ran: the step's cache is off (cache=False)"
+    if run.no_cache:
+        return "ran: the run ignored the cache (no_cache)"
+    refresh = set(run.refresh or ())
+    if step.id in refresh or step.id.split("[", 1)[0] in refresh:
+        return "ran: the run refreshed it (--refresh)"
+    ce = db.cache_entries
+    same = conn.execute(
+        sa.select(ce.c.run_id).where(
+            ce.c.key == key, ce.c.run_id != run.id, ce.c.created_at <= when
+        )
+    ).scalar()
+    if same is not None:
+        return (
+            f"ran: the cache entry with its key (from run {same}) had lost its outputs' bytes "
+            f"from the artifact store"
+        )
+    if earlier is None:
+        return (
+            f"ran: no earlier cache entry of step {step.id!r} in pipeline {run.pipeline!r} "
+            f"(it never succeeded before)"
+        )
+    if material is None:
+        return f"ran: no cache entry had its key (earlier entry: run {earlier.run_id})"
+    if not differences:
+        return f"ran: no cache entry had its key when it was scheduled (run {earlier.run_id})"
+    named = ", ".join(f"{d.component} {d.name!r}" if d.name else d.component for d in differences)
+    return f"ran: its key differs from the entry of run {earlier.run_id} in: {named}"

@@ -196,6 +196,7 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
             stack=row.stack or "default",
             steps=steps.get(row.id, []),
             code_archive=row.code_archive or "",
+            refresh=tuple(row.refresh or ()),
         )
         for row in rows
     ]
@@ -213,6 +214,8 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
     _update_many(conn, db.runs, ("id",), {(k,): v for k, v in fx.run_updates.items()})
     executemany(conn, _INSERTS["artifacts"], fx.artifacts)
     executemany(conn, _insert_ignore(db.cache_entries, dialect), fx.cache_entries)
+    if fx.cache_replacements:
+        executemany(conn, _upsert(db.cache_entries, dialect), fx.cache_replacements)
     executemany(conn, _INSERTS["logs"], fx.logs)
     if not fx.events:
         return []
@@ -269,6 +272,32 @@ def _insert_ignore(table: sa.Table, dialect: str) -> Any:
             stmt = pg_insert(table).on_conflict_do_nothing()
         _INSERT_IGNORE[(table.name, dialect)] = stmt
     return stmt
+
+
+def _upsert(table: sa.Table, dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (primary key) DO UPDATE every other column (rarely used: a
+    refreshed step's cache entry replaces the one under its key). Built once per table and
+    dialect: :func:`executemany` keeps compiled statements by identity."""
+    cached = _UPSERTS.get((table.name, dialect))
+    if cached is not None:
+        return cached
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt: Any = sqlite_insert(table)
+    else:
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        stmt = pg_insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    others = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    stmt = _UPSERTS[(table.name, dialect)] = stmt.on_conflict_do_update(
+        index_elements=keys, set_=others
+    )
+    return stmt
+
+
+_UPSERTS: dict[tuple[str, str], Any] = {}
 
 
 _UPDATES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}

@@ -56,6 +56,8 @@ runs = sa.Table(
     sa.Column("owner", sa.String, index=True),
     # a cancellation asked of a replica that does not schedule the run: its owner carries it out
     sa.Column("cancel_requested_at", sa.Float),
+    # the steps the run refreshes (run even when cached): a JSON list of step ids, or NULL
+    sa.Column("refresh", sa.JSON),
 )
 
 step_runs = sa.Table(

@@ -19,6 +19,13 @@ own path: ``src/pkg/mod.py`` for ``pkg.mod`` gives ``src``) goes first on ``sys.
 another archive than the last one, the modules imported from the last one are dropped from
 ``sys.modules`` and its folders from ``sys.path``, so one process never mixes two versions of a
 project.
+
+The guard: a worker imports a step's module (a script too) to call the step, so whatever the
+module does at import time runs again in the worker. A pipeline call there (a script's
+``demo()`` without ``if __name__ == "__main__":``) would start the pipeline again from inside
+its own step, recursively. While a step's module is imported (:func:`refusing_pipeline_runs`)
+such a call raises :class:`~plait.errors.PipelineDefinitionError` naming the file, the line and
+the fix, and the step fails with that message.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import secrets
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,7 +51,14 @@ from plait._archive import MANIFEST, MANIFEST_FORMAT, MAX_BYTES, MAX_FILES
 from plait._settings import private_dir
 from plait.ir.v1 import ir_pb2 as ir
 
-__all__ = ["SCRIPT_MODULE", "CodeCache", "CodeRoots", "UnsafeArchiveError", "unpack"]
+__all__ = [
+    "SCRIPT_MODULE",
+    "CodeCache",
+    "CodeRoots",
+    "UnsafeArchiveError",
+    "refusing_pipeline_runs",
+    "unpack",
+]
 
 SCRIPT_MODULE = "__plait_main__"
 """The name a ``__main__`` script's steps are loaded under in a worker."""
@@ -336,3 +350,66 @@ def _exec_file(name: str, path: Path) -> ModuleType:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+_PLAIT_DIRS = tuple(
+    str(Path(m.__file__).parent) + os.sep
+    for m in (sys.modules["plait"], sys.modules["plait.runners"])
+    if m.__file__
+)
+"""Where Plait's own code is (the SDK, the runners): frames skipped when naming the caller."""
+
+
+def _caller(root: Path | None) -> str:
+    """``FILE:LINE`` of the user's code that started a pipeline run (the innermost frame outside
+    Plait), FILE relative to the code root when it is inside it."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PLAIT_DIRS):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return "the step's module"
+    file = frame.f_code.co_filename
+    if root is not None and file.startswith(f"{root}{os.sep}"):
+        file = file[len(str(root)) + 1 :].replace(os.sep, "/")
+    return f"{file}:{frame.f_lineno}"
+
+
+@contextlib.contextmanager
+def refusing_pipeline_runs(module_file: str, root: Path | None = None) -> Iterator[None]:
+    """While a step's module is imported: a pipeline run it starts raises
+    :class:`~plait.errors.PipelineDefinitionError` (naming the file, the line and the fix)
+    instead of starting the pipeline again from inside its own step.
+
+    ``Pipeline.run`` (which a pipeline call goes through) and ``Client.run_pipeline`` refuse
+    for as long as the import lasts; a worker process imports and runs one step at a time.
+
+    Args:
+        module_file: the step module's file as the IR names it (for the message).
+        root: the folder the code is imported from; paths under it are shown relative.
+    """
+    from plait._client import Client
+    from plait._pipeline import Pipeline
+    from plait.errors import PipelineDefinitionError
+
+    def refuse(name: str) -> PipelineDefinitionError:
+        where = _caller(root)
+        return PipelineDefinitionError(
+            f"{where} runs pipeline {name!r} at import time: a worker imports "
+            f"{module_file or 'the module'} to run the pipeline's steps, so the call would start "
+            f"the pipeline again from inside its own step. Put the call under `if __name__ == "
+            f'"__main__":`'
+        )
+
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise refuse(self.name)
+
+    def run_pipeline(self: Any, pipeline: Any, *args: Any, **kwargs: Any) -> Any:
+        raise refuse(getattr(pipeline, "name", "?"))
+
+    saved = Pipeline.__dict__["run"], Client.__dict__["run_pipeline"]
+    Pipeline.run = run  # type: ignore[method-assign]
+    Client.run_pipeline = run_pipeline  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Pipeline.run, Client.run_pipeline = saved  # type: ignore[method-assign]

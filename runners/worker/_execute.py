@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
-import json
 import os
 import sys
 import tempfile
@@ -27,14 +26,21 @@ from typing import Any, Protocol
 
 from plait import _context
 from plait._artifact_store import LocalArtifactStore
+from plait._file import load_json
 from plait._materializers import get_materializer, materializer_for, type_name
 from plait._models import ArtifactInfo, StepError
 from plait._step import code_digest
+from plait._types import conform
 from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.ir.v1 import ir_pb2 as ir
 from plait.runners.worker._blobs import BlobStore, RemoteBlobStore
-from plait.runners.worker._code import SCRIPT_MODULE, CodeCache, CodeRoots
+from plait.runners.worker._code import (
+    SCRIPT_MODULE,
+    CodeCache,
+    CodeRoots,
+    refusing_pipeline_runs,
+)
 from plait.runners.worker._lease import EXIT_CANCELLED as EXIT_CANCELLED
 from plait.runners.worker._lease import EXIT_LEASE_LOST as EXIT_LEASE_LOST
 from plait.runners.worker._lease import Cancelled as Cancelled
@@ -489,19 +495,30 @@ class StepExecutor:
         with self._capture.follow(token, task.log_limit_bytes or DEFAULT_LOG_LIMIT, reporter):
             reset = _context.set_context(ctx)
             try:
-                store = self._store(task.artifact_store_uri)
-                fn = self._function(
-                    task.step.code, task.code_archive, task.artifact_store_uri, task.code_root
-                )
-                kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
-                result = fn(**kwargs)
-                if inspect.isawaitable(result):
-                    result = self._loop.run_until_complete(result)
-                outputs = self._store_outputs(task, result, store)
-            except LeaseLost:
-                raise  # a report the step made found the attempt no longer this worker's
-            except BaseException as exc:  # the step's own failure is data, whatever it is
-                failure = exc
+                try:
+                    store = self._store(task.artifact_store_uri)
+                    fn = self._function(
+                        task.step.code, task.code_archive, task.artifact_store_uri, task.code_root
+                    )
+                    kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
+                    result = fn(**kwargs)
+                    if inspect.isawaitable(result):
+                        result = self._loop.run_until_complete(result)
+                    outputs = self._store_outputs(task, result, store)
+                except LeaseLost:
+                    raise  # a report the step made found the attempt no longer this worker's
+                except BaseException as exc:  # the step's own failure is data, whatever it is
+                    failure = exc
+                # in the step's context and log capture: a hook may read the context, log
+                # metadata, and what it prints (or its traceback) is in the step's logs
+                if failure is None and task.step.settings.HasField("on_success"):
+                    self._call_hook(task, "on_success", ctx)
+                elif (
+                    failure is not None
+                    and not isinstance(failure, KeyboardInterrupt)
+                    and task.step.settings.HasField("on_failure")
+                ):
+                    self._call_hook(task, "on_failure", ctx, failure)
             finally:
                 _context.reset_context(reset)
                 for name, old in env_before.items():
@@ -510,6 +527,34 @@ class StepExecutor:
                     else:
                         os.environ[name] = old
         return failure, outputs, start
+
+    def _call_hook(self, task: tasks.Task, what: str, *args: Any) -> None:
+        """Calls the step's ``on_success`` or ``on_failure`` hook (found as step code is); what
+        it raises, or a hook that cannot be loaded, is written with its traceback to stderr
+        (the step's log) and changes nothing else. Only an interrupt or a lost lease goes up."""
+        code: ir.CodeRef = getattr(task.step.settings, what)
+        name = f"{code.module}.{code.qualname}"
+        try:
+            root = (
+                self._code_root(task.code_archive, task.artifact_store_uri)
+                if task.code_archive
+                else None
+            )
+            hook = self._lookup(code, root, "" if task.code_archive else task.code_root)
+            result = hook(*args)
+            if inspect.isawaitable(result):
+                self._loop.run_until_complete(result)
+        except (LeaseLost, KeyboardInterrupt):
+            raise
+        except BaseException:  # a hook never changes the step's outcome, whatever it raises
+            sys.stdout.flush()
+            print(
+                f"plait: the {what} hook {name} of step {task.step.id!r} raised (the step's "
+                f"outcome is unchanged):\n{traceback.format_exc()}",
+                file=sys.stderr,
+                end="",
+                flush=True,
+            )
 
     def _module(self, code: ir.CodeRef, root: Path | None = None, local: str = "") -> ModuleType:
         """The step's module: from the unpacked code archive ``root``, else from this process's
@@ -525,30 +570,37 @@ class StepExecutor:
             # modules of another archive are gone from sys.modules: so from this cache too
             for other in [k for k in self._modules if k[0] != key[0]]:
                 del self._modules[other]
+        with refusing_pipeline_runs(code.file, root or (Path(local) if local else None)):
+            module = self._import(code, root, file)
+        self._modules[key] = module
+        return module
+
+    def _import(self, code: ir.CodeRef, root: Path | None, file: str) -> ModuleType:
+        """Imports the step's module (see `_module`)."""
         if root is not None:
-            module = self._roots.load(code)
-        elif code.module == "__main__":
+            return self._roots.load(code)
+        if code.module == "__main__":
             if not file:
                 raise RuntimeError("the step is defined in __main__ without a source file")
             spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, file)
             if spec is None or spec.loader is None:
                 raise ImportError(f"cannot load {file}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[SCRIPT_MODULE] = module
-            spec.loader.exec_module(module)
         else:
             try:
-                module = importlib.import_module(code.module)
+                return importlib.import_module(code.module)
             except ImportError:
                 if not file:
                     raise
                 spec = importlib.util.spec_from_file_location(code.module, file)
                 if spec is None or spec.loader is None:
                     raise
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[code.module] = module
-                spec.loader.exec_module(module)
-        self._modules[key] = module
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(spec.name, None)  # half a module is not left for the next task
+            raise
         return module
 
     def _function(
@@ -633,7 +685,7 @@ class StepExecutor:
     def _value(self, v: tasks.Value, store: BlobStore) -> Any:
         kind = v.WhichOneof("kind")
         if kind == "json":
-            return json.loads(v.json)
+            return load_json(v.json)  # a plait.File parameter comes back as a Path
         if kind == "artifact":
             data = store.get(v.artifact.digest)
             return get_materializer(v.artifact.materializer).load(data)
@@ -659,6 +711,7 @@ class StepExecutor:
         out = []
         now = datetime.now(UTC)
         for spec, value in zip(specs, values, strict=True):
+            value = conform(value, spec.type.expr)  # a numpy scalar declared -> float: a float
             _check_type(task.step.id, spec, value)
             m = materializer_for(value, spec.materializer)
             try:

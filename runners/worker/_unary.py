@@ -160,10 +160,13 @@ def remote_artifacts(mode: str, address: str) -> bool:
     the control plane is on this machine, where its store can be read directly)."""
     if mode in ("remote", "local"):
         return mode == "remote"
-    from plait._settings import is_loopback
+    from plait._settings import is_loopback, parse_server
 
-    host = address.rsplit(":", 1)[0].strip("[]")
-    return not is_loopback(host)
+    try:
+        servers = parse_server(address)
+    except Exception:  # not ours to refuse here: the channel says what is wrong with it
+        return True
+    return not all(is_loopback(s.host.strip("[]")) for s in servers)
 
 
 def lease_token(text: str) -> tasks.LeaseToken:

@@ -32,6 +32,7 @@ class CreateRunRequest(_message.Message):
     NO_CACHE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    REFRESH_FIELD_NUMBER: _builtins.int
     pipeline_version: _builtins.str
     """The pipeline version to run: "pipelines/{pipeline}/versions/{version}"."""
     no_cache: _builtins.bool
@@ -48,6 +49,12 @@ class CreateRunRequest(_message.Message):
         commit when the source root is a git repository.
         """
 
+    @_builtins.property
+    def refresh(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Steps that run even when the cache holds their outputs (by step id; a mapped step's id
+        names all its items). Their downstream runs again only where their new outputs differ.
+        """
+
     def __init__(
         self,
         *,
@@ -56,10 +63,11 @@ class CreateRunRequest(_message.Message):
         no_cache: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         code: _resources_pb2.CodeSource | None = ...,
+        refresh: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "refresh", b"refresh", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -478,3 +486,115 @@ class StreamLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamLogsResponse: _TypeAlias = StreamLogsResponse  # noqa: Y015
+
+@_typing.final
+class ExplainStepRequest(_message.Message):
+    """Request of ExplainStep."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "runs/{run_id}". A unique prefix of the id is accepted."""
+    step_id: _builtins.str
+    """The step's id."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainStepRequest: _TypeAlias = ExplainStepRequest  # noqa: Y015
+
+@_typing.final
+class CacheKeyDifference(_message.Message):
+    """One component of a cache key that differs between two key materials."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPONENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EARLIER_VALUE_FIELD_NUMBER: _builtins.int
+    component: _builtins.str
+    """"code", "outputs", "parameter", "input", "environment", "cache_version" or "key_scheme"."""
+    name: _builtins.str
+    """The parameter's or input's name; empty for the others."""
+    value: _builtins.str
+    """The value in this run (canonical JSON or a digest); empty when it has none."""
+    earlier_value: _builtins.str
+    """The value in the earlier entry; empty when it has none."""
+    def __init__(
+        self,
+        *,
+        component: _builtins.str = ...,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+        earlier_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component", b"component", "earlier_value", b"earlier_value", "name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheKeyDifference: _TypeAlias = CacheKeyDifference  # noqa: Y015
+
+@_typing.final
+class ExplainStepResponse(_message.Message):
+    """Response of ExplainStep."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CACHE_KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CACHED_FROM_RUN_FIELD_NUMBER: _builtins.int
+    EARLIER_RUN_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id."""
+    step_id: _builtins.str
+    """The step's id."""
+    status: _resources_pb2.StepStatus.ValueType
+    """The step's status, as in StepRun."""
+    cache_key: _builtins.str
+    """Its cache key; empty when it has none (it never became ready)."""
+    reason: _builtins.str
+    """One line saying why it ran or was cached."""
+    cached_from_run: _builtins.str
+    """For a CACHED step: the run whose outputs it reuses."""
+    earlier_run: _builtins.str
+    """The run of the earlier cache entry compared with; empty when there is none."""
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___CacheKeyDifference]:
+        """The components of the key that differ from that entry's."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+        status: _resources_pb2.StepStatus.ValueType = ...,
+        cache_key: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        cached_from_run: _builtins.str = ...,
+        earlier_run: _builtins.str = ...,
+        differences: _abc.Iterable[Global___CacheKeyDifference] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached_from_run", b"cached_from_run", "differences", b"differences", "earlier_run", b"earlier_run", "reason", b"reason", "run_id", b"run_id", "status", b"status", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainStepResponse: _TypeAlias = ExplainStepResponse  # noqa: Y015

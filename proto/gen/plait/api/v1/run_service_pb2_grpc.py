@@ -76,6 +76,11 @@ class RunServiceStub:
                 request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.ExplainStep = channel.unary_unary(
+                '/plait.api.v1.RunService/ExplainStep',
+                request_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepRequest.SerializeToString,
+                response_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -139,6 +144,14 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainStep(self, request, context):
+        """Says why a step of a run ran or was served from the cache: its cache key material
+        compared with the nearest earlier cache entry of the same step, component by component.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +194,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.FromString,
                     response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'ExplainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainStep,
+                    request_deserializer=plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepRequest.FromString,
+                    response_serializer=plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +418,33 @@ class RunService:
             '/plait.api.v1.RunService/CancelRun',
             plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
             plait_dot_api_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.api.v1.RunService/ExplainStep',
+            plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepRequest.SerializeToString,
+            plait_dot_api_dot_v1_dot_run__service__pb2.ExplainStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

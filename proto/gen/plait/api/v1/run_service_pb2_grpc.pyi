@@ -52,6 +52,10 @@ class RunServiceStub:
     """Cancels a run: its queued and running attempts are stopped, its other steps never run.
     Cancelling a run that already ended changes nothing.
     """
+    ExplainStep: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ExplainStepRequest, _run_service_pb2.ExplainStepResponse]
+    """Says why a step of a run ran or was served from the cache: its cache key material
+    compared with the nearest earlier cache entry of the same step, component by component.
+    """
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -75,6 +79,10 @@ class RunServiceAsyncStub(RunServiceStub):
     CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
     """Cancels a run: its queued and running attempts are stopped, its other steps never run.
     Cancelling a run that already ended changes nothing.
+    """
+    ExplainStep: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ExplainStepRequest, _run_service_pb2.ExplainStepResponse]  # type: ignore[assignment]
+    """Says why a step of a run ran or was served from the cache: its cache key material
+    compared with the nearest earlier cache entry of the same step, component by component.
     """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -144,6 +152,16 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_run_service_pb2.CancelRunResponse, _abc.Awaitable[_run_service_pb2.CancelRunResponse]]:
         """Cancels a run: its queued and running attempts are stopped, its other steps never run.
         Cancelling a run that already ended changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainStep(
+        self,
+        request: _run_service_pb2.ExplainStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ExplainStepResponse, _abc.Awaitable[_run_service_pb2.ExplainStepResponse]]:
+        """Says why a step of a run ran or was served from the cache: its cache key material
+        compared with the nearest earlier cache entry of the same step, component by component.
         """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -51,7 +51,7 @@ class PipelineSpec(_message.Message):
     """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
-        """Run-time parameters of the pipeline, in declaration order."""
+        """The pipeline's parameters, in declaration order (run parameters and structural ones)."""
 
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepSpec]:
@@ -86,6 +86,7 @@ class ParameterSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    STRUCTURAL_VALUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The parameter's name, unique in the pipeline."""
     @_builtins.property
@@ -96,20 +97,35 @@ class ParameterSpec(_message.Message):
     def default_value(self) -> Global___Literal:
         """The value used when a run does not give one; absent when the parameter is required."""
 
+    @_builtins.property
+    def structural_value(self) -> Global___Literal:
+        """Set when the parameter is structural: the pipeline function used its value in Python
+        (control flow, arithmetic, formatting, iteration) while it was traced, so the steps of this
+        version were compiled for this value. A run of the version takes this value, given or not,
+        and is refused when given another one. Absent for a run parameter, which is only passed to
+        steps and may take any value.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         type: Global___TypeSpec | None = ...,
         default_value: Global___Literal | None = ...,
+        structural_value: Global___Literal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "default_value", b"default_value", "type", b"type"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "_structural_value", b"_structural_value", "default_value", b"default_value", "structural_value", b"structural_value", "type", b"type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "default_value", b"default_value", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_default_value", b"_default_value", "_structural_value", b"_structural_value", "default_value", b"default_value", "name", b"name", "structural_value", b"structural_value", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__default_value: _TypeAlias = _typing.Literal["default_value"]  # noqa: Y015
     _WhichOneofArgType__default_value: _TypeAlias = _typing.Literal["_default_value", b"_default_value"]  # noqa: Y015
+    _WhichOneofReturnType__structural_value: _TypeAlias = _typing.Literal["structural_value"]  # noqa: Y015
+    _WhichOneofArgType__structural_value: _TypeAlias = _typing.Literal["_structural_value", b"_structural_value"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__default_value) -> _WhichOneofReturnType__default_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__structural_value) -> _WhichOneofReturnType__structural_value | None: ...
 
 Global___ParameterSpec: _TypeAlias = ParameterSpec  # noqa: Y015
 
@@ -483,6 +499,8 @@ class StepSettings(_message.Message):
     RETRY_ON_FIELD_NUMBER: _builtins.int
     NO_RETRY_ON_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    ON_SUCCESS_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
     cache: _builtins.bool
     """Whether the step may be served from the cache; unset means true."""
     cache_version: _builtins.str
@@ -533,6 +551,20 @@ class StepSettings(_message.Message):
     def resources(self) -> Global___Resources:
         """What one attempt of the step may use; unset fields mean no limit (the runner's default)."""
 
+    @_builtins.property
+    def on_success(self) -> Global___CodeRef:
+        """A function the worker calls as hook(context) after an attempt succeeded and its outputs
+        are stored (context: what plait.get_step_context() returns in the step). Referenced like
+        step code (module, qualname, file, code_digest); unset means none. Not in the cache key.
+        """
+
+    @_builtins.property
+    def on_failure(self) -> Global___CodeRef:
+        """A function the worker calls as hook(context, error) after the attempt's code raised, before
+        the failure is reported (error: the exception). A hook's own failure goes to the step's
+        stderr and never changes its outcome. Unset means none. Not in the cache key.
+        """
+
     def __init__(
         self,
         *,
@@ -550,10 +582,12 @@ class StepSettings(_message.Message):
         retry_on: _abc.Iterable[_builtins.str] | None = ...,
         no_retry_on: _abc.Iterable[_builtins.str] | None = ...,
         resources: Global___Resources | None = ...,
+        on_success: Global___CodeRef | None = ...,
+        on_failure: Global___CodeRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "resources", b"resources", "retry_backoff", b"retry_backoff", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "environment", b"environment", "on_failure", b"on_failure", "on_success", b"on_success", "resources", b"resources", "retry_backoff", b"retry_backoff", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "no_retry_on", b"no_retry_on", "pool", b"pool", "resources", b"resources", "retries", b"retries", "retry_backoff", b"retry_backoff", "retry_delay_seconds", b"retry_delay_seconds", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "retry_on", b"retry_on", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache", b"_cache", "_retry_backoff", b"_retry_backoff", "_retry_jitter", b"_retry_jitter", "_retry_max_delay_seconds", b"_retry_max_delay_seconds", "_timeout_seconds", b"_timeout_seconds", "cache", b"cache", "cache_version", b"cache_version", "environment", b"environment", "no_retry_on", b"no_retry_on", "on_failure", b"on_failure", "on_success", b"on_success", "pool", b"pool", "resources", b"resources", "retries", b"retries", "retry_backoff", b"retry_backoff", "retry_delay_seconds", b"retry_delay_seconds", "retry_jitter", b"retry_jitter", "retry_max_delay_seconds", b"retry_max_delay_seconds", "retry_on", b"retry_on", "runner", b"runner", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cache: _TypeAlias = _typing.Literal["cache"]  # noqa: Y015
     _WhichOneofArgType__cache: _TypeAlias = _typing.Literal["_cache", b"_cache"]  # noqa: Y015
