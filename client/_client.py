@@ -388,6 +388,70 @@ class Client:
             name: files_to_json(value, _declared(pipeline, name))
             for name, value in parameters.items()
         }
+        return self._start(pipeline, parameters, no_cache, wait, request_id, on_events, refresh)
+
+    def retry_run(
+        self,
+        run_id: str,
+        pipeline: Pipeline[Any] | None = None,
+        *,
+        wait: bool = True,
+        request_id: str | None = None,
+        on_events: Callable[[list[RunEvent]], None] | None = None,
+    ) -> Run:
+        """Starts a new run that retries an ended run: the same parameters, every step that
+        succeeded (or was cached) there reused, the others and their downstream run.
+
+        A reused step is CACHED in the new run, its outputs those of the old run, whatever the
+        cache holds (a ``cache=False`` step that succeeded is reused too) as long as their
+        bytes are still stored. The steps that failed, were skipped or were cancelled run, and
+        so does everything downstream of them. The new run records the run it retries
+        (``Run.retry_of``).
+
+        Args:
+            run_id: the run to retry (a unique prefix of its id is enough).
+            pipeline: the pipeline as the code is now: it is compiled with the old run's
+                parameters (the same structural values) and registered, and the new run runs
+                this code. A step that is not in it any more is ignored; a new step runs.
+                Without it, the old run's version and code run again (the embedded engine does
+                not record where a run's code came from: its workers import it from their own
+                path, so pass the pipeline there).
+
+        Raises:
+            RunNotFoundError: no such run.
+            InUseError: the run has not ended yet.
+        """
+        if pipeline is None:
+            request = run_service_pb2.CreateRunRequest(
+                retry_of=f"runs/{run_id}", request_id=request_id or uuid.uuid4().hex
+            )
+            what = f"retrying run {run_id}"
+            resp = self._call_again(self._runs.CreateRun, request, what)
+            if not wait:
+                return Run.from_proto(resp.run, self)
+            return self.wait(resp.run.run_id, on_events=on_events)
+        old = self.get_run(run_id)
+        if not old.status.is_final:
+            raise errors.InUseError(
+                f"run {old.run_id} has not ended (it is {old.status.lower()}): a run can be "
+                f"retried once it has ended (wait for it, or cancel it)"
+            )
+        return self._start(
+            pipeline, old.parameters, False, wait, request_id, on_events, (), old.run_id
+        )
+
+    def _start(
+        self,
+        pipeline: Pipeline[Any],
+        parameters: Mapping[str, Any],
+        no_cache: bool,
+        wait: bool,
+        request_id: str | None,
+        on_events: Callable[[list[RunEvent]], None] | None,
+        refresh: Sequence[str],
+        retry_of: str = "",
+    ) -> Run:
+        """Compiles, registers and runs ``pipeline`` (parameters as JSON values)."""
         values = pipeline.check_parameters(parameters)
         if self._packer is None:
             self._packer = ThreadPoolExecutor(1, thread_name_prefix="plait-pack")
@@ -406,6 +470,7 @@ class Client:
             no_cache=no_cache,
             request_id=request_id or uuid.uuid4().hex,
             refresh=list(refresh),
+            retry_of=f"runs/{retry_of}" if retry_of else "",
         )
         if code is not None:
             request.code.CopyFrom(code.to_proto())

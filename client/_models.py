@@ -389,6 +389,14 @@ class StepRun:
         return self.status == StepStatus.CACHED
 
     @property
+    def cached_from(self) -> str:
+        """For a CACHED step, the id of the run that made its outputs (from the cache, or
+        from the run a retry reused them from); empty otherwise."""
+        if self.status != StepStatus.CACHED:
+            return ""
+        return next((a.run_id for a in self.outputs.values() if a.run_id), "")
+
+    @property
     def duration(self) -> float | None:
         """Seconds from start to end, when both are known."""
         if self.start_time is None or self.end_time is None:
@@ -511,6 +519,8 @@ class Run:
     code: CodeSource | None = None
     """The code archive the run executes, and the git state it was packed from; None when
     its steps are imported from the workers' own path."""
+    retry_of: str = ""
+    """The id of the run this one retries (``plait runs retry``), or empty."""
     _client: Any = field(default=None, repr=False, compare=False)
     """The :class:`plait.Client` it was read through."""
 
@@ -525,6 +535,7 @@ class Run:
             request_id=self.request_id,
             stack=f"stacks/{self.stack}" if self.stack else "",
             last_sequence=self.last_sequence,
+            retry_of=self.retry_of,
         )
         for s in self.steps.values():
             s.fill_proto(msg.steps.add())
@@ -555,6 +566,7 @@ class Run:
             request_id=r.request_id,
             last_sequence=r.last_sequence,
             code=CodeSource.from_proto(r.code) if r.HasField("code") else None,
+            retry_of=r.retry_of,
             _client=client,
         )
 

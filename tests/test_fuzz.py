@@ -207,6 +207,7 @@ def _seed(daemon: Daemon) -> Target:
         "parent": (f"pipelines/{proto.pipeline}",),
         "pipeline": (proto.pipeline,),
         "run_id": (proto.run_id,),
+        "retry_of": runs_,
         "step_id": tuple(s.step_id for s in proto.steps),
         "runner": ("local",),
         "plait.ir.v1.NamedValue.name": ("n",),

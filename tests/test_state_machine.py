@@ -30,6 +30,7 @@ from plait.engine.scheduler import (
     Logs,
     Metadata,
     Release,
+    RetrySource,
     RunCreated,
     Scheduler,
     Started,
@@ -40,7 +41,7 @@ from plait.engine.scheduler import (
     Token,
 )
 from plait.engine.scheduler._machine import DEFAULT_CRASH_RETRIES, DEFAULT_QUEUE_TIMEOUT
-from plait.errors import ParameterError, PipelineNotFoundError
+from plait.errors import InUseError, ParameterError, PipelineNotFoundError, RunNotFoundError
 from plait.ir.v1 import ir_pb2
 
 VERSION = "v1"
@@ -70,6 +71,7 @@ class MemoryLookups:
         self.specs = {VERSION if i == 0 else f"v{i + 1}": s for i, s in enumerate(specs)}
         self.cache: dict[str, dict[str, ArtifactInfo]] = {}
         self.requests: dict[str, str] = {}
+        self.retries: dict[str, RetrySource] = {}
 
     def run_for_request(self, request_id: str) -> str | None:
         return self.requests.get(request_id)
@@ -87,6 +89,11 @@ class MemoryLookups:
 
     def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
         return self.cache.get(key)
+
+    def retry_source(self, run_id: str) -> RetrySource:
+        if run_id not in self.retries:
+            raise RunNotFoundError(f"no run {run_id!r}")
+        return self.retries[run_id]
 
     def commit(self, fx: Effects) -> Effects:
         for e in fx.cache_entries:
@@ -208,6 +215,34 @@ def test_a_second_run_is_served_from_the_cache_without_a_task() -> None:
     assert sorted(cached) == ["n0", "n1", "n2"]
     _, fx = m.create(no_cache=True)
     assert [t.token.step_id for t in fx.tasks] == ["n0"]
+
+
+def test_a_retry_reuses_what_succeeded_and_runs_the_rest_without_the_cache() -> None:
+    # a diamond n0 -> n1, n0 -> n2, n1 -> n3, n2 -> n3; no step caches
+    m = Machine(spec_of(nx.DiGraph([(0, 1), (0, 2), (1, 3), (2, 3)]), cache=False))
+    old, fx = m.create()
+    root = fx.tasks[0]
+    fx = m.apply(done(root))
+    tasks = by_step(fx.tasks)
+    fx = m.apply(done(tasks["n1"]), Failed(tasks["n2"].token, StepError("E", "boom")))
+    assert fx.run_updates[old]["status"] == RunStatus.FAILED
+    outputs = {"n0": {"output": output(root.token)}, "n1": {"output": output(tasks["n1"].token)}}
+    m.lookups.retries[old] = RetrySource(old, RunStatus.FAILED, VERSION, {}, "", "", False, outputs)
+    new, fx = m.create(retry_of=old)
+    assert [t.token.step_id for t in fx.tasks] == ["n2"]  # the failed step, nothing else
+    cached = {e.step_id: e.message for e in fx.events if e.step_status is StepStatus.CACHED}
+    assert cached == {"n0": f"reused from run {old}", "n1": f"reused from run {old}"}
+    assert fx.run_inserts[0]["retry_of"] == old and fx.run_inserts[0]["version"] == VERSION
+    fx = m.apply(done(fx.tasks[0]))
+    fx = m.apply(done(fx.tasks[0]))  # n3, downstream of the failed step, runs
+    assert fx.run_updates[new]["status"] == RunStatus.SUCCEEDED
+    # a run that has not ended is not retried; an unknown one is not found
+    m.lookups.retries["busy"] = RetrySource(
+        "busy", RunStatus.RUNNING, VERSION, {}, "", "", False, {}
+    )
+    for run_id, error in (("busy", InUseError), ("nope", RunNotFoundError)):
+        cmd = CreateRun("", {}, retry_of=run_id)
+        assert isinstance(m.apply(cmd).replies[id(cmd)], error)
 
 
 def test_a_stale_or_repeated_report_changes_nothing() -> None:

@@ -97,6 +97,7 @@ def step_json(s: Any) -> dict[str, Any]:
         "end_time": time_json(s.end_time),
         "duration_seconds": s.duration,
         "cached": s.cached,
+        "cached_from": s.cached_from or None,
         "cache_key": s.cache_key,
         "upstream": list(s.upstream),
         "metadata": s.metadata,
@@ -120,6 +121,7 @@ def run_json(run: Any, *, steps: bool = True) -> dict[str, Any]:
         "create_time": time_json(run.create_time),
         "end_time": time_json(run.end_time),
         "duration_seconds": duration,
+        "retry_of": run.retry_of or None,
     }
     if steps:
         doc["steps"] = [step_json(s) for s in run.steps.values()]

@@ -1,4 +1,4 @@
-"""``plait runs …``: list, show, follow and cancel runs, and print their logs."""
+"""``plait runs …``: list, show, follow, cancel and retry runs, and print their logs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from plait.cli._common import (
     EPILOG,
     fail,
     get_console,
+    load_pipeline,
     output_option,
     print_json,
     print_run,
@@ -110,6 +111,8 @@ def runs_show(run_id: str, output: str) -> None:
         f"run [bold]{run.run_id}[/]  pipeline {run.pipeline}  "
         f"version {run.pipeline_version[:12]}  stack {run.stack or '-'}  {styled(run.status)}"
     )
+    if run.retry_of:
+        console.print(f"retry of run {run.retry_of}", markup=False)
     if run.parameters:
         console.print("parameters: " + json.dumps(run.parameters), markup=False)
     table = Table("step", "status", "attempt", "duration", "cached", "outputs", "metadata")
@@ -125,7 +128,7 @@ def runs_show(run_id: str, output: str) -> None:
             styled(s.status),
             str(s.attempt),
             f"{s.duration:.3f}s" if s.duration is not None else "",
-            "yes" if s.cached else "",
+            _cached(s),
             outputs,
             json.dumps(s.metadata) if s.metadata else "",
         )
@@ -133,6 +136,69 @@ def runs_show(run_id: str, output: str) -> None:
     for s in run.steps.values():
         if s.error is not None:
             console.print(f"[red]{s.step_id}:[/] {s.error.type}: {s.error.message}", markup=True)
+
+
+def _cached(s: Any) -> str:
+    """The cached column of a step: the run its outputs came from, for a CACHED step."""
+    if not s.cached:
+        return ""
+    return f"from {s.cached_from[:12]}" if s.cached_from else "yes"
+
+
+_RETRY_EPILOG = f"""\b
+Exit codes: 0 the new run succeeded (or, with --detach, was accepted); 1 it did not; 2 no
+such run, the run has not ended, or the server could not be reached.
+
+{EPILOG}"""
+
+
+@runs.command("retry", epilog=_RETRY_EPILOG)
+@click.argument("run_id")
+@click.argument("target", required=False)
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Print the new run's id as soon as it is accepted; follow it with `plait runs watch`.",
+)
+def runs_retry(run_id: str, target: str | None, detach: bool) -> None:
+    """Retry an ended run: a new run with the same parameters reuses every step that
+    succeeded (CACHED, the old run's outputs) and runs the failed, skipped and cancelled
+    steps and their downstream.
+
+    RUN_ID may be a unique prefix of the id. With TARGET (FILE.py:PIPELINE or
+    package.module:PIPELINE) the pipeline is compiled from the code as it is now (with the
+    old run's parameters) and the new run executes that code: fix the bug, then retry. A step
+    that is not in the pipeline any more is ignored; a new one runs. Without TARGET the old
+    run's pipeline version and code run again (on the embedded engine, whose runs do not
+    record their code, the steps are imported from this folder's path: pass TARGET there).
+
+    \b
+    Example:
+      plait runs retry 3f2a9c examples/quickstart.py:demo
+    """
+    from plait._client import Client
+
+    try:
+        pipe = load_pipeline(target) if target else None
+        client = Client.default()
+        client.on_reconnect = reconnect_notice
+        if detach and client.embedded:
+            fail(
+                "--detach needs a server: the embedded engine stops with this process "
+                "(start one with `plait server start`, then set PLAIT_SERVER)"
+            )
+        run = client.retry_run(run_id, pipe, wait=False)
+        if detach:
+            click.echo(run.run_id)
+            return
+        click.echo(f"run {run.run_id} retries run {run.retry_of}", err=True)
+        run = client.wait(run.run_id)
+    except PlaitError as exc:
+        fail(str(exc))
+    print_run(run)
+    if run.status != "SUCCEEDED":
+        sys.exit(1)
 
 
 @runs.command("logs", epilog=EPILOG)

@@ -106,6 +106,7 @@ LIMITS: dict[str, int] = {
     _API + "StreamLogsRequest.name": NAME,
     _API + "StreamLogsRequest.step_id": NAME,
     _API + "CreateRunRequest.refresh": NAME,
+    _API + "CreateRunRequest.retry_of": NAME,
     _API + "ExplainStepRequest.name": NAME,
     _API + "ExplainStepRequest.step_id": NAME,
     # ArtifactService

@@ -82,8 +82,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                     f"code archive {code.archive} is not in the control plane's store: "
                     f"upload it (ArtifactService.UploadArtifact) before CreateRun"
                 )
-            if request.refresh:
-                created = await self._create_refreshing(request, params, code)
+            if request.refresh or request.retry_of:
+                created = await self._create_with_options(request, params, code)
             else:
                 created = await self.cp.create_run(
                     version_id(request.pipeline_version),
@@ -96,13 +96,19 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             run = await self.cp.store.read(_runs.get_run, created.run_id, False)
         return pb.CreateRunResponse(run=run.to_proto(), created=created.created)
 
-    async def _create_refreshing(
+    async def _create_with_options(
         self, request: pb.CreateRunRequest, params: dict[str, str], code: CodeSource | None
     ) -> RunCreated:
-        """CreateRun with steps to refresh (ControlPlane.create_run takes none yet)."""
+        """CreateRun with steps to refresh or a run to retry (ControlPlane.create_run takes
+        neither)."""
+        retry_of = ""
+        if request.retry_of:
+            retry_of = await self._run_id(request.retry_of)  # NOT_FOUND for an unknown run
         answer = await self.cp.ask(
             CreateRun(
-                version_id(request.pipeline_version),
+                version_id(request.pipeline_version)
+                if request.pipeline_version or not retry_of
+                else "",
                 params,
                 request.no_cache,
                 request.request_id,
@@ -111,6 +117,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                 git_dirty=code.git_dirty if code is not None else False,
                 code_root=code.local_root if code is not None else "",
                 refresh=tuple(request.refresh),
+                retry_of=retry_of,
             )
         )
         if isinstance(answer, Exception):

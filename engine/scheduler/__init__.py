@@ -24,6 +24,7 @@ from plait.engine.scheduler._commands import (
 from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder, Value
 from plait.engine.scheduler._machine import (
     Lookups,
+    RetrySource,
     Scheduler,
     StoredRun,
     StoredStep,
@@ -57,6 +58,7 @@ __all__ = [
     "Metadata",
     "Release",
     "Report",
+    "RetrySource",
     "RunCreated",
     "RunState",
     "Scheduler",

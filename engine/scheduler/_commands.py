@@ -36,6 +36,9 @@ class CreateRun:
     source root of its own client, on this machine). Not stored: embedded runs never resume."""
     refresh: tuple[str, ...] = ()
     """Steps that run even when cached (step ids; a mapped step's id names its items)."""
+    retry_of: str = ""
+    """The id of an ended run this one retries: its steps that succeeded are reused. An empty
+    ``version``, ``parameters`` or code mean the retried run's."""
 
 
 @dataclass(frozen=True, eq=False)

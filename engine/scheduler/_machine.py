@@ -42,7 +42,7 @@ from plait.engine.scheduler._commands import (
 )
 from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder, Value
 from plait.engine.scheduler._state import RunState, Slots, StepState
-from plait.errors import PipelineError, PlaitError
+from plait.errors import InUseError, PipelineError, PlaitError
 from plait.ir.canonical import canonical_json
 from plait.ir.v1 import ir_pb2
 
@@ -108,6 +108,27 @@ class Lookups(Protocol):
 
     def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
         """The outputs of the cache entry under ``key`` whose bytes are all still stored."""
+
+    def retry_source(self, run_id: str) -> RetrySource:
+        """What a retry of the run ``run_id`` (a full id) starts from; raises
+        RunNotFoundError."""
+
+
+@dataclass(frozen=True)
+class RetrySource:
+    """A run as a retry of it sees it."""
+
+    run_id: str
+    status: RunStatus
+    version: str
+    parameters: dict[str, Any]
+    """Values by name (decoded JSON)."""
+    code_archive: str
+    git_commit: str
+    git_dirty: bool
+    outputs: dict[str, dict[str, ArtifactInfo]]
+    """The outputs of its steps that SUCCEEDED or were CACHED, by step id, for the steps
+    whose output bytes are all still stored."""
 
 
 @dataclass(frozen=True)
@@ -524,8 +545,24 @@ class Scheduler:
             existing = fx.created_run(cmd.request_id) or lookups.run_for_request(cmd.request_id)
             if existing is not None:
                 return RunCreated(existing, created=False)
-        spec = lookups.pipeline_spec(cmd.version)
-        params = resolve_parameters(spec, cmd.parameters)
+        version, parameters = cmd.version, cmd.parameters
+        code_archive, git_commit, git_dirty = cmd.code_archive, cmd.git_commit, cmd.git_dirty
+        retried: RetrySource | None = None
+        if cmd.retry_of:
+            retried = lookups.retry_source(cmd.retry_of)
+            if retried.run_id in self.runs or not retried.status.is_final:
+                raise InUseError(
+                    f"run {retried.run_id} has not ended (it is {retried.status.lower()}): "
+                    f"a run can be retried once it has ended (wait for it, or cancel it)"
+                )
+            version = version or retried.version
+            if not parameters:
+                parameters = {k: canonical_json(v) for k, v in retried.parameters.items()}
+            if not (code_archive or git_commit or cmd.code_root):
+                code_archive = retried.code_archive
+                git_commit, git_dirty = retried.git_commit, retried.git_dirty
+        spec = lookups.pipeline_spec(version)
+        params = resolve_parameters(spec, parameters)
         stack = lookups.active_stack()
         stack_runner = lookups.stack_runner(stack)
         for s in spec.steps:
@@ -549,24 +586,26 @@ class Scheduler:
         run = RunState(
             run_id,
             spec.name,
-            cmd.version,
+            version,
             params,
             cmd.no_cache,
             steps,
             open_steps=len(steps),
             default_runner=stack_runner,
-            code_archive=cmd.code_archive,
+            code_archive=code_archive,
             code_root=cmd.code_root,
             slots=Slots(spec.max_concurrency if spec.HasField("max_concurrency") else None),
             fail_fast=spec.fail_fast,
             refresh=frozenset(cmd.refresh),
+            retry_of=retried.run_id if retried is not None else "",
+            reuse=self._reusable(spec, retried) if retried is not None else {},
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
             {
                 "id": run_id,
                 "pipeline": spec.name,
-                "version": cmd.version,
+                "version": version,
                 "status": RunStatus.RUNNING,
                 "parameters": {k: json.loads(v) for k, v in params.items()},
                 "no_cache": cmd.no_cache,
@@ -574,10 +613,11 @@ class Scheduler:
                 "created_at": now,
                 "ended_at": None,
                 "stack": stack,
-                "code_archive": cmd.code_archive or None,
-                "git_commit": cmd.git_commit or None,
-                "git_dirty": cmd.git_dirty if cmd.git_commit else None,
+                "code_archive": code_archive or None,
+                "git_commit": git_commit or None,
+                "git_dirty": git_dirty if git_commit else None,
                 "refresh": sorted(set(cmd.refresh)) or None,
+                "retry_of": run.retry_of or None,
             }
         )
         fx.step_inserts.extend(
@@ -595,6 +635,23 @@ class Scheduler:
         self._event(fx, run, None, now)
         ready.extend((run, st) for st in steps.values() if st.waiting == 0)
         return RunCreated(run_id, created=True)
+
+    @staticmethod
+    def _reusable(
+        spec: ir_pb2.PipelineSpec, retried: RetrySource
+    ) -> dict[str, dict[str, ArtifactInfo]]:
+        """The steps of ``spec`` a retry of ``retried`` reuses: those that succeeded there
+        (with the outputs the step declares now) and whose upstream steps are all reused too.
+        A step the retried run did not have, or that failed, was skipped or cancelled there,
+        runs, and so does everything downstream of it."""
+        reuse: dict[str, dict[str, ArtifactInfo]] = {}
+        for s in spec.steps:  # upstream first
+            outputs = retried.outputs.get(s.id)
+            if outputs is None or sorted(outputs) != sorted(o.name for o in s.outputs):
+                continue
+            if all(u in reuse for u in upstream_ids(s)):
+                reuse[s.id] = outputs
+        return reuse
 
     def _end_run(self, run: RunState, fx: Effects, now: float) -> None:
         failed = any(not s.status.is_success for s in run.steps.values())
@@ -793,28 +850,46 @@ class Scheduler:
             values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
             st.material = key_material(st.spec, values)
             st.key = cache_key(st.material)
+            reused = run.reuse.get(st.spec.id) if run.reuse else None
+            if reused is not None:  # a retry's step that succeeded in the retried run
+                self._serve(run, st, reused, fx, now, ready, f"reused from run {run.retry_of}")
+                continue
             cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
             if cacheable and not run.no_cache and not (run.refresh and run.refreshes(st.spec.id)):
                 outputs = fx.cached_outputs(st.key) or lookups.cached_outputs(st.key)
                 if outputs is not None:
-                    st.move(StepStatus.CACHED)
-                    st.outputs = outputs
-                    fx.step(
-                        run.run_id,
-                        st.spec.id,
-                        status=StepStatus.CACHED,
-                        cache_key=st.key,
-                        outputs={k: v.to_json() for k, v in outputs.items()},
-                        started_at=now,
-                        ended_at=now,
-                    )
-                    self._event(fx, run, st, now)
-                    self._close_step(run, st, fx, now, ready)
+                    self._serve(run, st, outputs, fx, now, ready)
                     continue
             if not self._admit(run, st, fx, turn):
                 continue
             fx.step(run.run_id, st.spec.id, cache_key=st.key)
             self._queue(run, st, fx, now, values)
+
+    def _serve(
+        self,
+        run: RunState,
+        st: StepState,
+        outputs: dict[str, ArtifactInfo],
+        fx: Effects,
+        now: float,
+        ready: Ready,
+        message: str = "",
+    ) -> None:
+        """Ends a ready step CACHED with outputs it did not make (a cache hit, or a retry's
+        reuse): nothing runs, its downstream may become ready."""
+        st.move(StepStatus.CACHED)
+        st.outputs = outputs
+        fx.step(
+            run.run_id,
+            st.spec.id,
+            status=StepStatus.CACHED,
+            cache_key=st.key,
+            outputs={k: v.to_json() for k, v in outputs.items()},
+            started_at=now,
+            ended_at=now,
+        )
+        self._event(fx, run, st, now, message)
+        self._close_step(run, st, fx, now, ready)
 
     def _queue(
         self, run: RunState, st: StepState, fx: Effects, now: float, values: dict[str, Value]

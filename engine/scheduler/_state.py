@@ -134,6 +134,12 @@ class RunState:
     refresh: frozenset[str] = frozenset()
     """Steps that run even when cached (``plait run --refresh``): step ids, or the id of a
     mapped step, which names its items (``leaf`` for ``leaf[3]``)."""
+    retry_of: str = ""
+    """The run this one retries (``plait runs retry``), or empty."""
+    reuse: dict[str, dict[str, ArtifactInfo]] = field(default_factory=dict)
+    """A retry's steps served from the retried run when they become ready: their outputs
+    there, by step id (only steps whose upstream are all reused too). All of them are served in
+    the batch that creates the run, so nothing of it is stored."""
 
     def refreshes(self, step_id: str) -> bool:
         """Whether the run asked to refresh ``step_id``."""

@@ -327,7 +327,7 @@ class Store:
 
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-SCHEMA_HEAD = "0009"
+SCHEMA_HEAD = "0010"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
 # Alembic's own bookkeeping table, as Alembic creates it

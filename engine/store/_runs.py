@@ -55,6 +55,7 @@ def _run(row: Any, steps: dict[str, StepRun] | None = None, last_sequence: int =
         request_id=row.request_id or "",
         last_sequence=last_sequence,
         code=_code(row),
+        retry_of=row.retry_of or "",
     )
 
 
@@ -329,6 +330,18 @@ def _differences(
     return out
 
 
+def _reused(conn: Connection, run: Any, step_id: str) -> bool:
+    """Whether a retry's CACHED step holds the outputs its step had in the run it retries."""
+    s = db.step_runs
+    mine, theirs = (
+        conn.execute(
+            sa.select(s.c.outputs).where(s.c.run_id == run_id, s.c.step_id == step_id)
+        ).scalar()
+        for run_id in (run.id, run.retry_of)
+    )
+    return bool(mine) and mine == theirs
+
+
 def _reason(
     conn: Connection,
     run: Any,
@@ -342,6 +355,11 @@ def _reason(
     when: float,
 ) -> str:
     if status is StepStatus.CACHED:
+        if run.retry_of and _reused(conn, run, step.id):
+            return (
+                f"cached: reused from run {run.retry_of}, which this run retries "
+                f"(its outputs come from run {cached_from or '(unknown)'})"
+            )
         return f"cached: its key matched the cache entry of run {cached_from or '(unknown)'}"
     if not key:
         if status is StepStatus.SKIPPED:

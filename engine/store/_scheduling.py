@@ -14,12 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from plait._models import ArtifactInfo, RunEvent, StepStatus
-from plait.engine.scheduler import Effects, StoredRun, StoredStep, Token
+from plait._models import ArtifactInfo, RunEvent, RunStatus, StepStatus
+from plait.engine.scheduler import Effects, RetrySource, StoredRun, StoredStep, Token
 from plait.engine.store import _schema as db
 from plait.engine.store._engine import executemany, is_fast_sqlite
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.engine.store._stacks import active_stack, stack_runner
+from plait.errors import RunNotFoundError
 from plait.ir.v1 import ir_pb2
 
 _CACHE_LOOKUP = "SELECT outputs FROM cache_entries WHERE key = ?"
@@ -84,6 +85,34 @@ class SqlLookups:
         if not all(self._blob_exists(o.digest) for o in outputs.values()):
             return None
         return outputs
+
+    def retry_source(self, run_id: str) -> RetrySource:
+        conn = self._c()
+        row = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).first()
+        if row is None:
+            raise RunNotFoundError(f"no run {run_id!r}")
+        s = db.step_runs
+        steps = conn.execute(
+            sa.select(s.c.step_id, s.c.outputs).where(
+                (s.c.run_id == run_id) & s.c.status.in_(("SUCCEEDED", "CACHED"))
+            )
+        ).all()
+        outputs: dict[str, dict[str, ArtifactInfo]] = {}
+        for step in steps:
+            found = {k: ArtifactInfo.from_json(v) for k, v in (step.outputs or {}).items()}
+            # outputs whose bytes are gone are made again
+            if all(self._blob_exists(o.digest) for o in found.values()):
+                outputs[step.step_id] = found
+        return RetrySource(
+            run_id=row.id,
+            status=RunStatus(row.status),
+            version=row.version,
+            parameters=dict(row.parameters or {}),
+            code_archive=row.code_archive or "",
+            git_commit=row.git_commit or "",
+            git_dirty=bool(row.git_dirty),
+            outputs=outputs,
+        )
 
 
 def attempt_outcome(conn: Connection, token: Token) -> tuple[int, str] | None:

@@ -58,6 +58,8 @@ runs = sa.Table(
     sa.Column("cancel_requested_at", sa.Float),
     # the steps the run refreshes (run even when cached): a JSON list of step ids, or NULL
     sa.Column("refresh", sa.JSON),
+    # the run this one retries (plait runs retry), or NULL
+    sa.Column("retry_of", sa.String),
 )
 
 step_runs = sa.Table(

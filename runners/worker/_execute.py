@@ -620,8 +620,11 @@ class StepExecutor:
         root = self._code_root(archive, store_uri) if archive else None
         # a local root is this process's own path, not an archive: nothing is unloaded for it
         local = "" if archive else code_root
-        fn = self._lookup(code, root, local)
-        if self._digest(fn) != code.code_digest:
+        try:
+            fn = self._lookup(code, root, local)
+        except AttributeError:
+            fn = None  # a step added to the file since this process imported it
+        if fn is None or self._digest(fn) != code.code_digest:
             # the module changed since this process imported it: import it afresh, once
             self._modules.pop((str(root or local), code.module, code.file), None)
             sys.modules.pop(SCRIPT_MODULE if code.module == "__main__" else code.module, None)

@@ -134,6 +134,7 @@ class Run(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     STACK_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "runs/{run_id}"."""
     run_id: _builtins.str
@@ -152,6 +153,8 @@ class Run(_message.Message):
     """The highest event sequence number of this run when the resource was read."""
     stack: _builtins.str
     """The stack the run used: "stacks/{name}"."""
+    retry_of: _builtins.str
+    """The run this one retries (its id), when it was created with retry_of."""
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[_ir_pb2.NamedValue]:
         """The parameter values of this run, as canonical JSON, by name."""
@@ -189,10 +192,11 @@ class Run(_message.Message):
         last_sequence: _builtins.int = ...,
         stack: _builtins.str = ...,
         code: Global___CodeSource | None = ...,
+        retry_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "end_time", b"end_time", "last_sequence", b"last_sequence", "name", b"name", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "run_id", b"run_id", "stack", b"stack", "status", b"status", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "end_time", b"end_time", "last_sequence", b"last_sequence", "name", b"name", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline", b"pipeline", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "retry_of", b"retry_of", "run_id", b"run_id", "stack", b"stack", "status", b"status", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,12 +33,20 @@ class CreateRunRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     REFRESH_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
     pipeline_version: _builtins.str
-    """The pipeline version to run: "pipelines/{pipeline}/versions/{version}"."""
+    """The pipeline version to run: "pipelines/{pipeline}/versions/{version}" (empty with
+    retry_of: the retried run's).
+    """
     no_cache: _builtins.bool
     """Ignore the cache for every step of this run."""
     request_id: _builtins.str
     """A client-chosen id that makes the call idempotent."""
+    retry_of: _builtins.str
+    """Retries this ended run ("runs/{run_id}"): its steps that succeeded or were cached are
+    reused (CACHED, their outputs linked), the others and their downstream run. Parameters
+    are the retried run's; an empty pipeline_version and code mean the retried run's too.
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[_ir_pb2.NamedValue]:
         """Parameter values as canonical JSON, by name; missing ones take their defaults."""
@@ -64,10 +72,11 @@ class CreateRunRequest(_message.Message):
         request_id: _builtins.str = ...,
         code: _resources_pb2.CodeSource | None = ...,
         refresh: _abc.Iterable[_builtins.str] | None = ...,
+        retry_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "refresh", b"refresh", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "no_cache", b"no_cache", "parameters", b"parameters", "pipeline_version", b"pipeline_version", "refresh", b"refresh", "request_id", b"request_id", "retry_of", b"retry_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
