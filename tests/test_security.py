@@ -211,3 +211,24 @@ def test_tls_and_mutual_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert _code(plaintext.list_runs) == grpc.StatusCode.UNAVAILABLE
     finally:
         d.stop()
+
+
+def test_a_daemons_worker_secret_is_kept_owner_only_and_an_embedded_ones_nowhere(
+    tmp_path: Path,
+) -> None:
+    """The secret the processes a control plane starts report with: a daemon (which resumes
+    runs) keeps it in PLAIT_HOME/worker-secret, 0600, the same after a restart; an embedded
+    engine writes it nowhere."""
+    from plait.engine._control_plane import ControlPlaneConfig, _worker_secret
+
+    for home in (tmp_path / "daemon", tmp_path / "embedded"):
+        home.mkdir(mode=0o700)
+    daemon = ControlPlaneConfig(home=tmp_path / "daemon", resume=True)
+    secret = _worker_secret(daemon)
+    path = daemon.home / "worker-secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().strip() == secret and len(secret) >= 32
+    assert _worker_secret(daemon) == secret  # a restart keeps it
+    embedded = ControlPlaneConfig(home=tmp_path / "embedded")
+    assert _worker_secret(embedded) != _worker_secret(embedded)  # new each start
+    assert not (embedded.home / "worker-secret").exists()

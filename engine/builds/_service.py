@@ -132,14 +132,15 @@ class Builds:
 
         async def make(ready: BuildRecord | None) -> dict[str, Any]:
             # recorded as pushed to this registry: a local image needs no registry round trip
-            pushed = ready is not None and bool(config.registry)
             built = await builder.ensure(
                 env,
                 key=key,
                 material=material,
                 registry=config.registry,
                 log=log_line,
-                pushed=pushed and ready is not None and ready.pushed_to == _ref(key, config),
+                pushed=ready is not None
+                and bool(config.registry)
+                and ready.pushed_to == _ref(key, config),
             )
             return {
                 "reference": built.reference,
