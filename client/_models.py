@@ -406,12 +406,16 @@ class StepRun:
     def output(self, name: str | None = None) -> Any:
         """Loads an output's value; ``name`` may be left out when the step has one output."""
         if name is None:
-            if len(self.outputs) != 1:
+            from plait.ir.mapping import split_item
+
+            # the items of an output a map iterates (output[0], ...) are not outputs of their own
+            declared = [k for k in self.outputs if split_item(k) is None]
+            if len(declared) != 1:
                 raise errors.PlaitError(
-                    f"step {self.step_id!r} has {len(self.outputs)} outputs "
-                    f"({', '.join(self.outputs) or 'none'}): name one"
+                    f"step {self.step_id!r} has {len(declared)} outputs "
+                    f"({', '.join(declared) or 'none'}): name one"
                 )
-            return next(iter(self.outputs.values())).load()
+            return self.outputs[declared[0]].load()
         if name not in self.outputs:
             if not self.status.is_success:
                 raise errors.PlaitError(
@@ -587,6 +591,32 @@ class Run:
     def wait(self) -> Run:
         """Blocks until the run ends; returns the final state."""
         return self._client_or_default().wait(self.run_id)  # type: ignore[no-any-return]
+
+    def output(self, step: str, name: str | None = None) -> Any:
+        """Loads an output of a step of this run (as :meth:`StepRun.output`); for a mapped
+        step (``step.map``), the list of its items' outputs, in order.
+
+        Args:
+            step: the step's id.
+            name: the output's name; may be left out when the step has one output.
+
+        Raises:
+            PlaitError: no such step or output, or the step (or one of its items) did not
+                succeed.
+        """
+        if step not in self.steps:
+            raise errors.PlaitError(
+                f"run {self.run_id} has no step {step!r}; its steps: "
+                f"{', '.join(k for k in self.steps if '[' not in k)}"
+            )
+        prefix = f"{step}["
+        items = [s for k, s in self.steps.items() if k.startswith(prefix)]
+        if not items:
+            return self.steps[step].output(name)
+        if not self.steps[step].status.is_success:
+            raise errors.PlaitError(f"mapped step {step!r} is {self.steps[step].status}")
+        items.sort(key=lambda s: int(s.step_id[len(prefix) : -1]))
+        return [s.output(name) for s in items]
 
     def logs(self, step: str | None = None) -> str:
         """The captured output of the run's steps (or one step), as text."""

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, get_origin, overload
 
 from plait._archive import code_file, pipeline_root, relative_file
 from plait._environment import Environment, Resources
@@ -25,7 +25,7 @@ from plait._step import (
     check_hook,
     code_digest,
 )
-from plait._types import element_type, is_compatible, strip_annotated, type_expr
+from plait._types import element_type, is_any, is_compatible, strip_annotated, type_expr
 from plait.errors import ParameterError, PipelineDefinitionError, PipelineValidationError
 from plait.ir.canonical import canonical_json, message_digest
 from plait.ir.v1 import ir_pb2
@@ -332,6 +332,8 @@ class Invocation:
     bindings: dict[str, ir_pb2.Binding]
     annotations: dict[str, Any]
     upstream: list[str] = field(default_factory=list)
+    mapped: str = ""
+    """The input a ``step.map`` invocation maps over; empty for a plain call."""
 
 
 class Tracer:
@@ -342,6 +344,9 @@ class Tracer:
         self.invocations: dict[str, Invocation] = {}
         self.structural: dict[str, str] = {}
         """The parameters the function used as values, with those values (canonical JSON)."""
+        self.itemized: set[tuple[str, str]] = set()
+        """The outputs (step id, output) of plain steps that a map iterates: stored with their
+        items."""
         self._counts: dict[str, int] = {}
 
     def use_value(self, ref: ParamRef) -> Any:
@@ -377,7 +382,15 @@ class Tracer:
                 self._counts[step.name] = n
                 return candidate
 
-    def invoke(self, step: Step[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def invoke(
+        self,
+        step: Step[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mapped: str = "",
+    ) -> Any:
+        """Records an invocation of ``step`` and returns its outputs' placeholders; with
+        ``mapped``, a map over that input (``kwargs`` has its list): each output is a list."""
         explicit = step.invocation_id
         if "id" in kwargs and "id" not in step.signature.parameters:
             explicit = kwargs.pop("id")
@@ -387,13 +400,24 @@ class Tracer:
         except TypeError as exc:
             raise PipelineValidationError(_bind_message(step_id, step, args, kwargs, exc)) from None
         bound.apply_defaults()
-        inv = Invocation(step_id, step, {}, {})
+        inv = Invocation(step_id, step, {}, {}, mapped=mapped)
         for name, value in bound.arguments.items():
             expected = step.hints.get(name, inspect.Parameter.empty)
-            inv.bindings[name] = self._binding(step_id, name, value, expected, inv)
+            if name == mapped:
+                inv.bindings[name] = self._mapped_binding(step_id, name, value, expected, inv)
+            else:
+                inv.bindings[name] = self._binding(step_id, name, value, expected, inv)
             inv.annotations[name] = expected
         self.invocations[step_id] = inv
-        refs = tuple(OutputRef(self, step_id, o.name, o.annotation) for o in step.outputs)
+        refs = tuple(
+            OutputRef(
+                self,
+                step_id,
+                o.name,
+                list[strip_annotated(o.annotation)] if mapped else o.annotation,  # type: ignore[misc]
+            )
+            for o in step.outputs
+        )
         if not refs:
             return None
         if len(refs) == 1 and len(step.outputs) == 1 and step.outputs[0].name == "output":
@@ -401,6 +425,49 @@ class Tracer:
         if len(refs) == 1:
             return refs[0]
         return StepOutputs(step_id, refs)
+
+    def _mapped_binding(
+        self, step_id: str, name: str, items: Any, expected: Any, inv: Invocation
+    ) -> ir_pb2.Binding:
+        """The binding of the input a map goes over: a list that an upstream step returns (a
+        mapped step's results included), a list parameter, or a list of values and outputs."""
+        where = f"step {step_id!r} maps over input {name!r}"
+        if isinstance(items, OutputRef | ParamRef):
+            if items.tracer is not self:
+                raise PipelineValidationError(f"{where}: {items!r} belongs to another pipeline")
+            declared = strip_annotated(items.annotation)
+            origin = get_origin(declared) or declared
+            if (
+                not is_any(declared)
+                and isinstance(origin, type)
+                and (issubclass(origin, str | bytes | dict) or not issubclass(origin, list | tuple))
+            ):
+                raise PipelineValidationError(
+                    f"{where}: {items._describe()} is {type_expr(declared)}; a map goes over a "
+                    f"list (declare it list[...])"
+                )
+            item = element_type(declared)
+            if not is_compatible(item, expected):
+                raise PipelineValidationError(
+                    f"{where}: its items are {type_expr(item)}, but the input expects "
+                    f"{type_expr(expected)}"
+                )
+            if isinstance(items, ParamRef):
+                return ir_pb2.Binding(parameter=items.name)
+            if not self.invocations[items.step_id].mapped:
+                self.itemized.add((items.step_id, items.output))
+            if items.step_id not in inv.upstream:
+                inv.upstream.append(items.step_id)
+            return ir_pb2.Binding(
+                output=ir_pb2.OutputRef(step_id=items.step_id, output=items.output)
+            )
+        if isinstance(items, StepOutputs) or not isinstance(items, list | tuple):
+            what = "several outputs" if isinstance(items, StepOutputs) else type(items).__name__
+            raise PipelineValidationError(
+                f"{where}: got {what}; a map goes over a list (a step's list output, a list "
+                f"parameter, or a list of values and step outputs)"
+            )
+        return self._binding(step_id, name, list(items), list[expected], inv)
 
     def _binding(
         self, step_id: str, name: str, value: Any, expected: Any, inv: Invocation
@@ -978,12 +1045,14 @@ def compile_pipeline(
                 name=name,
                 type=ir_pb2.TypeSpec(expr=type_expr(inv.annotations[name])),
                 binding=binding,
+                mapped=name == inv.mapped,
             )
         for out in inv.step.outputs:
             step_spec.outputs.add(
                 name=out.name,
                 type=ir_pb2.TypeSpec(expr=type_expr(strip_annotated(out.annotation))),
                 materializer=inv.step.settings.materializer_for(out.name),
+                items=(inv.id, out.name) in tracer.itemized,
             )
         graph.add_node(inv.id, spec=step_spec)
         for up in inv.upstream:

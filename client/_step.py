@@ -16,7 +16,7 @@ from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_or
 
 from plait._environment import Environment, Resources
 from plait._types import strip_annotated, type_expr
-from plait.errors import PipelineDefinitionError
+from plait.errors import PipelineDefinitionError, PipelineValidationError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -243,6 +243,49 @@ class Step(Generic[P, R]):
         self.check_outputs_storable()
         result: R = tracer.invoke(self, args, dict(kwargs))
         return result
+
+    def map(self, items: Any, /, **fixed: Any) -> Any:
+        """Runs the step once per item of ``items``: a dynamic fan-out.
+
+        The item goes to the step's first input that ``fixed`` does not name; ``fixed`` gives
+        the others, the same for every item. ``items`` is a list known only when the run gets
+        there: a list that an upstream step returns, the results of another map, a list
+        parameter, or a list of values and step outputs. When it is known, the control plane
+        makes one step run per item (``leaf[0]``, ``leaf[1]``, ...), each cached on its own
+        item. Passed to another step, each output of the map arrives as the list of the items'
+        outputs, in order; it can be mapped over again.
+
+        Called outside a pipeline, it calls the function once per item and returns the list
+        of results.
+
+        Args:
+            items: the list to map over.
+            **fixed: the step's other inputs (``id=`` names the invocation, as for a call).
+
+        Returns:
+            Inside a pipeline, the outputs' placeholders, each standing for a list.
+
+        Raises:
+            PipelineDefinitionError: an output no materializer stores (before anything runs).
+            PipelineValidationError: ``items`` is no list, its items do not fit the input, or
+                every input is in ``fixed``.
+        """
+        from plait._pipeline import current_tracer
+
+        free = [p for p in self.signature.parameters if p not in fixed]  # "id" is none
+        if not free:
+            raise PipelineValidationError(
+                f"step {self.name!r}: .map() gives every input in fixed "
+                f"({', '.join(fixed)}); leave out the one to map over"
+            )
+        tracer = current_tracer()
+        if tracer is None:
+            if "id" not in self.signature.parameters:
+                fixed.pop("id", None)
+            call: Any = self.fn  # the item goes to the input fixed does not name
+            return [call(**{free[0]: item}, **fixed) for item in items]
+        self.check_outputs_storable()
+        return tracer.invoke(self, (), {free[0]: items, **fixed}, mapped=free[0])
 
     def check_outputs_storable(self) -> None:
         """Refuses, while a pipeline is traced (before any step runs), an output whose declared

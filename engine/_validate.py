@@ -49,11 +49,17 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
         if p.HasField("default_value"):
             _json(f"{where}.default_value", p.default_value.json)
     outputs: dict[str, set[str]] = {}
+    iterable: set[tuple[str, str]] = set()
+    """The outputs a map may iterate: those stored with their items, and a mapped step's."""
     graph = nx.DiGraph()
     for i, s in enumerate(spec.steps):
         where = f"steps[{i}] ({s.id!r})"
         if not s.id or s.id in outputs:
             raise PipelineValidationError(f"{where}.id: empty or duplicate step id")
+        if "[" in s.id or "]" in s.id:
+            raise PipelineValidationError(
+                f"{where}.id: brackets are kept for the items of mapped steps ({s.id}[0])"
+            )
         if not s.code.module or not s.code.qualname:
             raise PipelineValidationError(f"{where}.code: module and qualname are required")
         timeout = s.settings.timeout_seconds
@@ -65,6 +71,21 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
         names = [o.name for o in s.outputs]
         if len(set(names)) != len(names) or not all(names):
             raise PipelineValidationError(f"{where}.outputs: empty or duplicate output names")
+        if any("[" in n or "]" in n for n in names):
+            raise PipelineValidationError(
+                f"{where}.outputs: brackets in an output name are kept for the items of "
+                f"outputs that maps iterate"
+            )
+        mapped = [x for x in s.inputs if x.mapped]
+        if len(mapped) > 1:
+            raise PipelineValidationError(
+                f"{where}.inputs: {', '.join(x.name for x in mapped)} are all mapped; a step is "
+                f"mapped over one input at most"
+            )
+        if mapped and any(o.items for o in s.outputs):
+            raise PipelineValidationError(
+                f"{where}.outputs: a mapped step's outputs are its items' own; none sets items"
+            )
         inputs = [x.name for x in s.inputs]
         if len(set(inputs)) != len(inputs) or not all(inputs):
             raise PipelineValidationError(f"{where}.inputs: empty or duplicate input names")
@@ -77,7 +98,10 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
                 f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, outputs, params
             ):
                 graph.add_edge(up, s.id)
+            if inp.mapped:
+                _check_mapped(f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, iterable)
         outputs[s.id] = set(names)
+        iterable.update((s.id, o.name) for o in s.outputs if mapped or o.items)
     if not nx.is_directed_acyclic_graph(graph):
         raise PipelineValidationError("steps: the bindings form a cycle")
     return graph
@@ -155,6 +179,18 @@ def _json(where: str, text: str) -> None:
         load_json(text)
     except ValueError as exc:
         raise PipelineValidationError(f"{where}.json: not JSON ({exc})") from None
+
+
+def _check_mapped(where: str, b: ir_pb2.Binding, iterable: set[tuple[str, str]]) -> None:
+    """A mapped input's binding must give a list whose items the control plane can tell apart."""
+    kind = b.WhichOneof("kind")
+    if kind == "map":
+        raise PipelineValidationError(f"{where}: a mapped input goes over a list, not a map")
+    if kind == "output" and (b.output.step_id, b.output.output) not in iterable:
+        raise PipelineValidationError(
+            f"{where}.output: output {b.output.output!r} of step {b.output.step_id!r} is mapped "
+            f"over, so it must be stored with its items (set its OutputSpec.items)"
+        )
 
 
 def _check_binding(

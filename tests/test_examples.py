@@ -29,6 +29,7 @@ def test_there_are_examples() -> None:
         "hooks",
         "churn",
         "cache_control",
+        "fan_out",
     } <= names
 
 

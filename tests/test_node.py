@@ -78,3 +78,41 @@ def test_node_runs_follows_and_downloads(node_client: Path, client: plait.Client
     run = client.get_run(result["run_id"])
     assert run.steps["shout"].output() == "HELLO FROM PYTHON"
     assert run.steps["shout"].outputs["output"].digest == result["digest"]
+
+
+@plait.step
+def shout_one(w: str) -> str:
+    return w.upper()
+
+
+@plait.step
+def joined(ws: list[str]) -> str:
+    return "-".join(ws)
+
+
+@plait.pipeline
+def loud_each(text: str = "map from node") -> None:
+    joined(shout_one.map(words(text)))
+
+
+def test_node_runs_a_map_unchanged(node_client: Path, client: plait.Client) -> None:
+    """A map is IR like any step's: a client in another language runs it and reads its items."""
+    version = client.register(loud_each)
+    env = {**os.environ, "PLAIT_TOKEN": client.token}
+    out = subprocess.run(
+        ["node", str(node_client), client.address, version, "joined"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == "RUN_STATUS_SUCCEEDED"
+    assert result["output"] == "MAP-FROM-NODE"
+    assert {k: v for k, v in result["steps"].items() if k.startswith("shout_one")} == {
+        "shout_one": "STEP_STATUS_SUCCEEDED",
+        "shout_one[0]": "STEP_STATUS_SUCCEEDED",
+        "shout_one[1]": "STEP_STATUS_SUCCEEDED",
+        "shout_one[2]": "STEP_STATUS_SUCCEEDED",
+    }

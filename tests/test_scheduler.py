@@ -191,3 +191,49 @@ def test_cache_hits_chain_within_one_commit(h: Harness) -> None:
     raw = h.read("select material from cache_entries limit 1")[0][0]
     material = json.loads(raw) if isinstance(raw, str) else raw  # asyncpg decodes JSON itself
     assert material["key_scheme"] == "plait.cache.v1"
+
+
+def test_a_maps_items_are_rows_of_their_own_read_back_in_order(h: Harness) -> None:
+    """A map's items, made mid-run, are step rows like any (on SQLite and PostgreSQL), read
+    back after their mapped step in the order of their numbers (leaf[2] before leaf[10])."""
+    from dataclasses import replace
+
+    from test_map import fan
+
+    from plait.engine.store._runs import get_run
+    from plait.engine.store._scheduling import load_active_runs
+    from plait.ir.mapping import item_name
+
+    compiled = fan.compile({"log": "l"})
+    h.write(register_pipeline, compiled.spec, compiled.version, 0.0)
+    cmd = CreateRun(compiled.version, {"log": '"l"', "n": "12"})
+    fx = h.tick(cmd)
+    created = fx.replies[id(cmd)]
+    assert isinstance(created, RunCreated)
+    (make,) = fx.tasks
+    listed = h.output(make.token)
+    items = [
+        replace(
+            h.output(make.token, 100 + i), artifact_id=f"item{i}", output=item_name("output", i)
+        )
+        for i in range(12)
+    ]
+    fx = h.tick(Completed(make.token, (listed, *items)))
+    assert sorted(t.token.step_id for t in fx.tasks) == sorted(f"square[{i}]" for i in range(12))
+    run = h.write(get_run, created.run_id)
+    assert list(run.steps) == [
+        "make",
+        "square",
+        *(f"square[{i}]" for i in range(12)),
+        "add_one",
+        "collect",
+    ]
+    assert run.steps["square"].status == "RUNNING" and run.steps["square[11]"].status == "QUEUED"
+    # what a restarted control plane reads: the items with their attempts
+    (stored,) = h.write(load_active_runs, [created.run_id])
+    queued = {s.step_id for s in stored.steps if s.status == "QUEUED"}
+    assert queued == {f"square[{i}]" for i in range(12)}
+    fresh = Scheduler()
+    recovered = h.write(lambda conn: fresh.recover([stored], h.now, h.lookups.bind(conn)))
+    assert len(recovered.tasks) == 12  # queued, no holder: handed out again
+    assert fresh.runs[created.run_id].steps["square"].open_items == 12

@@ -277,6 +277,74 @@ def styled(status: str) -> str:
     return f"[{_STYLE.get(status, 'default')}]{status}[/]"
 
 
+class ItemGroup:
+    """The items of one mapped step (``leaf[0]`` ... ``leaf[99]``), shown as one row."""
+
+    def __init__(self, step_id: str) -> None:
+        self.step_id = step_id
+        self.items: list[Any] = []
+
+    @property
+    def label(self) -> str:
+        """``leaf[0..99]``."""
+        return f"{self.step_id}[0..{len(self.items) - 1}]"
+
+    @property
+    def summary(self) -> str:
+        """How many items are in each status: ``97 succeeded, 3 cached``."""
+        counts = Counter(str(s.status) for s in self.items)
+        return ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
+
+    @property
+    def failed(self) -> list[Any]:
+        """The items that failed or crashed, in order."""
+        return [s for s in self.items if s.status in ("FAILED", "CRASHED")]
+
+
+def group_items(steps: Any) -> list[Any]:
+    """A run's steps in order, with the items of each mapped step gathered in one
+    :class:`ItemGroup` right after it (``steps``: ``plait.StepRun`` values)."""
+    from plait.ir.mapping import split_item
+
+    rows: list[Any] = []
+    groups: dict[str, ItemGroup] = {}
+    steps = list(steps)
+    ids = {s.step_id for s in steps}
+    for s in steps:
+        parent = split_item(s.step_id)
+        if parent is not None and parent[0] in ids:
+            group = groups.get(parent[0])
+            if group is None:
+                group = groups[parent[0]] = ItemGroup(parent[0])
+                rows.append(group)
+            group.items.append(s)
+        else:
+            rows.append(s)
+    return rows
+
+
+def output_lines(outputs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A step's outputs to show, with the items of an output a map iterates counted in one
+    line (``output[0..4]``, the number of items) instead of listed."""
+    from plait.ir.mapping import split_item
+
+    shown: list[tuple[str, Any]] = []
+    counts: Counter[str] = Counter()
+    for name, a in outputs.items():
+        parent = split_item(name)
+        if parent is not None and parent[0] in outputs:
+            counts[parent[0]] += 1
+        else:
+            shown.append((name, a))
+    for name, n in counts.items():
+        shown.append((f"{name}[0..{n - 1}]", n))
+    return shown
+
+
+_SHOWN_FAILURES = 5
+"""The failed steps whose tracebacks a finished run prints (the rest are counted)."""
+
+
 def print_run(run: Any) -> None:
     """Prints a finished run: its status, step counts, and the errors of failed steps.
 
@@ -292,11 +360,13 @@ def print_run(run: Any) -> None:
     console.print(
         f"run [bold]{run.run_id}[/] of {run.pipeline}: {styled(run.status)}{took} ({summary})"
     )
-    for s in run.steps.values():
-        if s.status in ("FAILED", "CRASHED") and s.error is not None:
-            console.print(
-                f"\n[red]step {s.step_id} {s.status.lower()}:[/] {s.error.type}: {s.error.message}"
-            )
-            if s.error.traceback:
-                console.print(s.error.traceback.rstrip(), markup=False)
+    failed = [s for s in run.steps.values() if s.status in ("FAILED", "CRASHED") and s.error]
+    for s in failed[:_SHOWN_FAILURES]:
+        console.print(
+            f"\n[red]step {s.step_id} {s.status.lower()}:[/] {s.error.type}: {s.error.message}"
+        )
+        if s.error.traceback:
+            console.print(s.error.traceback.rstrip(), markup=False)
+    if len(failed) > _SHOWN_FAILURES:
+        console.print(f"\n... and {len(failed) - _SHOWN_FAILURES} more failed steps", style="red")
     console.print(f"details: plait runs show {run.run_id[:12]}", style="dim")

@@ -257,8 +257,9 @@ def _run_with_progress(
     from rich.live import Live
     from rich.text import Text
 
+    from plait.ir.mapping import split_item
+
     compiled = pipe.compile(parameters)
-    total = len(compiled.spec.steps)
     width = min(24, max((len(s.id) for s in compiled.spec.steps), default=0))
     statuses: dict[str, StepStatus] = {}
     lock = threading.Lock()  # the live display renders in a thread of its own
@@ -270,6 +271,7 @@ def _run_with_progress(
             now = dict(statuses)
         counts = Counter(now.values())
         done = sum(n for s, n in counts.items() if s.is_final)
+        total = len(compiled.spec.steps) + sum(1 for k in now if split_item(k))  # map items
         parts = [
             f"{counts[s]} {s.lower()}"
             for s in StepStatus

@@ -11,9 +11,12 @@ import click
 from plait._models import RunStatus
 from plait.cli._common import (
     EPILOG,
+    ItemGroup,
     fail,
     get_console,
+    group_items,
     load_pipeline,
+    output_lines,
     output_option,
     print_json,
     print_run,
@@ -116,26 +119,64 @@ def runs_show(run_id: str, output: str) -> None:
     if run.parameters:
         console.print("parameters: " + json.dumps(run.parameters), markup=False)
     table = Table("step", "status", "attempt", "duration", "cached", "outputs", "metadata")
-    for s in run.steps.values():
-        outputs = "\n".join(
-            f"{name}: {a.artifact_id[:12]} ({a.data_type}"
-            f"{', UNSAFE pickle' if a.unsafe else ''})"
-            + (f" {json.dumps(a.metadata)}" if a.metadata else "")
-            for name, a in s.outputs.items()
-        )
-        table.add_row(
-            s.step_id,
-            styled(s.status),
-            str(s.attempt),
-            f"{s.duration:.3f}s" if s.duration is not None else "",
-            _cached(s),
-            outputs,
-            json.dumps(s.metadata) if s.metadata else "",
-        )
+    for row in group_items(run.steps.values()):
+        if isinstance(row, ItemGroup):
+            # a mapped step's items: one row, and a row of their own for those that failed
+            cached = sum(1 for s in row.items if s.cached)
+            table.add_row(
+                row.label,
+                row.summary,
+                str(max(s.attempt for s in row.items)),
+                _span(row.items),
+                f"{cached} of {len(row.items)}" if cached else "",
+                f"{len(row.items)} items",
+                "",
+            )
+            for s in row.failed:
+                _step_row(table, s, f"  {s.step_id}")
+        else:
+            _step_row(table, row, row.step_id)
     console.print(table)
-    for s in run.steps.values():
-        if s.error is not None:
-            console.print(f"[red]{s.step_id}:[/] {s.error.type}: {s.error.message}", markup=True)
+    errors = [(s.step_id, s.error) for s in run.steps.values() if s.error is not None]
+    for step_id, error in errors[:_SHOWN_ERRORS]:
+        console.print(f"[red]{step_id}:[/] {error.type}: {error.message}", markup=True)
+    if len(errors) > _SHOWN_ERRORS:
+        console.print(
+            f"[red]... and {len(errors) - _SHOWN_ERRORS} more[/] (--output json lists them all)"
+        )
+
+
+_SHOWN_ERRORS = 20
+"""The step errors `runs show` prints under its table."""
+
+
+def _step_row(table: Any, s: Any, label: str) -> None:
+    outputs = "\n".join(
+        f"{name}: {a} items"
+        if isinstance(a, int)
+        else f"{name}: {a.artifact_id[:12]} ({a.data_type}"
+        f"{', UNSAFE pickle' if a.unsafe else ''})"
+        + (f" {json.dumps(a.metadata)}" if a.metadata else "")
+        for name, a in output_lines(s.outputs)
+    )
+    table.add_row(
+        label,
+        styled(s.status),
+        str(s.attempt),
+        f"{s.duration:.3f}s" if s.duration is not None else "",
+        _cached(s),
+        outputs,
+        json.dumps(s.metadata) if s.metadata else "",
+    )
+
+
+def _span(steps: list[Any]) -> str:
+    """From the first start to the last end of ``steps``, when they all ended."""
+    starts = [s.start_time for s in steps if s.start_time is not None]
+    ends = [s.end_time for s in steps if s.end_time is not None]
+    if not starts or len(ends) < len(steps):
+        return ""
+    return f"{(max(ends) - min(starts)).total_seconds():.3f}s"
 
 
 def _cached(s: Any) -> str:

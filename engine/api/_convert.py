@@ -130,10 +130,12 @@ def value_to_proto(value: Value, msg: tasks.Value | None = None) -> tasks.Value:
         info: ArtifactInfo = v
         info.fill_proto(msg.artifact)
     elif kind == "list":
+        msg.list.SetInParent()  # an empty list is still a list (a map over no item)
         items = msg.list.items
         for item in v:
             value_to_proto(item, items.add())
     else:
+        msg.map.SetInParent()
         entries = msg.map.entries
         for key, item in sorted(v.items()):
             entry = entries.add(key=key)

@@ -28,6 +28,7 @@ from plait.engine._validate import MAX_STEPS
 from plait.engine.api._artifacts import MAX_CHUNK
 from plait.engine.api._errors import status_metadata
 from plait.errors import PipelineValidationError
+from plait.ir.mapping import MAX_MAP_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ COUNTS: dict[str, int] = {
     _API + "CreateRunRequest.refresh": 1_000,
     _API + "Stack.components": 1_000,
     _API + "PruneBuildsRequest.keys": 1_000,
-    _API + "TaskCompleted.outputs": 1_000,
+    # its outputs, and the items of those a map iterates (MAX_MAP_ITEMS in all)
+    _API + "TaskCompleted.outputs": 1_000 + MAX_MAP_ITEMS,
     _API + "AppendLogsRequest.chunks": 1_000,
     _API + "StepError.types": 1_000,  # a worker sends at most 64 (its MAX_ERROR_TYPES)
 }

@@ -44,6 +44,7 @@ from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder
 from plait.engine.scheduler._state import RunState, Slots, StepState
 from plait.errors import InUseError, PipelineError, PlaitError
 from plait.ir.canonical import canonical_json
+from plait.ir.mapping import MAX_MAP_ITEMS, item_name, split_item
 from plait.ir.v1 import ir_pb2
 
 Ready = list[tuple[RunState, StepState]]
@@ -176,6 +177,26 @@ def artifact_id_for(token: Token, output: str) -> str:
     report."""
     raw = f"{token.run_id}/{token.step_id}/{token.attempt}/{output}".encode()
     return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _outputs_problem(spec: ir_pb2.StepSpec, got: Mapping[str, ArtifactInfo]) -> str:
+    """What is wrong with the outputs a worker reported for ``spec`` (empty: nothing): each
+    declared output, and items ``name[0]``, ``name[1]``, ... only of outputs a map iterates."""
+    declared = {o.name: o.items for o in spec.outputs}
+    counts: dict[str, int] = {}
+    plain = []
+    for name in got:
+        parent = split_item(name)
+        if parent is not None and declared.get(parent[0]):
+            counts[parent[0]] = counts.get(parent[0], 0) + 1
+        else:
+            plain.append(name)
+    if sorted(plain) != sorted(declared):
+        return f"outputs {sorted(plain)}, not {sorted(declared)}"
+    for name, count in counts.items():
+        if any(item_name(name, i) not in got for i in range(count)):
+            return f"items of output {name!r} that are not numbered 0 to {count - 1}"
+    return ""
 
 
 def _when(t: float) -> datetime:
@@ -381,6 +402,8 @@ class Scheduler:
                 if st.status is StepStatus.RETRYING and st.retry_at is None:
                     st.move(StepStatus.PENDING)
                     fx.step(run.run_id, st.spec.id, status=StepStatus.PENDING)
+                elif st.mapped:
+                    pass  # no attempt of its own: its items are steps of the run
                 elif st.status is StepStatus.QUEUED and st.holder is None:
                     fx.tasks.append(self._order(run, st))  # still queued: hand it out again
                 elif st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
@@ -491,27 +514,17 @@ class Scheduler:
         """A run's view from its stored rows (steps as stored, attempts and epochs included)."""
         spec = lookups.pipeline_spec(row.version)
         steps = self._step_states(spec)
-        used = 0
+        items: dict[str, dict[str, StoredStep]] = {}
         for s in row.steps:
-            st = steps[s.step_id]
-            st.status, st.attempt, st.epoch = s.status, s.attempt, s.epoch
-            st.key = s.cache_key
-            st.outputs = s.outputs
-            st.metadata = dict(s.metadata)
-            st.crashes, st.log_batch = s.crashes, s.log_batch
-            st.runner, st.pool, st.holder, st.handle = s.runner, s.pool, s.holder, s.handle
-            st.lease_expires = s.lease_expires
-            st.queue_deadline, st.close_deadline = s.queue_deadline, s.close_deadline
-            if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
-                self._arm(row.run_id, st)
-                used += 1
-            elif st.status is StepStatus.RETRYING and s.retry_at is not None:
-                st.retry_at = s.retry_at
-                self._push(s.retry_at, _RETRY, row.run_id, st)
+            if s.step_id in steps:
+                self._load(row.run_id, steps[s.step_id], s)
+            else:  # an item of a mapped step: made again below, from what its list was
+                parent = split_item(s.step_id)
+                items.setdefault(parent[0] if parent else "", {})[s.step_id] = s
         for st in steps.values():
             st.waiting = sum(1 for u in st.upstream if not steps[u].status.is_success)
         limit = spec.max_concurrency if spec.HasField("max_concurrency") else None
-        return RunState(
+        run = RunState(
             row.run_id,
             spec.name,
             row.version,
@@ -522,16 +535,53 @@ class Scheduler:
             status=RunStatus.RUNNING,
             default_runner=lookups.stack_runner(row.stack or "default"),
             code_archive=row.code_archive,
-            slots=Slots(limit, used),
+            slots=Slots(limit),
             fail_fast=spec.fail_fast,
             refresh=frozenset(row.refresh),
         )
+        for st in list(steps.values()):  # upstream first: a map over a map's items
+            stored = items.get(st.spec.id)
+            if st.mapped and stored is not None:
+                st.items = []
+                for i, binding in enumerate(self._item_bindings(run, st)):
+                    item = self._item_state(st, i, binding)
+                    run.steps[item.spec.id] = item
+                    st.items.append(item.spec.id)
+                    if item.spec.id in stored:
+                        self._load(row.run_id, item, stored[item.spec.id])
+                    if not item.status.is_final:
+                        st.open_items += 1
+                        run.open_steps += 1
+        run.slots.used = sum(
+            1
+            for st in run.steps.values()
+            if not st.mapped and st.status in (StepStatus.QUEUED, StepStatus.RUNNING)
+        )
+        return run
+
+    def _load(self, run_id: str, st: StepState, s: StoredStep) -> None:
+        """Sets a step's view to its stored row (and arms its deadlines)."""
+        st.status, st.attempt, st.epoch = s.status, s.attempt, s.epoch
+        st.key = s.cache_key
+        st.outputs = s.outputs
+        st.metadata = dict(s.metadata)
+        st.crashes, st.log_batch = s.crashes, s.log_batch
+        st.runner, st.pool, st.holder, st.handle = s.runner, s.pool, s.holder, s.handle
+        st.lease_expires = s.lease_expires
+        st.queue_deadline, st.close_deadline = s.queue_deadline, s.close_deadline
+        if st.mapped:
+            return
+        if st.status in (StepStatus.QUEUED, StepStatus.RUNNING):
+            self._arm(run_id, st)
+        elif st.status is StepStatus.RETRYING and s.retry_at is not None:
+            st.retry_at = s.retry_at
+            self._push(s.retry_at, _RETRY, run_id, st)
 
     @staticmethod
     def _step_states(spec: ir_pb2.PipelineSpec) -> dict[str, StepState]:
         steps: dict[str, StepState] = {}
         for pos, s in enumerate(spec.steps):
-            st = StepState(spec=s, position=pos)
+            st = StepState(spec=s, position=pos, mapped=any(i.mapped for i in s.inputs))
             for up in upstream_ids(s):
                 st.upstream.append(up)
                 steps[up].downstream.append(s.id)
@@ -598,7 +648,7 @@ class Scheduler:
             fail_fast=spec.fail_fast,
             refresh=frozenset(cmd.refresh),
             retry_of=retried.run_id if retried is not None else "",
-            reuse=self._reusable(spec, retried) if retried is not None else {},
+            reuse=self._reusable(spec, version, retried) if retried is not None else {},
         )
         run.move(RunStatus.RUNNING)
         fx.run_inserts.append(
@@ -638,7 +688,7 @@ class Scheduler:
 
     @staticmethod
     def _reusable(
-        spec: ir_pb2.PipelineSpec, retried: RetrySource
+        spec: ir_pb2.PipelineSpec, version: str, retried: RetrySource
     ) -> dict[str, dict[str, ArtifactInfo]]:
         """The steps of ``spec`` a retry of ``retried`` reuses: those that succeeded there
         (with the outputs the step declares now) and whose upstream steps are all reused too.
@@ -646,11 +696,25 @@ class Scheduler:
         runs, and so does everything downstream of it."""
         reuse: dict[str, dict[str, ArtifactInfo]] = {}
         for s in spec.steps:  # upstream first
-            outputs = retried.outputs.get(s.id)
-            if outputs is None or sorted(outputs) != sorted(o.name for o in s.outputs):
+            if not all(u in reuse for u in upstream_ids(s)):
                 continue
-            if all(u in reuse for u in upstream_ids(s)):
-                reuse[s.id] = outputs
+            names = sorted(o.name for o in s.outputs)
+            outputs = retried.outputs.get(s.id)
+            if any(i.mapped for i in s.inputs):
+                # its list is what it was in the retried run: each item that succeeded there
+                # is reused (by its index), and the mapped step too when they all did
+                for step_id, item_outputs in retried.outputs.items():
+                    parent = split_item(step_id)
+                    if parent and parent[0] == s.id and sorted(item_outputs) == names:
+                        reuse[step_id] = item_outputs
+                if outputs is not None:
+                    reuse[s.id] = outputs
+                continue
+            if outputs is None or sorted(n for n in outputs if not split_item(n)) != names:
+                continue
+            if any(o.items for o in s.outputs) and retried.version != version:
+                continue  # stored before a map iterated them: their items may be missing
+            reuse[s.id] = outputs
         return reuse
 
     def _end_run(self, run: RunState, fx: Effects, now: float) -> None:
@@ -683,7 +747,7 @@ class Scheduler:
         self, run: RunState, st: StepState, fx: Effects, now: float, reason: str
     ) -> None:
         """Ends an open step CANCELLED; its attempt, if one is queued or running, is stopped."""
-        if st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING:
+        if not st.mapped and (st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING):
             fx.cancels.append(Token(run.run_id, st.spec.id, st.attempt, st.epoch))
             fx.attempt(
                 run.run_id, st.spec.id, st.attempt, status=StepStatus.CANCELLED, ended_at=now
@@ -708,6 +772,139 @@ class Scheduler:
                 self._cancel_step(run, st, fx, now, reason)
                 run.open_steps -= 1
         self._end_run(run, fx, now)
+
+    # ---- maps (step.map) ----
+
+    def _expand(self, run: RunState, st: StepState, fx: Effects, now: float, ready: Ready) -> None:
+        """A mapped step whose list is known makes one step of the run per item (``leaf[i]``),
+        all ready; with no item it succeeds at once. A list that is none fails it."""
+        st.move(StepStatus.RUNNING)
+        fx.step(run.run_id, st.spec.id, status=StepStatus.RUNNING, started_at=now)
+        try:
+            bindings = self._item_bindings(run, st)
+        except PlaitError as exc:
+            self._event(fx, run, st, now)
+            self._end_map(run, st, fx, now, ready, StepError("plait.MapError", str(exc)))
+            return
+        self._event(fx, run, st, now, f"mapped over {len(bindings)} item(s)")
+        st.items = []
+        made = []
+        for i, binding in enumerate(bindings):
+            item = self._item_state(st, i, binding)
+            run.steps[item.spec.id] = item
+            st.items.append(item.spec.id)
+            made.append((run, item))
+            fx.step_inserts.append(
+                {
+                    "run_id": run.run_id,
+                    "step_id": item.spec.id,
+                    "position": item.position,
+                    "status": StepStatus.PENDING,
+                    "attempt": 0,
+                }
+            )
+        st.open_items = len(made)
+        run.open_steps += len(made)
+        if not made:
+            self._end_map(run, st, fx, now, ready)
+            return
+        ready.extend(reversed(made))  # the first item is scheduled first
+
+    def _item_bindings(self, run: RunState, st: StepState) -> list[ir_pb2.Binding]:
+        """The binding of each item of a mapped step's list (which is known)."""
+        mapped = next(i for i in st.spec.inputs if i.mapped)
+        b = mapped.binding
+        where = f"step {st.spec.id!r} maps over its input {mapped.name!r}"
+        kind = b.WhichOneof("kind")
+        items: list[ir_pb2.Binding]
+        if kind == "output":
+            up, name = run.steps[b.output.step_id], b.output.output
+            if up.items is not None:  # a map over a mapped step's results
+                items = [
+                    ir_pb2.Binding(output=ir_pb2.OutputRef(step_id=i, output=name))
+                    for i in up.items
+                ]
+            else:
+                assert up.outputs is not None
+                count = 0
+                while item_name(name, count) in up.outputs:
+                    count += 1
+                items = [
+                    ir_pb2.Binding(
+                        output=ir_pb2.OutputRef(step_id=up.spec.id, output=item_name(name, i))
+                    )
+                    for i in range(count)
+                ]
+        elif kind == "list":
+            items = list(b.list.items)
+        elif kind in ("parameter", "literal"):
+            text = run.parameters[b.parameter] if kind == "parameter" else b.literal.json
+            value = json.loads(text)
+            if not isinstance(value, list):
+                source = f"parameter {b.parameter!r}" if kind == "parameter" else "a constant"
+                raise PipelineError(
+                    f"{where}, {source}, whose value is a {type(value).__name__}, not a list"
+                )
+            items = [ir_pb2.Binding(literal=ir_pb2.Literal(json=canonical_json(v))) for v in value]
+        else:
+            raise PipelineError(f"{where}, a dict: a map goes over a list")
+        if len(items) > MAX_MAP_ITEMS:
+            raise PipelineError(
+                f"{where}, a list of {len(items)} items: one map runs at most {MAX_MAP_ITEMS}; "
+                f"split the list (a map over a map's results), or batch items in a step"
+            )
+        return items
+
+    @staticmethod
+    def _item_state(st: StepState, index: int, binding: ir_pb2.Binding) -> StepState:
+        """Item ``index`` of mapped step ``st``: the step with the mapped input bound to it."""
+        spec = ir_pb2.StepSpec()
+        spec.CopyFrom(st.spec)
+        spec.id = item_name(st.spec.id, index)
+        for i in spec.inputs:
+            if i.mapped:
+                i.mapped = False
+                i.binding.CopyFrom(binding)
+        return StepState(spec=spec, position=st.position, parent=st.spec.id)
+
+    def _end_map(
+        self,
+        run: RunState,
+        st: StepState,
+        fx: Effects,
+        now: float,
+        ready: Ready,
+        error: StepError | None = None,
+    ) -> None:
+        """Ends a mapped step whose items all ended: SUCCEEDED when they all succeeded (its
+        outputs, read downstream, are theirs), FAILED otherwise (its downstream is skipped)."""
+        if error is None:
+            failed = [run.steps[i] for i in st.items or () if not run.steps[i].status.is_success]
+            if failed:
+                error = StepError(
+                    "plait.MapItemFailed",
+                    f"{len(failed)} of its {len(st.items or ())} items did not succeed: "
+                    f"{failed[0].spec.id} {failed[0].status.lower()}"
+                    + (f", and {len(failed) - 1} more" if len(failed) > 1 else ""),
+                )
+        if error is None:
+            st.move(StepStatus.SUCCEEDED)
+            st.outputs = {}
+            fx.step(run.run_id, st.spec.id, status=StepStatus.SUCCEEDED, outputs={}, ended_at=now)
+            self._event(fx, run, st, now)
+        else:
+            st.move(StepStatus.FAILED)
+            fx.step(
+                run.run_id,
+                st.spec.id,
+                status=StepStatus.FAILED,
+                error=error.to_json(),
+                ended_at=now,
+            )
+            self._event(fx, run, st, now, str(error))
+        self._close_step(run, st, fx, now, ready)
+        if error is not None and run.fail_fast and not run.status.is_final:
+            self._fail_fast(run, st, fx, now)
 
     # ---- slots (concurrency limits) ----
 
@@ -784,6 +981,8 @@ class Scheduler:
             pool.used = 0
         for run in self.runs.values():
             for st in run.steps.values():
+                if st.mapped:
+                    continue
                 if st.status is StepStatus.QUEUED or st.status is StepStatus.RUNNING:
                     slots = self._pools.get(st.pool or st.runner)
                     if slots is not None:
@@ -823,6 +1022,9 @@ class Scheduler:
         kind = b.WhichOneof("kind")
         if kind == "output":
             up = run.steps[b.output.step_id]
+            if up.items is not None:  # a mapped step's output: its items' outputs, in order
+                name = b.output.output
+                return ("list", [self._resolve_item(run, item, name) for item in up.items])
             assert up.outputs is not None
             return ("artifact", up.outputs[b.output.output])
         if kind == "parameter":
@@ -832,6 +1034,13 @@ class Scheduler:
         if kind == "list":
             return ("list", [self._resolve(run, i) for i in b.list.items])
         return ("map", {e.key: self._resolve(run, e.value) for e in b.map.entries})
+
+    def _resolve_item(self, run: RunState, step_id: str, output: str) -> Value:
+        item = run.steps[step_id]
+        if item.items is not None:
+            return ("list", [self._resolve_item(run, i, output) for i in item.items])
+        assert item.outputs is not None
+        return ("artifact", item.outputs[output])
 
     def _schedule(self, ready: Ready, fx: Effects, now: float, lookups: Lookups) -> None:
         """Serves ready steps from the cache (following hits downstream) or queues them, as
@@ -846,6 +1055,9 @@ class Scheduler:
                 turn = True  # first in line: only a limit with no slot free holds it back
             run, st = ready.pop()
             if run.status.is_final or st.status is not StepStatus.PENDING:
+                continue
+            if st.mapped:
+                self._expand(run, st, fx, now, ready)
                 continue
             values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
             st.material = key_material(st.spec, values)
@@ -1147,13 +1359,10 @@ class Scheduler:
     def _complete(
         self, run: RunState, st: StepState, cmd: Completed, fx: Effects, now: float, ready: Ready
     ) -> None:
-        declared = [o.name for o in st.spec.outputs]
         got = {o.output: o for o in cmd.outputs}
-        if sorted(got) != sorted(declared):
-            error = StepError(
-                "plait.errors.ArtifactError",
-                f"the worker reported outputs {sorted(got)}, not {declared}",
-            )
+        problem = _outputs_problem(st.spec, got)
+        if problem:
+            error = StepError("plait.errors.ArtifactError", f"the worker reported {problem}")
             self._fail(run, st, Failed(cmd.token, error), fx, now, ready)
             return
         self._free(run, st)
@@ -1295,6 +1504,12 @@ class Scheduler:
                     ready.append((run, ds))
         else:
             self._skip_downstream(run, st, fx, now)
+        if st.parent is not None:
+            mapped = run.steps[st.parent]
+            mapped.open_items -= 1
+            if mapped.open_items == 0 and mapped.status is StepStatus.RUNNING:
+                self._end_map(run, mapped, fx, now, ready)
+                return  # closing the mapped step ended the run if it was the last
         if run.open_steps == 0:
             self._end_run(run, fx, now)
 

@@ -16,8 +16,9 @@ from plait.ir.v1 import ir_pb2
 
 S = StepStatus
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
-    # ready: queued for a runner, served from the cache, or never run
-    S.PENDING: frozenset({S.QUEUED, S.CACHED, S.SKIPPED, S.CANCELLED}),
+    # ready: queued for a runner, served from the cache, or never run; a mapped step RUNNING
+    # is one whose items were made (it has no attempt of its own: its items have theirs)
+    S.PENDING: frozenset({S.QUEUED, S.CACHED, S.SKIPPED, S.CANCELLED, S.RUNNING}),
     # a failure before the start report (the runner could not start it, the worker died);
     # PENDING: the attempt died with a previous control plane and the step is queued again
     S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.CRASHED, S.RETRYING, S.CANCELLED, S.PENDING}),
@@ -75,6 +76,15 @@ class StepState:
     close_deadline: float | None = None
     retry_at: float | None = None
     """When a RETRYING step's next attempt is due (a delayed retry); None otherwise."""
+    mapped: bool = False
+    """A mapped step (``step.map``): it never has an attempt; once its list is known it is
+    RUNNING and its items (``<id>[i]``) are steps of the run, and it ends when they all have."""
+    items: list[str] | None = None
+    """A mapped step's item step ids, in order, once it made them."""
+    open_items: int = 0
+    """Its items that have not ended yet."""
+    parent: str | None = None
+    """An item's mapped step (``leaf`` for ``leaf[3]``)."""
 
     def move(self, to: StepStatus) -> None:
         if to not in STEP_TRANSITIONS[self.status]:

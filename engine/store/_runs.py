@@ -33,6 +33,7 @@ from plait.engine.store._ids import resolve_prefix
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.errors import NotFoundError, PipelineError, RunNotFoundError
 from plait.ir.canonical import canonical_json
+from plait.ir.mapping import split_item
 from plait.ir.v1 import ir_pb2
 
 
@@ -77,7 +78,13 @@ def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
     rows = conn.execute(
         sa.select(db.step_runs)
         .where(db.step_runs.c.run_id == run_id)
-        .order_by(db.step_runs.c.position)
+        # a mapped step's items (leaf[0], leaf[1], ...) share its position: they follow it,
+        # in the order of their numbers
+        .order_by(
+            db.step_runs.c.position,
+            sa.func.length(db.step_runs.c.step_id),
+            db.step_runs.c.step_id,
+        )
     ).all()
     meta = artifact_metadata(
         conn, [o["artifact_id"] for s in rows for o in (s.outputs or {}).values()]
@@ -214,6 +221,12 @@ def explain_step(conn: Connection, prefix: str, step_id: str) -> CacheExplanatio
     spec = get_pipeline_version(conn, run.version)
     steps = {s.id: s for s in spec.steps}
     step = steps.get(step_id)
+    parent = split_item(step_id)
+    item = step is None and parent is not None and parent[0] in steps
+    if item and parent is not None:  # an item of a mapped step: the step, under its id
+        step = ir_pb2.StepSpec()
+        step.CopyFrom(steps[parent[0]])
+        step.id = step_id
     s = db.step_runs
     row = conn.execute(sa.select(s).where(s.c.run_id == run_id, s.c.step_id == step_id)).first()
     if step is None or row is None:
@@ -222,6 +235,20 @@ def explain_step(conn: Connection, prefix: str, step_id: str) -> CacheExplanatio
         )
     status = StepStatus(row.status)
     key = row.cache_key or ""
+    if not item and any(i.mapped for i in step.inputs):
+        return CacheExplanation(
+            run_id=run_id,
+            step_id=step_id,
+            status=status,
+            cache_key="",
+            reason=(
+                f"a mapped step: each of its items ({step_id}[0], {step_id}[1], ...) ran or was "
+                f"served from the cache on its own item; explain one of them"
+            ),
+            cached_from_run="",
+            earlier_run="",
+            differences=[],
+        )
     outputs = {
         r.step_id: r.outputs
         for r in conn.execute(
@@ -230,7 +257,8 @@ def explain_step(conn: Connection, prefix: str, step_id: str) -> CacheExplanatio
             )
         )
     }
-    material = _material(step, dict(run.parameters or {}), outputs)
+    # an item's key material is its cache entry's (its item is no binding of the IR's)
+    material = None if item else _material(step, dict(run.parameters or {}), outputs)
     ce = db.cache_entries
     if material is None and key:
         stored = conn.execute(sa.select(ce.c.material).where(ce.c.key == key)).scalar()

@@ -33,6 +33,7 @@ from plait._step import code_digest
 from plait._types import conform
 from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
+from plait.ir.mapping import MAX_MAP_ITEMS, item_artifact_id, item_name
 from plait.ir.v1 import ir_pb2 as ir
 from plait.runners.worker._blobs import BlobStore, RemoteBlobStore
 from plait.runners.worker._code import (
@@ -712,35 +713,57 @@ class StepExecutor:
             values = list(result)
         locations = {o.name: o.artifact_id for o in task.outputs}
         out = []
-        now = datetime.now(UTC)
+        saved = _Saved(task, store, datetime.now(UTC))
         for spec, value in zip(specs, values, strict=True):
             value = conform(value, spec.type.expr)  # a numpy scalar declared -> float: a float
             _check_type(task.step.id, spec, value)
-            m = materializer_for(value, spec.materializer)
-            try:
-                blob = store.put(m.save(value))
-            except MemoryError:
-                raise MemoryError(
-                    f"step {task.step.id!r}: output {spec.name!r} ({type_name(value)}) is too "
-                    f"large: this worker ran out of memory saving it with the {m.name} "
-                    f"materializer; return a smaller value, or write the data to a file and "
-                    f"return its path"
-                ) from None
-            artifact = ArtifactInfo(
-                artifact_id=locations[spec.name],
-                output=spec.name,
-                digest=blob.digest,
-                size=blob.size,
-                uri=blob.uri,
-                materializer=m.name,
-                data_type=type_name(value),
-                unsafe=m.unsafe,
-                run_id=task.token.run_id,
-                step_id=task.token.step_id,
-                created_at=now,
-            )
-            out.append(artifact.to_proto())
+            artifact_id = locations[spec.name]
+            out.append(saved.put(spec.name, value, spec.materializer, artifact_id))
+            if spec.items:  # a map iterates it: each item is an artifact of its own too
+                item_materializer = "pickle" if spec.materializer == "pickle" else ""
+                items = _items(task.step.id, spec, value, MAX_MAP_ITEMS - len(out) + 1)
+                for i, item in enumerate(items):
+                    name, item_id = item_name(spec.name, i), item_artifact_id(artifact_id, i)
+                    out.append(saved.put(name, item, item_materializer, item_id))
         return out
+
+
+@dataclass
+class _Saved:
+    """Stores a step's outputs as artifacts of its attempt."""
+
+    task: tasks.Task
+    store: BlobStore
+    now: datetime
+
+    def put(self, name: str, value: Any, materializer: str, artifact_id: str) -> res.Artifact:
+        """Stores ``value`` as output ``name`` (with the named materializer, or the one its type
+        takes) and returns its record."""
+        task = self.task
+        m = materializer_for(value, materializer)
+        try:
+            blob = self.store.put(m.save(value))
+        except MemoryError:
+            raise MemoryError(
+                f"step {task.step.id!r}: output {name!r} ({type_name(value)}) is too "
+                f"large: this worker ran out of memory saving it with the {m.name} "
+                f"materializer; return a smaller value, or write the data to a file and "
+                f"return its path"
+            ) from None
+        artifact = ArtifactInfo(
+            artifact_id=artifact_id,
+            output=name,
+            digest=blob.digest,
+            size=blob.size,
+            uri=blob.uri,
+            materializer=m.name,
+            data_type=type_name(value),
+            unsafe=m.unsafe,
+            run_id=task.token.run_id,
+            step_id=task.token.step_id,
+            created_at=self.now,
+        )
+        return artifact.to_proto()
 
 
 _BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -755,6 +778,24 @@ _BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {
     "set": set,
     "None": type(None),
 }
+
+
+def _items(step_id: str, spec: ir.OutputSpec, value: Any, room: int) -> list[Any]:
+    """The items of an output a map iterates: a list (or tuple) of at most ``room`` items
+    (MAX_MAP_ITEMS for a step's outputs together)."""
+    if not isinstance(value, list | tuple):
+        raise TypeError(
+            f"step {step_id!r}: output {spec.name!r} is mapped over (step.map), so it must be "
+            f"a list, but the step returned {type_name(value)}"
+        )
+    if len(value) > room:
+        raise ValueError(
+            f"step {step_id!r}: output {spec.name!r} is mapped over (step.map) and has "
+            f"{len(value)} items; a step's outputs that maps iterate hold at most "
+            f"{MAX_MAP_ITEMS} items together, and one map runs at most that: return fewer (batch "
+            f"several items into one), or split the list and map over each part"
+        )
+    return list(value)
 
 
 def _check_type(step_id: str, spec: ir.OutputSpec, value: Any) -> None:

@@ -272,8 +272,17 @@ class InputSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     BINDING_FIELD_NUMBER: _builtins.int
+    MAPPED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The parameter name in the step function."""
+    mapped: _builtins.bool
+    """Set on at most one input of a step: the step is mapped over this input (`step.map(items)`).
+    Its binding gives a list (an upstream output whose OutputSpec.items is set, the outputs of
+    another mapped step, a list of bindings, or a JSON list parameter or literal), and when the
+    list is known the step runs once per item, as step runs "<id>[0]", "<id>[1]", ..., each with
+    this input bound to its item and its own cache key. `type` is the type of one item. Read
+    downstream, an output of a mapped step is the list of its items' outputs, in order.
+    """
     @_builtins.property
     def type(self) -> Global___TypeSpec:
         """The annotated type of the parameter."""
@@ -288,10 +297,11 @@ class InputSpec(_message.Message):
         name: _builtins.str = ...,
         type: Global___TypeSpec | None = ...,
         binding: Global___Binding | None = ...,
+        mapped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "type", b"type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "mapped", b"mapped", "name", b"name", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,10 +466,16 @@ class OutputSpec(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     MATERIALIZER_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The output's name ("output" for a step with a single unnamed output)."""
     materializer: _builtins.str
     """The materializer asked for by the step, empty to choose one by the value's type."""
+    items: _builtins.bool
+    """Set when a mapped step iterates this output (a list): besides the list itself, the worker
+    stores each item as an artifact of its own, reported as output "<name>[i]", so that each
+    mapped step run reads and caches on its item alone.
+    """
     @_builtins.property
     def type(self) -> Global___TypeSpec:
         """The declared type."""
@@ -470,10 +486,11 @@ class OutputSpec(_message.Message):
         name: _builtins.str = ...,
         type: Global___TypeSpec | None = ...,
         materializer: _builtins.str = ...,
+        items: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["type", b"type"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["materializer", b"materializer", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "materializer", b"materializer", "name", b"name", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
