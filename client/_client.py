@@ -37,6 +37,7 @@ from plait.api.v1 import (
     build_service_pb2_grpc,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
+    resources_pb2,
     run_service_pb2,
     run_service_pb2_grpc,
     stack_service_pb2_grpc,
@@ -663,7 +664,9 @@ class Client:
                     page_size=min(limit - len(out), 1000),
                     page_token=token,
                     pipeline=pipeline,
-                    **({"status": RunStatus(status).to_proto()} if status else {}),
+                    status=RunStatus(status).to_proto()
+                    if status
+                    else resources_pb2.RUN_STATUS_UNSPECIFIED,
                 ),
             )
             out.extend(Run.from_proto(r, self) for r in resp.runs)

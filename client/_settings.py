@@ -23,6 +23,8 @@ CREDENTIAL_FILE = "credentials.json"
 DEFAULT_PORT = 7676
 """The port ``plait server start`` listens on unless told otherwise, and so the port of a
 server address that names none."""
+DEFAULT_DASHBOARD_PORT = 7677
+"""The port the daemon serves its dashboard on unless told otherwise (``--dashboard-port``)."""
 
 SERVER_FORMS = (
     f"HOST:PORT, HOST (port {DEFAULT_PORT}), grpc://HOST[:PORT] (plain text), "

@@ -238,6 +238,10 @@ class ControlPlane:
         self._expiring = False
         """An Expire is in the inbox: the reaper does not send another."""
         self.address = ""
+        self.internal_address = ""
+        """Where this process's own clients (its workers, its dashboard) call the API, once it
+        serves: loopback (in the clear when the API serves TLS), each call with its token."""
+        self._auth: Any = None
         self._stop = anyio.Event()
         # secrets that live in this process's memory only: one for the local workers this
         # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
@@ -288,6 +292,17 @@ class ControlPlane:
             lookup if self.config.api_tokens else None,
             {self.worker_secret: Role.WORKER, self.owner_secret: Role.ADMIN},
         )
+
+    async def role_of(self, token: str) -> str | None:
+        """The role of an API token as this control plane's API decides it (``admin``,
+        ``user``, ``worker``), None when it would refuse it; ``admin`` for anyone when it
+        takes no credential (``--no-auth``)."""
+        if not self.config.auth:
+            return "admin"
+        if self._auth is None:
+            self._auth = self._auth_interceptor()
+        role = await self._auth.role(token)
+        return str(role) if role is not None else None
 
     def stop(self) -> None:
         """Asks :meth:`serve` to shut down (gracefully); call it on the serving event loop."""
@@ -865,7 +880,8 @@ class ControlPlane:
 
         interceptors = []
         if self.config.auth:
-            interceptors.append(self._auth_interceptor())
+            self._auth = self._auth_interceptor()
+            interceptors.append(self._auth)
         interceptors.append(LimitsInterceptor())  # after auth: a refused call is never read
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -897,9 +913,12 @@ class ControlPlane:
         self._renewed = time.monotonic()
         # local workers report over loopback, in the clear, with a token that lives in memory
         worker_address = self.address
+        if self.address.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "::"):
+            worker_address = f"127.0.0.1:{port}"
         if self.config.tls_cert:
             worker_port = server.add_insecure_port("127.0.0.1:0")
             worker_address = f"127.0.0.1:{worker_port}"
+        self.internal_address = worker_address
         await server.start()
         try:
             async with anyio.create_task_group() as tg:

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -25,11 +26,16 @@ from plait.engine._control_plane import (
     max_log_bytes_setting,
 )
 from plait.engine.scheduler._machine import DEFAULT_CRASH_RETRIES
+
+if TYPE_CHECKING:
+    from plait.engine.dashboard import Dashboard
 from plait.errors import PlaitError
 
 log = logging.getLogger("plait.server")
 
 PID_FILE = "server.pid"
+DASHBOARD_FILE = "dashboard.json"
+"""Where the daemon writes its dashboard's URL (``plait dashboard`` reads it), owner-only."""
 """In PLAIT_HOME: ``PID\nHOST:PORT\n``, written once the daemon listens."""
 LOCK_FILE = "server.lock"
 """In PLAIT_HOME: the daemon holds an exclusive flock on it for its whole life, so a pid file is
@@ -146,8 +152,17 @@ def _check_port(host: str, port: int) -> None:
             ) from None
 
 
-async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None:
-    """Serves until SIGTERM or SIGINT, then stops gracefully; runs stay resumable."""
+async def serve_daemon(
+    config: ControlPlaneConfig,
+    host: str,
+    port: int,
+    dashboard_port: int | None = None,
+    dashboard_required: bool = True,
+) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully; runs stay resumable. With
+    ``dashboard_port``, serves the dashboard there too (0: any free port); when that port is
+    taken the daemon does not start, unless the port is only the default
+    (``dashboard_required`` False): then it serves without a dashboard, saying so."""
     if not is_loopback(host, resolve=True) and not config.auth:
         raise PlaitError(
             f"refusing to bind {host} without authentication: --no-auth is for loopback only "
@@ -172,6 +187,11 @@ async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             bound = await tg.start(cp.serve, f"{host}:{port}")
+            dashboard = None
+            if dashboard_port is not None:
+                dashboard = await _start_dashboard(
+                    tg, cp, config, host, dashboard_port, dashboard_required
+                )
             pid_file.write_text(f"{os.getpid()}\n{host}:{bound}\n")
             log.info(
                 "plait server %s:%s ready (pid %s, store %s)",
@@ -186,9 +206,49 @@ async def serve_daemon(config: ControlPlaneConfig, host: str, port: int) -> None
                     signal.Signals(signum).name,
                 )
                 cp.stop()
+                if dashboard is not None:
+                    dashboard.stop()
                 break
     pid_file.unlink(missing_ok=True)
+    (config.home / DASHBOARD_FILE).unlink(missing_ok=True)
     log.info("plait server stopped")
+
+
+async def _start_dashboard(
+    tg: anyio.abc.TaskGroup,
+    cp: ControlPlane,
+    config: ControlPlaneConfig,
+    host: str,
+    port: int,
+    required: bool,
+) -> Dashboard | None:
+    """Serves the dashboard beside the API (same host, same TLS certificate) and writes its
+    URL to PLAIT_HOME/dashboard.json."""
+    import json
+    import ssl
+
+    from plait.engine.dashboard import Dashboard
+
+    context = None
+    if config.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    dashboard = Dashboard(cp.internal_address, cp.role_of, auth=config.auth, ssl_context=context)
+    try:
+        bound = await tg.start(dashboard.serve, host, port)
+    except OSError as exc:
+        if required:
+            raise PlaitError(str(exc)) from None
+        log.warning("%s; serving the API without a dashboard", exc)
+        return None
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "[::]") else host
+    url = f"{'https' if context else 'http'}://{shown}:{bound}"
+    path = config.home / DASHBOARD_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url, "pid": os.getpid(), "tls_cert": config.tls_cert}, f)
+    log.info("dashboard at %s (sign in with the link `plait dashboard` prints)", url)
+    return dashboard
 
 
 def run_daemon(
@@ -208,6 +268,8 @@ def run_daemon(
     crash_retries: int | None = None,
     pool_limits: Mapping[str, int] | None = None,
     log_file: Path | None = None,
+    dashboard_port: int | None = None,
+    dashboard_required: bool = True,
 ) -> None:
     """Runs the daemon in this process (``plait server start --foreground``).
 
@@ -247,7 +309,7 @@ def run_daemon(
         pool_limits=limits,
     )
     try:
-        anyio.run(serve_daemon, config, host, port)
+        anyio.run(serve_daemon, config, host, port, dashboard_port, dashboard_required)
     except BaseExceptionGroup as group:
         # a refusal (unknown schema, busy port) surfaces from inside the task group: show it
         # as itself, so the command prints one clear line instead of a group's traceback

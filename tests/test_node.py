@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,19 +56,24 @@ def client(tmp_path: Path) -> Iterator[plait.Client]:
     c.shutdown()
 
 
-def test_node_runs_follows_and_downloads(node_client: Path, client: plait.Client) -> None:
-    version = client.register(loud)
+def run_in_node(node_client: Path, client: plait.Client, version: str, *step: str) -> Any:
+    """What examples/node/client.mjs prints after running ``version`` (and downloading the
+    output of ``step``, or of the last step)."""
     # the embedded engine accepts only its own process's secret: this test hands it to Node
     env = {**os.environ, "PLAIT_TOKEN": client.token}
     out = subprocess.run(
-        ["node", str(node_client), client.address, version],
+        ["node", str(node_client), client.address, version, *step],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_node_runs_follows_and_downloads(node_client: Path, client: plait.Client) -> None:
+    result = run_in_node(node_client, client, client.register(loud))
     assert result["status"] == "RUN_STATUS_SUCCEEDED"
     assert result["steps"] == {"words": "STEP_STATUS_SUCCEEDED", "shout": "STEP_STATUS_SUCCEEDED"}
     assert result["output"] == "HELLO FROM PYTHON"
@@ -97,17 +103,7 @@ def loud_each(text: str = "map from node") -> None:
 
 def test_node_runs_a_map_unchanged(node_client: Path, client: plait.Client) -> None:
     """A map is IR like any step's: a client in another language runs it and reads its items."""
-    version = client.register(loud_each)
-    env = {**os.environ, "PLAIT_TOKEN": client.token}
-    out = subprocess.run(
-        ["node", str(node_client), client.address, version, "joined"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_in_node(node_client, client, client.register(loud_each), "joined")
     assert result["status"] == "RUN_STATUS_SUCCEEDED"
     assert result["output"] == "MAP-FROM-NODE"
     assert {k: v for k, v in result["steps"].items() if k.startswith("shout_one")} == {

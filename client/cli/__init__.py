@@ -41,6 +41,11 @@ _ADMIN = {
         "down",
         "Stop the daemon: the same as `plait server stop`.",
     ),
+    "dashboard": (
+        "plait.engine.admin._server",
+        "dashboard",
+        "Open the daemon's web dashboard, signed in (a one-time login link).",
+    ),
     "token": (
         "plait.engine.admin._tokens",
         "token",

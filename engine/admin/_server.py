@@ -24,6 +24,18 @@ MAX_CRASH_RETRIES = 100
 this module loads no engine until a command runs)."""
 
 
+def dashboard_url() -> str:
+    """The URL of the dashboard of this PLAIT_HOME's daemon, or empty when it serves none."""
+    import json
+
+    from plait._settings import plait_home
+
+    try:
+        return str(json.loads((plait_home() / "dashboard.json").read_text())["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _server_files() -> tuple[Path, Path]:
     """The pid file and the log file of this PLAIT_HOME's daemon."""
     from plait._settings import plait_home
@@ -125,6 +137,8 @@ _CONFIG_KEYS = (
     "heartbeat_timeout",
     "crash_retries",
     "pool_limits",
+    "dashboard",
+    "dashboard_port",
 )
 _CONFIG_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "port": (int, "an integer"),
@@ -133,6 +147,8 @@ _CONFIG_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "crash_retries": (int, "an integer"),
     "pool_limits": (dict, "a table of pool names and step counts ({ local = 4, gpu = 1 })"),
     "auth": (bool, "true or false"),
+    "dashboard": (bool, "true or false"),
+    "dashboard_port": (int, "an integer"),
 }
 """The keys that are not strings: their type and how to say it."""
 
@@ -192,7 +208,8 @@ _SERVER_OPTIONS = [
         type=click.Path(dir_okay=False),
         help="A TOML file of these settings (keys: host, port, database_url, "
         "artifact_store, auth, tls_cert, tls_key, tls_client_ca, max_log_bytes, "
-        "heartbeat_timeout, crash_retries, pool_limits) [default: PLAIT_HOME/server.toml if "
+        "heartbeat_timeout, crash_retries, pool_limits, dashboard, dashboard_port) "
+        "[default: PLAIT_HOME/server.toml if "
         "it exists]; flags and variables win over it.",
     ),
     click.option(
@@ -207,6 +224,22 @@ _SERVER_OPTIONS = [
         default=None,
         envvar="PLAIT_SERVER_PORT",
         help="Port [default: 7676; env PLAIT_SERVER_PORT].",
+    ),
+    click.option(
+        "--dashboard/--no-dashboard",
+        default=None,
+        envvar="PLAIT_DASHBOARD",
+        help="Serve the web dashboard on a port of its own [default: on; env PLAIT_DASHBOARD "
+        "(0 or 1); config key dashboard]. `plait dashboard` opens it signed in.",
+    ),
+    click.option(
+        "--dashboard-port",
+        type=click.IntRange(min=0, max=65535),
+        default=None,
+        envvar="PLAIT_DASHBOARD_PORT",
+        help="The dashboard's port, on the same host as the API [default: 7677; 0: any free "
+        "port; env PLAIT_DASHBOARD_PORT; config key dashboard_port]. A port given here must be "
+        "free; when the default one is taken the daemon starts without a dashboard, saying so.",
     ),
     click.option(
         "--database-url",
@@ -323,13 +356,16 @@ def server_start(
     crash_retries: int | None = None,
     pool_limits: tuple[tuple[str, int], ...] = (),
     log_file: str | None = None,
+    dashboard: bool | None = None,
+    dashboard_port: int | None = None,
 ) -> None:
     """Start the control-plane daemon (in the background unless --foreground).
 
     Unfinished runs of its store resume at start; SIGTERM (`plait server stop`) shuts it down
-    gracefully and leaves them resumable. PID and log files live in PLAIT_HOME; the log,
-    server.log, rotates at 10 MB (PLAIT_SERVER_LOG_BYTES sets the size), keeping 3 old files
-    (server.log.1 to server.log.3).
+    gracefully and leaves them resumable. It also serves the web dashboard (on port 7677
+    unless told otherwise; `plait dashboard` opens it signed in). PID and log files live in
+    PLAIT_HOME; the log, server.log, rotates at 10 MB (PLAIT_SERVER_LOG_BYTES sets the size),
+    keeping 3 old files (server.log.1 to server.log.3).
 
     \b
     Example:
@@ -339,7 +375,7 @@ def server_start(
     import subprocess
     import time
 
-    from plait._settings import plait_home
+    from plait._settings import DEFAULT_DASHBOARD_PORT, plait_home
     from plait.engine._daemon import (
         DEFAULT_PORT,
         crash_retries_setting,
@@ -362,6 +398,11 @@ def server_start(
         heartbeat_timeout = float(cfg["heartbeat_timeout"])
     if crash_retries is None and "crash_retries" in cfg:
         crash_retries = int(cfg["crash_retries"])
+    if dashboard is None:
+        dashboard = bool(cfg.get("dashboard", True))
+    dashboard_required = dashboard_port is not None or "dashboard_port" in cfg
+    if dashboard_port is None:
+        dashboard_port = int(cfg.get("dashboard_port", DEFAULT_DASHBOARD_PORT))
     # the file's table, each pool's limit replaced by a flag's (or the variable's) for it
     limits: dict[str, int] = {**cfg.get("pool_limits", {}), **dict(pool_limits)}
     try:  # refused here, not by a background daemon's first line of log
@@ -386,6 +427,8 @@ def server_start(
                 crash_retries=crash_retries,
                 pool_limits=limits,
                 log_file=Path(log_file) if log_file else None,
+                dashboard_port=dashboard_port if dashboard else None,
+                dashboard_required=dashboard_required,
             )
         except PlaitError as exc:
             fail(str(exc))
@@ -422,6 +465,10 @@ def server_start(
         cmd += ["--crash-retries", str(crash_retries)]
     for pool, limit in limits.items():
         cmd += ["--pool-limit", f"{pool}={limit}"]
+    if not dashboard:
+        cmd += ["--no-dashboard"]
+    elif dashboard_required:
+        cmd += ["--dashboard-port", str(dashboard_port)]
     if database_url:
         cmd += ["--database-url", database_url]
     if artifact_store:
@@ -451,6 +498,11 @@ def server_start(
         if found is not None and (tls_cert or healthy(found[1], timeout=0.5)):
             click.echo(f"plait server running at {found[1]} (pid {found[0]}); log: {server_log}")
             click.echo(f"use it with: export PLAIT_SERVER={found[1]}  (or plait login {found[1]})")
+            url = dashboard_url()
+            if url:
+                click.echo(f"dashboard: {url}  (`plait dashboard` opens it signed in)")
+            elif dashboard:
+                click.echo(f"no dashboard: see {server_log}", err=True)
             return
         time.sleep(0.1)
     proc.kill()
@@ -517,6 +569,9 @@ def server_status() -> None:
     pid, address = running
     serving = healthy(address)
     click.echo(f"server at {address} (pid {pid}): {'SERVING' if serving else 'NOT SERVING'}")
+    url = dashboard_url()
+    if url:
+        click.echo(f"dashboard: {url}")
     if not serving:
         sys.exit(1)
 
@@ -555,3 +610,67 @@ def up(ctx: click.Context, /, **kwargs: Any) -> None:
 def down(ctx: click.Context) -> None:
     """Stop the daemon: the same as `plait server stop`."""
     ctx.invoke(server_stop)
+
+
+@click.command("dashboard", epilog=EPILOG)
+@click.option("--no-browser", is_flag=True, help="Only print the link; do not open a web browser.")
+def dashboard(no_browser: bool) -> None:
+    """Open the daemon's web dashboard, signed in (a one-time login link).
+
+    Asks the daemon of this PLAIT_HOME for a link that signs a browser in as this account
+    (its local admin credential, like Jupyter's token links), prints it, and opens it in the
+    default web browser. The link works once, within 5 minutes. On another machine, or for
+    another account, open the dashboard's address and paste an API token instead
+    (`plait token create NAME --role user`).
+
+    \b
+    Example:
+      plait up && plait dashboard
+    """
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+    import webbrowser
+
+    from plait._settings import CREDENTIAL_FILE, plait_home
+
+    if _server_pid() is None:
+        fail("no server is running for this PLAIT_HOME: start one with `plait up`")
+    url = dashboard_url()
+    if not url:
+        fail(
+            "the server serves no dashboard (started with --no-dashboard, or its port was "
+            "taken: see `plait server logs`)"
+        )
+    try:
+        token = str(json.loads((plait_home() / CREDENTIAL_FILE).read_text())["token"])
+    except (OSError, ValueError, KeyError, TypeError):
+        token = ""
+    request = urllib.request.Request(
+        f"{url}/api/login-codes",
+        method="POST",
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+    )
+    context = None
+    if url.startswith("https:"):
+        try:
+            cert = json.loads((plait_home() / "dashboard.json").read_text()).get("tls_cert")
+        except (OSError, ValueError):
+            cert = None
+        context = ssl.create_default_context(cafile=cert or None)
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as resp:
+            path = json.loads(resp.read())["path"]
+    except urllib.error.HTTPError as exc:
+        try:
+            said = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            said = ""
+        fail(f"the dashboard refused a login link: {said or exc.reason}")
+    except (urllib.error.URLError, OSError) as exc:
+        fail(f"cannot reach the dashboard at {url}: {exc}")
+    link = f"{url}{path}"
+    click.echo(link)
+    if not no_browser:
+        webbrowser.open(link)

@@ -87,7 +87,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         for key, value in details.invocation_metadata or ():
             if key == "authorization" and value.startswith("Bearer "):
                 token = value[len("Bearer ") :]
-        role = await self._role(token) if token else None
+        role = await self.role(token) if token else None
         if role is None:
             message = (
                 "a valid API token is required: send 'authorization: Bearer <token>' "
@@ -108,7 +108,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return await continuation(details)
 
-    async def _role(self, token: str) -> Role | None:
+    async def role(self, token: str) -> Role | None:
+        """The role of a token (an internal secret's, or a stored token's), None when it is
+        unknown or revoked."""
         for secret, internal_role in self._internal.items():
             if hmac.compare_digest(token, secret):
                 return internal_role

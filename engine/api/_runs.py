@@ -7,6 +7,8 @@ import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from plait._models import CodeSource
 from plait.api.v1 import run_service_pb2 as pb
 from plait.api.v1 import run_service_pb2_grpc
@@ -26,6 +28,14 @@ DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE = 50, 1000
 DEFAULT_PAGE, MAX_PAGE = 1000, 10000
 """Page sizes of ListRuns, and of ListRunEvents and ListLogs: 0 means the default, larger
 values are clamped to the maximum."""
+
+
+def _epoch(request: pb.ListRunsRequest, name: str) -> float | None:
+    """A Timestamp field of the request in epoch seconds, None when unset."""
+    if not request.HasField(name):  # type: ignore[arg-type]
+        return None
+    ts: Timestamp = getattr(request, name)
+    return float(ts.seconds) + float(ts.nanos) / 1e9
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -148,6 +158,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
                 request.page_token,
                 request.pipeline,
                 run_status_from_proto(request.status),
+                _epoch(request, "created_after"),
+                _epoch(request, "created_before"),
             )
         return pb.ListRunsResponse(runs=[r.to_proto() for r in runs], next_page_token=token)
 

@@ -119,14 +119,21 @@ def list_runs(
     page_token: str,
     pipeline: str = "",
     status: RunStatus | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
 ) -> tuple[list[Run], str]:
     """The newest runs first, without their steps; and the token of the next page ("" at the
-    end)."""
+    end). ``created_after`` and ``created_before`` (epoch seconds) bound their creation time:
+    at or after the one, before the other."""
     q = sa.select(db.runs).order_by(db.runs.c.created_at.desc(), db.runs.c.id.desc())
     if pipeline:
         q = q.where(db.runs.c.pipeline == pipeline)
     if status is not None:
         q = q.where(db.runs.c.status == status)
+    if created_after is not None:
+        q = q.where(db.runs.c.created_at >= created_after)
+    if created_before is not None:
+        q = q.where(db.runs.c.created_at < created_before)
     if page_token:
         try:
             created, rid = json.loads(page_token)

@@ -23,55 +23,56 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from plait.api.v1 import resources_pb2 as plait_dot_api_dot_v1_dot_resources__pb2
 from plait.ir.v1 import ir_pb2 as plait_dot_ir_dot_v1_dot_ir__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\xca\x01\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x04\x63ode\x18\x05 \x01(\x0b\x32\x18.plait.api.v1.CodeSource\x12\x0f\n\x07refresh\x18\x06 \x03(\t\x12\x10\n\x08retry_of\x18\x07 \x01(\t\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"s\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.plait.api.v1.RunStatus\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"J\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"=\n\x12StreamLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\"3\n\x12\x45xplainStepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\"[\n\x12\x43\x61\x63heKeyDifference\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x15\n\rearlier_value\x18\x04 \x01(\t\"\xe8\x01\n\x13\x45xplainStepResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.plait.api.v1.StepStatus\x12\x11\n\tcache_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0f\x63\x61\x63hed_from_run\x18\x06 \x01(\t\x12\x13\n\x0b\x65\x61rlier_run\x18\x07 \x01(\t\x12\x35\n\x0b\x64ifferences\x18\x08 \x03(\x0b\x32 .plait.api.v1.CacheKeyDifference2\xe3\x05\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12Q\n\nStreamLogs\x12\x1f.plait.api.v1.StreamLogsRequest\x1a .plait.api.v1.StreamLogsResponse0\x01\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponse\x12R\n\x0b\x45xplainStep\x12 .plait.api.v1.ExplainStepRequest\x1a!.plait.api.v1.ExplainStepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eplait/api/v1/run_service.proto\x12\x0cplait.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cplait/api/v1/resources.proto\x1a\x14plait/ir/v1/ir.proto\"\xca\x01\n\x10\x43reateRunRequest\x12\x18\n\x10pipeline_version\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x03(\x0b\x32\x17.plait.ir.v1.NamedValue\x12\x10\n\x08no_cache\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x04\x63ode\x18\x05 \x01(\x0b\x32\x18.plait.api.v1.CodeSource\x12\x0f\n\x07refresh\x18\x06 \x03(\t\x12\x10\n\x08retry_of\x18\x07 \x01(\t\"D\n\x11\x43reateRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0eGetRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\"\xda\x01\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pipeline\x18\x03 \x01(\t\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.plait.api.v1.RunStatus\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x10ListRunsResponse\x12\x1f\n\x04runs\x18\x01 \x03(\x0b\x32\x11.plait.api.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x15WatchRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0frun_events_only\x18\x03 \x01(\x08\"@\n\x16WatchRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\"O\n\x14ListRunEventsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\\\n\x15ListRunEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.RunEvent\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\"[\n\x0fListLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"X\n\x10ListLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\x12\x1b\n\x13next_after_sequence\x18\x02 \x01(\x03\" \n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x11\x43\x61ncelRunResponse\x12\x1e\n\x03run\x18\x01 \x01(\x0b\x32\x11.plait.api.v1.Run\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"J\n\x11StreamLogsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\"=\n\x12StreamLogsResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.plait.api.v1.LogEntry\"3\n\x12\x45xplainStepRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\"[\n\x12\x43\x61\x63heKeyDifference\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x15\n\rearlier_value\x18\x04 \x01(\t\"\xe8\x01\n\x13\x45xplainStepResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.plait.api.v1.StepStatus\x12\x11\n\tcache_key\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x17\n\x0f\x63\x61\x63hed_from_run\x18\x06 \x01(\t\x12\x13\n\x0b\x65\x61rlier_run\x18\x07 \x01(\t\x12\x35\n\x0b\x64ifferences\x18\x08 \x03(\x0b\x32 .plait.api.v1.CacheKeyDifference2\xe3\x05\n\nRunService\x12L\n\tCreateRun\x12\x1e.plait.api.v1.CreateRunRequest\x1a\x1f.plait.api.v1.CreateRunResponse\x12\x43\n\x06GetRun\x12\x1b.plait.api.v1.GetRunRequest\x1a\x1c.plait.api.v1.GetRunResponse\x12I\n\x08ListRuns\x12\x1d.plait.api.v1.ListRunsRequest\x1a\x1e.plait.api.v1.ListRunsResponse\x12]\n\x0eWatchRunEvents\x12#.plait.api.v1.WatchRunEventsRequest\x1a$.plait.api.v1.WatchRunEventsResponse0\x01\x12X\n\rListRunEvents\x12\".plait.api.v1.ListRunEventsRequest\x1a#.plait.api.v1.ListRunEventsResponse\x12I\n\x08ListLogs\x12\x1d.plait.api.v1.ListLogsRequest\x1a\x1e.plait.api.v1.ListLogsResponse\x12Q\n\nStreamLogs\x12\x1f.plait.api.v1.StreamLogsRequest\x1a .plait.api.v1.StreamLogsResponse0\x01\x12L\n\tCancelRun\x12\x1e.plait.api.v1.CancelRunRequest\x1a\x1f.plait.api.v1.CancelRunResponse\x12R\n\x0b\x45xplainStep\x12 .plait.api.v1.ExplainStepRequest\x1a!.plait.api.v1.ExplainStepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plait.api.v1.run_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATERUNREQUEST']._serialized_start=101
-  _globals['_CREATERUNREQUEST']._serialized_end=303
-  _globals['_CREATERUNRESPONSE']._serialized_start=305
-  _globals['_CREATERUNRESPONSE']._serialized_end=373
-  _globals['_GETRUNREQUEST']._serialized_start=375
-  _globals['_GETRUNREQUEST']._serialized_end=404
-  _globals['_GETRUNRESPONSE']._serialized_start=406
-  _globals['_GETRUNRESPONSE']._serialized_end=454
-  _globals['_LISTRUNSREQUEST']._serialized_start=456
-  _globals['_LISTRUNSREQUEST']._serialized_end=571
-  _globals['_LISTRUNSRESPONSE']._serialized_start=573
-  _globals['_LISTRUNSRESPONSE']._serialized_end=649
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=651
-  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=737
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=739
-  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=803
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=805
-  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=884
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=886
-  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=978
-  _globals['_LISTLOGSREQUEST']._serialized_start=980
-  _globals['_LISTLOGSREQUEST']._serialized_end=1071
-  _globals['_LISTLOGSRESPONSE']._serialized_start=1073
-  _globals['_LISTLOGSRESPONSE']._serialized_end=1161
-  _globals['_CANCELRUNREQUEST']._serialized_start=1163
-  _globals['_CANCELRUNREQUEST']._serialized_end=1195
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1197
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1267
-  _globals['_STREAMLOGSREQUEST']._serialized_start=1269
-  _globals['_STREAMLOGSREQUEST']._serialized_end=1343
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=1345
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=1406
-  _globals['_EXPLAINSTEPREQUEST']._serialized_start=1408
-  _globals['_EXPLAINSTEPREQUEST']._serialized_end=1459
-  _globals['_CACHEKEYDIFFERENCE']._serialized_start=1461
-  _globals['_CACHEKEYDIFFERENCE']._serialized_end=1552
-  _globals['_EXPLAINSTEPRESPONSE']._serialized_start=1555
-  _globals['_EXPLAINSTEPRESPONSE']._serialized_end=1787
-  _globals['_RUNSERVICE']._serialized_start=1790
-  _globals['_RUNSERVICE']._serialized_end=2529
+  _globals['_CREATERUNREQUEST']._serialized_start=134
+  _globals['_CREATERUNREQUEST']._serialized_end=336
+  _globals['_CREATERUNRESPONSE']._serialized_start=338
+  _globals['_CREATERUNRESPONSE']._serialized_end=406
+  _globals['_GETRUNREQUEST']._serialized_start=408
+  _globals['_GETRUNREQUEST']._serialized_end=437
+  _globals['_GETRUNRESPONSE']._serialized_start=439
+  _globals['_GETRUNRESPONSE']._serialized_end=487
+  _globals['_LISTRUNSREQUEST']._serialized_start=490
+  _globals['_LISTRUNSREQUEST']._serialized_end=708
+  _globals['_LISTRUNSRESPONSE']._serialized_start=710
+  _globals['_LISTRUNSRESPONSE']._serialized_end=786
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_start=788
+  _globals['_WATCHRUNEVENTSREQUEST']._serialized_end=874
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_start=876
+  _globals['_WATCHRUNEVENTSRESPONSE']._serialized_end=940
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_start=942
+  _globals['_LISTRUNEVENTSREQUEST']._serialized_end=1021
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_start=1023
+  _globals['_LISTRUNEVENTSRESPONSE']._serialized_end=1115
+  _globals['_LISTLOGSREQUEST']._serialized_start=1117
+  _globals['_LISTLOGSREQUEST']._serialized_end=1208
+  _globals['_LISTLOGSRESPONSE']._serialized_start=1210
+  _globals['_LISTLOGSRESPONSE']._serialized_end=1298
+  _globals['_CANCELRUNREQUEST']._serialized_start=1300
+  _globals['_CANCELRUNREQUEST']._serialized_end=1332
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1334
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1404
+  _globals['_STREAMLOGSREQUEST']._serialized_start=1406
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1480
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=1482
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1543
+  _globals['_EXPLAINSTEPREQUEST']._serialized_start=1545
+  _globals['_EXPLAINSTEPREQUEST']._serialized_end=1596
+  _globals['_CACHEKEYDIFFERENCE']._serialized_start=1598
+  _globals['_CACHEKEYDIFFERENCE']._serialized_end=1689
+  _globals['_EXPLAINSTEPRESPONSE']._serialized_start=1692
+  _globals['_EXPLAINSTEPRESPONSE']._serialized_end=1924
+  _globals['_RUNSERVICE']._serialized_start=1927
+  _globals['_RUNSERVICE']._serialized_end=2666
 # @@protoc_insertion_point(module_scope)
