@@ -519,3 +519,22 @@ def test_without_auth_on_loopback_every_browser_is_signed_in(tmp_path: Path) -> 
         assert status == 403
     finally:
         daemon.stop()
+
+
+def test_a_step_that_ran_again_says_what_changed(
+    served: tuple[Daemon, str, str], browser: Browser, tmp_path: Path
+) -> None:
+    """(Last: it adds a run.) The step panel of a step whose key changed lists the difference."""
+    daemon, _, _ = served
+    project = tmp_path / "again"
+    project.mkdir()
+    (project / "flow.py").write_text(FLOW)
+    subprocess.run(
+        [PLAIT, "run", "flow.py:flow", "-p", "n=4"], env=daemon.client_env(), cwd=project,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    newest = browser.get("/api/runs?page_size=1")[1]["runs"][0]["run_id"]
+    status, doc = browser.get(f"/api/runs/{newest}/steps/numbers")
+    assert status == 200, doc
+    (difference,) = doc["explain"]["differences"]
+    assert difference == {"component": "parameter", "name": "n", "now": "4", "before": "3"}

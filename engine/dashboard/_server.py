@@ -604,6 +604,8 @@ class Dashboard:
             except HttpError as exc:
                 doc = {"error": str(exc), "code": exc.code}
                 await response.write(f"event: error\ndata: {json.dumps(doc)}\n\n".encode())
+            except ConnectionResetError:
+                pass  # the browser left the page: the call is cancelled, nothing to say
             return response
         finally:
             self._streams -= 1

@@ -131,7 +131,7 @@ def explain_view(e: Any) -> dict[str, Any]:
         "cached_from_run": e.cached_from_run or None,
         "earlier_run": e.earlier_run or None,
         "differences": [
-            {"component": d.component, "name": d.name, "now": d.now, "before": d.before}
+            {"component": d.component, "name": d.name, "now": d.value, "before": d.earlier_value}
             for d in e.differences
         ],
     }
