@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,27 @@ def test_wheel_holds_the_plait_packages(wheel: Path) -> None:
         "plait/ir/v1/ir_pb2.pyi",
         "plait/api/v1/run_service_pb2.py",
         "plait/api/v1/run_service_pb2_grpc.py",
+        # the dashboard's pages, served from the wheel
+        "plait/engine/dashboard/static/index.html",
+        "plait/engine/dashboard/static/app.js",
+        "plait/engine/dashboard/static/app.css",
     }
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+
+
+def test_the_dashboard_fetches_nothing_from_the_network() -> None:
+    """Every asset of the pages is in the wheel: no page or script names another host (a CDN,
+    a web font), and every file the page loads is one of the shipped ones."""
+    static = ROOT / "engine" / "dashboard" / "static"
+    files = {p.name: p.read_text() for p in static.iterdir() if p.is_file()}
+    assert {"index.html", "app.js", "app.css"} <= set(files)
+    for name, text in files.items():
+        remote = re.findall(r"""(?:https?:)?//[\w.-]+\.[a-z]{2,}[/\w.-]*""", text)
+        # the SVG namespace is a name, not a fetch
+        remote = [r for r in remote if "www.w3.org" not in r]
+        assert remote == [], f"{name} refers to another host: {remote[:3]}"
+    loaded = re.findall(r'(?:src|href)="(/static/[^"]+)"', files["index.html"])
+    assert loaded and all(path.removeprefix("/static/") in files for path in loaded), loaded
 
 
 @pytest.mark.slow
