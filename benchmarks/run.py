@@ -20,6 +20,10 @@ Workloads (no-op steps, local process runner, embedded engine, SQLite):
              beside the same chain on the local runner. Needs Docker and
              PLAIT_TEST_DOCKER_BASE (scripts/docker.sh; PLAIT_TEST_REGISTRY, from
              scripts/registry.sh, adds the registry); in the default run only when that is set
+  dashboard  the web dashboard in headless Chromium (benchmarks/dashboard.py): the run page of a
+             1,000-step run, from navigation start to all its graph's nodes in the DOM (median),
+             beside a blank page of the same server; GET /api/runs over 10,000 runs. Needs
+             Playwright and Debian's chromium; in the default run only when they are there
 
 Baselines, measured in the same run on the same machine, so that figures read as ratios:
   sqlite-commit  one committed single-row INSERT through SQLAlchemy Core (pysqlite, WAL)
@@ -27,6 +31,8 @@ Baselines, measured in the same run on the same machine, so that figures read as
   python-start   `python -c "pass"`, process start to exit
   docker floor   `docker run --rm BASE python3 -c 'import time; print(time.time())'`, from before
                  it to the printed time (docker group only; medians there, best elsewhere)
+  blank page     the dashboard's login page in headless Chromium, navigation start to its load
+                 event (dashboard group only; medians there)
 """
 
 from __future__ import annotations
@@ -439,10 +445,11 @@ def bench_cold(repeat: int) -> float:
     return _best(samples)
 
 
-GROUPS = ("embedded", "cold", "daemon", "workers", "load", "docker")
+GROUPS = ("embedded", "cold", "daemon", "workers", "load", "docker", "dashboard")
 """What `--only` selects: the embedded workloads, the cold start, the daemon's workloads, the 4
 remote workers, the load (50 concurrent runs of 100 steps on 4 remote workers), the Docker
-runner's start-up (benchmarks/containers.py)."""
+runner's start-up (benchmarks/containers.py), the dashboard in a browser
+(benchmarks/dashboard.py)."""
 DOCKER_BASE = "PLAIT_TEST_DOCKER_BASE"
 """The docker group's parent image (made by scripts/docker.sh); the group is part of the default
 run only when it is set."""
@@ -451,7 +458,12 @@ run only when it is set."""
 def default_groups() -> tuple[str, ...]:
     """The groups run without `--only`: all of them, but docker only when a base image for it
     is named (it needs a Docker daemon and that image; nothing is pulled)."""
-    return GROUPS if os.environ.get(DOCKER_BASE) else tuple(g for g in GROUPS if g != "docker")
+    import dashboard  # benchmarks/dashboard.py
+
+    skip = set() if os.environ.get(DOCKER_BASE) else {"docker"}
+    if dashboard.available():
+        skip.add("dashboard")  # it needs Playwright and a Chromium
+    return tuple(g for g in GROUPS if g not in skip)
 
 
 def main() -> int:
@@ -475,7 +487,8 @@ def main() -> int:
         default="",
         metavar="NAMES",
         help=f"comma-separated, among {', '.join(GROUPS)} [default: all, docker only when "
-        f"${DOCKER_BASE} is set]; load runs once per database unless selected alone, then "
+        f"${DOCKER_BASE} is set, dashboard only with Playwright and a Chromium]; load runs "
+        "once per database unless selected alone, then "
         "--repeat times",
     )
     opts = parser.parse_args()
@@ -495,6 +508,11 @@ def main() -> int:
             )
         if why := docker_bench.docker_available():
             parser.error(f"--only docker needs a Docker daemon: {why}")
+    if "dashboard" in only:
+        import dashboard as dashboard_bench  # benchmarks/dashboard.py
+
+        if why := dashboard_bench.available():
+            parser.error(f"--only dashboard needs a browser: {why}")
 
     print(
         f"plait benchmarks: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -612,6 +630,13 @@ def main() -> int:
             "scripts/docker.sh) PLAIT_TEST_REGISTRY=$(bash scripts/registry.sh), then "
             "benchmarks/run.py --only docker, or the default run includes it)"
         )
+    if "dashboard" in only:
+        figures["dashboard"] = dashboard_bench.bench_dashboard(opts.repeat)
+        dashboard_bench.report(figures["dashboard"])
+    elif not opts.only:
+        import dashboard as dashboard_bench  # benchmarks/dashboard.py
+
+        print(f"(dashboard: not run: {dashboard_bench.available()})")
     if ("daemon" in only or "load" in only) and not pg_url:
         print(
             "(no PostgreSQL: pass --postgres URL or set PLAIT_TEST_POSTGRES_URL, e.g. "
