@@ -20,6 +20,9 @@ Workloads (no-op steps, local process runner, embedded engine, SQLite):
              beside the same chain on the local runner. Needs Docker and
              PLAIT_TEST_DOCKER_BASE (scripts/docker.sh; PLAIT_TEST_REGISTRY, from
              scripts/registry.sh, adds the registry); in the default run only when that is set
+  whole      whole processes, as users run them (benchmarks/whole.py): a fresh `python
+             pipeline.py` of one step, a chain of 50, a fan-out of 200 and a join, and the chain
+             again all cached; medians, beside `python -c pass` and `import plait`
   dashboard  the web dashboard in headless Chromium (benchmarks/dashboard.py): the run page of a
              1,000-step run, from navigation start to all its graph's nodes in the DOM (median),
              beside a blank page of the same server; GET /api/runs over 10,000 runs. Needs
@@ -445,8 +448,9 @@ def bench_cold(repeat: int) -> float:
     return _best(samples)
 
 
-GROUPS = ("embedded", "cold", "daemon", "workers", "load", "docker", "dashboard")
-"""What `--only` selects: the embedded workloads, the cold start, the daemon's workloads, the 4
+GROUPS = ("embedded", "cold", "whole", "daemon", "workers", "load", "docker", "dashboard")
+"""What `--only` selects: the embedded workloads, the cold start, whole processes of the
+pipelines users run (benchmarks/whole.py), the daemon's workloads, the 4
 remote workers, the load (50 concurrent runs of 100 steps on 4 remote workers), the Docker
 runner's start-up (benchmarks/containers.py), the dashboard in a browser
 (benchmarks/dashboard.py)."""
@@ -556,6 +560,11 @@ def main() -> int:
             f"{'cold':10} {cold * 1e3:8.0f}ms {TARGET_COLD_S * 1e3:6.0f}ms   "
             f"{cold / py_s:.1f} x python-start{'' if cold <= TARGET_COLD_S else '  OVER TARGET'}"
         )
+    if "whole" in only:
+        import whole  # benchmarks/whole.py
+
+        figures["whole"] = whole.bench_whole(max(opts.repeat, 5))
+        whole.report(figures["whole"])
     if "daemon" in only:
         daemon = figures["daemon"] = {"daemon, sqlite": bench_daemon(opts.repeat)}
         if pg_url:
