@@ -584,12 +584,19 @@ class CompiledPipeline:
     """The IR."""
     version: str
     """sha256 of the canonical IR."""
-    graph: nx.DiGraph
-    """Steps as nodes (attribute ``spec``), bindings as edges (attribute ``inputs``)."""
     structural: Mapping[str, str] = field(default_factory=dict)
     """The structural parameters (used as values by the pipeline function while it was
     traced) and the values this version was compiled with, as canonical JSON. The same values
     are in the IR (``ParameterSpec.structural_value``)."""
+
+    @functools.cached_property
+    def graph(self) -> nx.DiGraph:
+        """The steps as a networkx graph: a node per step (attribute ``spec``, its IR), an edge
+        from each step to each step reading its outputs. Drawn on first use (running a
+        pipeline needs none, and does not import networkx)."""
+        from plait.ir.steps import step_graph
+
+        return step_graph(self.spec)
 
 
 _KEPT_COMPILATIONS = 16
@@ -1003,13 +1010,12 @@ def _settings(
 def compile_pipeline(
     pipe: Pipeline[Any], values: Mapping[str, Any] | None = None
 ) -> CompiledPipeline:
-    """Traces ``pipe`` into a networkx graph, validates it and compiles it into the IR.
+    """Traces ``pipe``, validates what it calls and compiles it into the IR (whose steps
+    ``CompiledPipeline.graph`` draws as a networkx graph).
 
     ``values`` are the parameters' values while it is traced (:meth:`Pipeline.trace_values`;
     by default the defaults): those of the structural parameters go into the IR.
     """
-    import networkx as nx
-
     if values is None:
         values = pipe.trace_values({})
     tracer = trace(pipe, values)
@@ -1026,7 +1032,6 @@ def compile_pipeline(
             ps.default_value.json = default
         if name in tracer.structural:
             ps.structural_value.json = tracer.structural[name]
-    graph = nx.DiGraph()
     for inv in tracer.invocations.values():
         step_spec = spec.steps.add(
             id=inv.id,
@@ -1054,11 +1059,7 @@ def compile_pipeline(
                 materializer=inv.step.settings.materializer_for(out.name),
                 items=(inv.id, out.name) in tracer.itemized,
             )
-        graph.add_node(inv.id, spec=step_spec)
-        for up in inv.upstream:
-            graph.add_edge(up, inv.id)
-    if not nx.is_directed_acyclic_graph(graph):  # cannot happen through tracing; keep it honest
-        raise PipelineValidationError(f"pipeline {pipe.name!r} has a cycle")
+    # a call reads only outputs of earlier calls: the steps are in a topological order
     return CompiledPipeline(
-        spec=spec, version=message_digest(spec), graph=graph, structural=dict(tracer.structural)
+        spec=spec, version=message_digest(spec), structural=dict(tracer.structural)
     )

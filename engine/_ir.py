@@ -12,6 +12,7 @@ from typing import Any
 
 from plait.errors import ParameterError
 from plait.ir.canonical import canonical_json
+from plait.ir.steps import upstream_ids as upstream_ids  # shared with the SDK
 from plait.ir.v1 import ir_pb2
 
 NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
@@ -75,26 +76,6 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return True
         stack.extend((c, depth + 1) for c in children if isinstance(c, list | dict))
     return False
-
-
-def upstream_ids(step: ir_pb2.StepSpec) -> list[str]:
-    """The ids of the steps whose outputs ``step`` reads, in first-use order."""
-    out: list[str] = []
-
-    def walk(b: ir_pb2.Binding) -> None:
-        kind = b.WhichOneof("kind")
-        if kind == "output" and b.output.step_id not in out:
-            out.append(b.output.step_id)
-        elif kind == "list":
-            for i in b.list.items:
-                walk(i)
-        elif kind == "map":
-            for e in b.map.entries:
-                walk(e.value)
-
-    for i in step.inputs:
-        walk(i.binding)
-    return out
 
 
 def resolve_parameters(spec: ir_pb2.PipelineSpec, given: dict[str, str]) -> dict[str, str]:

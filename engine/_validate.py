@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import math
 
-import networkx as nx
-
 from plait.engine._ir import load_json, name_problem, valid_name
 from plait.errors import PipelineValidationError
 from plait.ir.v1 import ir_pb2
@@ -26,8 +24,11 @@ MAX_CONCURRENCY = MAX_STEPS
 """The largest per-run limit of steps at once (more than that is no limit)."""
 
 
-def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
-    """Checks a PipelineSpec and returns its step graph; errors name the offending field."""
+def validate_pipeline(spec: ir_pb2.PipelineSpec) -> None:
+    """Checks a PipelineSpec; errors name the offending field.
+
+    A binding may only read a step before its own, so the steps are in a topological order
+    and their graph has no cycle (``plait.ir.steps.step_graph`` draws it)."""
     if not spec.name:
         raise PipelineValidationError("name: a pipeline needs a name")
     if not valid_name(spec.name):
@@ -51,7 +52,6 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
     outputs: dict[str, set[str]] = {}
     iterable: set[tuple[str, str]] = set()
     """The outputs a map may iterate: those stored with their items, and a mapped step's."""
-    graph = nx.DiGraph()
     for i, s in enumerate(spec.steps):
         where = f"steps[{i}] ({s.id!r})"
         if not s.id or s.id in outputs:
@@ -89,22 +89,17 @@ def validate_pipeline(spec: ir_pb2.PipelineSpec) -> nx.DiGraph:
         inputs = [x.name for x in s.inputs]
         if len(set(inputs)) != len(inputs) or not all(inputs):
             raise PipelineValidationError(f"{where}.inputs: empty or duplicate input names")
-        graph.add_node(s.id)
         for j, o in enumerate(s.outputs):
             _check_type(f"{where}.outputs[{j}] ({o.name!r}).type", o.type.expr)
         for j, inp in enumerate(s.inputs):
             _check_type(f"{where}.inputs[{j}] ({inp.name!r}).type", inp.type.expr)
-            for up in _check_binding(
+            _check_binding(
                 f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, outputs, params
-            ):
-                graph.add_edge(up, s.id)
+            )
             if inp.mapped:
                 _check_mapped(f"{where}.inputs[{j}] ({inp.name!r}).binding", inp.binding, iterable)
         outputs[s.id] = set(names)
         iterable.update((s.id, o.name) for o in s.outputs if mapped or o.items)
-    if not nx.is_directed_acyclic_graph(graph):
-        raise PipelineValidationError("steps: the bindings form a cycle")
-    return graph
 
 
 def _check_retry_policy(where: str, s: ir_pb2.StepSettings) -> None:
