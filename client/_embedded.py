@@ -26,6 +26,19 @@ class EmbeddedControlPlane:
     """A control plane on its own thread and event loop, for the process's life."""
 
     def __init__(self, home: Path) -> None:
+        from plait.runners._early import discard_early_workers, start_early_worker
+
+        # the first worker imports Plait and gRPC while this process imports the engine
+        # (runners/_early.py); the local runner adopts it once the engine listens
+        if os.environ.get("PLAIT_WORKERS", "") != "0":
+            start_early_worker()
+        try:
+            self._start(home)
+        except BaseException:
+            discard_early_workers()
+            raise
+
+    def _start(self, home: Path) -> None:
         from anyio.from_thread import start_blocking_portal
 
         from plait.engine import ControlPlane, ControlPlaneConfig
@@ -64,6 +77,9 @@ class EmbeddedControlPlane:
         # shutting down at exit: there is nobody left to report a failure to
         with contextlib.suppress(BaseException):
             self._portal_cm.__exit__(None, None, None)
+        from plait.runners._early import discard_early_workers
+
+        discard_early_workers()  # one the runner never took
 
 
 _running: dict[Path, EmbeddedControlPlane] = {}

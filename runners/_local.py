@@ -18,6 +18,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from plait.api.v1 import task_service_pb2 as tasks
+from plait.runners._early import take_early_worker, worker_env
 from plait.runners._protocol import RunnerContext
 
 
@@ -160,17 +161,16 @@ class LocalRunner:
 
     async def _spawn(self) -> None:
         assert self._ctx is not None and self._tg is not None
+        early = take_early_worker() if self.name == "local" else None
+        if early is not None and early.hand(self._ctx.address, self._ctx.token):
+            # started before this control plane, its imports done meanwhile (runners/_early.py)
+            worker = _Worker(early.worker_id, early.process)
+            self._workers[worker.id] = worker
+            self._tg.start_soon(self._watch, worker)
+            return
         worker_id = f"local-{os.getpid()}-{next(self._ids)}"
-        env = dict(os.environ)
-        # the worker imports step modules exactly as this process does
-        path = [p or os.getcwd() for p in sys.path]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-        env["PLAIT_WORKER_ID"] = worker_id
         # the worker dies with this process (see runners/worker/__main__.py)
-        env["PLAIT_PARENT_PID"] = str(os.getpid())
-        env.pop("PLAIT_WORKER_TOKEN", None)
-        if self._ctx.token:
-            env["PLAIT_WORKER_TOKEN"] = self._ctx.token
+        env = worker_env(worker_id, self._ctx.token)
         # the Popen object is the one owner of the process: only its wait() reaps it (asyncio's
         # subprocess transport could reap it from close() behind its own watcher's back, which
         # then reports a made-up exit status). Started from the event loop's own thread, as

@@ -23,18 +23,51 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m plait.runners.worker",
         description="A Plait worker process (started by a runner).",
     )
-    parser.add_argument("--address", required=True, help="the control plane's host:port")
+    parser.add_argument(
+        "--address",
+        required=True,
+        help="the control plane's host:port; '-': read it, and the worker secret, from "
+        'standard input as one JSON line ({"address": ..., "token": ...}) once the imports '
+        "are done (a worker started before its control plane listens)",
+    )
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--runner", default="local")
     opts = parser.parse_args(argv)
     parent = os.environ.get("PLAIT_PARENT_PID", "")  # set by the runner that started it
     if parent.isdigit():
         die_with_parent(int(parent))
+    address = opts.address
+    if address == "-":
+        address = _address_from_stdin()
+        if not address:
+            return 0  # its control plane never came (or was not a local one)
     try:
-        serve(opts.address, worker_id=opts.worker_id, runner=opts.runner)
+        serve(address, worker_id=opts.worker_id, runner=opts.runner)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _address_from_stdin() -> str:
+    """The control plane's address from standard input (the worker secret goes to
+    ``PLAIT_WORKER_TOKEN``, where :func:`serve` reads it); empty when the input ends first.
+    What a first step needs is imported before waiting."""
+    import json
+
+    import plait._materializers
+    import plait._pipeline  # noqa: F401  (the user's module uses it)
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return ""
+    try:
+        given = json.loads(line)
+        address, token = str(given["address"]), str(given.get("token", ""))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"plait worker: standard input is not an address line: {exc}") from None
+    if token:
+        os.environ["PLAIT_WORKER_TOKEN"] = token
+    return address
 
 
 if __name__ == "__main__":
