@@ -367,8 +367,8 @@ function panZoom(ctx, width, height, cw, ch) {
     view.y = sy - py / k;
     apply();
   }
-  function focus(x, y) {
-    // The panel opening may just have resized the graph; judge against the view it will get.
+  function refit() {
+    // After the graph's box changed size: keep the user's view, or fit the graph again.
     const w = svg.clientWidth;
     const h = svg.clientHeight;
     if (w && h && (w !== cw || h !== ch)) {
@@ -376,6 +376,10 @@ function panZoom(ctx, width, height, cw, ch) {
       ch = h;
       if (touched) apply(); else initial();
     }
+  }
+  function focus(x, y) {
+    // The panel opening may just have resized the graph; judge against the view it will get.
+    refit();
     const vw = cw / view.k;
     const vh = ch / view.k;
     if (x >= view.x && x + NODE_W <= view.x + vw && y >= view.y && y + NODE_H <= view.y + vh) return;
@@ -422,15 +426,7 @@ function panZoom(ctx, width, height, cw, ch) {
     zoomAt(Math.exp(-delta * 0.0015), e.clientX - r.left, e.clientY - r.top);
   }, { passive: false });
   if (window.ResizeObserver) {
-    const ro = new ResizeObserver(() => {
-      const w = svg.clientWidth;
-      const h = svg.clientHeight;
-      if (w && h && (w !== cw || h !== ch)) {
-        cw = w;
-        ch = h;
-        if (touched) apply(); else initial();
-      }
-    });
+    const ro = new ResizeObserver(refit);
     ro.observe(svg);
     ctx.onCleanup(() => ro.disconnect());
   }
