@@ -609,14 +609,18 @@ class Run:
                 f"run {self.run_id} has no step {step!r}; its steps: "
                 f"{', '.join(k for k in self.steps if '[' not in k)}"
             )
-        prefix = f"{step}["
-        items = [s for k, s in self.steps.items() if k.startswith(prefix)]
+        from plait.ir.mapping import split_item
+
+        items = {}
+        for k, s in self.steps.items():
+            item = split_item(k)
+            if item is not None and item[0] == step:
+                items[item[1]] = s
         if not items:
             return self.steps[step].output(name)
         if not self.steps[step].status.is_success:
             raise errors.PlaitError(f"mapped step {step!r} is {self.steps[step].status}")
-        items.sort(key=lambda s: int(s.step_id[len(prefix) : -1]))
-        return [s.output(name) for s in items]
+        return [items[i].output(name) for i in sorted(items)]
 
     def logs(self, step: str | None = None) -> str:
         """The captured output of the run's steps (or one step), as text."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,3 +46,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def long_fuzz(request: pytest.FixtureRequest) -> bool:
     """Whether `--long` was given: the fuzz suite then sends thousands of requests per RPC."""
     return bool(request.config.getoption("--long"))
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI process on an embedded engine of its own (a fresh
+    PLAIT_HOME, one worker, no server, token or CA from the caller's environment)."""
+    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_WORKERS": "1"}
+    for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A daemon for a test module (tests/test_security.Daemon), stopped after it; a module
+    with a ``daemon`` fixture of its own uses that one."""
+    from test_security import Daemon
+
+    d = Daemon(tmp_path_factory.mktemp("daemon") / "home")
+    try:
+        yield d
+    finally:
+        d.stop()

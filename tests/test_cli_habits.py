@@ -81,23 +81,6 @@ def no_traceback(out: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-@pytest.fixture
-def embedded(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_WORKERS": "1"}
-    for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
-        env.pop(key, None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("daemon") / "home")
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
 def write(folder: Path, name: str, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name

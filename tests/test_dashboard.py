@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -214,6 +215,12 @@ def test_every_endpoint_needs_a_session(served: tuple[Daemon, str, str]) -> None
     for path in ("/api/runs/RUN/cancel", "/api/runs/RUN/retry"):
         status, doc = anonymous.post(path.replace("RUN", run_id))
         assert status == 401, path
+    # a login link is only for the bearer of a valid token
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+        status, body, _ = anonymous.request(
+            "/api/login-codes", method="POST", data=b"", headers=headers
+        )
+        assert status == 401 and b"token" in body, headers
     # the page itself sends a browser with no session to sign in
     status, body, _ = anonymous.request("/")
     assert status == 200 and b'id="token-form"' in body
@@ -447,7 +454,7 @@ def test_no_dashboard_and_a_taken_port(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**Daemon.__init__.__globals__["os"].environ, "PLAIT_HOME": str(tmp_path / "t")}
+        env = {**os.environ, "PLAIT_HOME": str(tmp_path / "t")}
         env.pop("PLAIT_SERVER", None)
         out = subprocess.run(
             [PLAIT, "server", "start", "--foreground", "--port", str(free_port()),

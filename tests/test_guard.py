@@ -8,9 +8,7 @@ Each case is a real Python process running the user's script, as a user runs it.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,23 +49,6 @@ GUARDED = (
     + 'if __name__ == "__main__":\n'
     + "".join(f"    {line}\n" for line in ("run = demo()" + REPORT).splitlines() if line)
 )
-
-
-@pytest.fixture
-def embedded(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_WORKERS": "1"}
-    for key in ("PLAIT_SERVER", "PLAIT_TOKEN", "PLAIT_TLS_CA"):
-        env.pop(key, None)
-    return env
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("guard") / "home")
-    try:
-        yield d
-    finally:
-        d.stop()
 
 
 def _report(args: list[str], env: dict[str, str], cwd: Path) -> dict[str, object]:

@@ -431,15 +431,6 @@ def test_compile_a_given_shape(project: Path, tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("params-daemon") / "home")
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
 @pytest.mark.parametrize("where", ["embedded", "daemon"])
 def test_plait_run_with_parameters(
     where: str, project: Path, tmp_path: Path, request: pytest.FixtureRequest

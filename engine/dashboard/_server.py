@@ -111,7 +111,6 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(message)
         self.status = status
-        self.code = code or web.HTTPException.__name__
         self.code = code or {
             400: "INVALID_ARGUMENT",
             401: "UNAUTHENTICATED",
