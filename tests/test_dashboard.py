@@ -545,3 +545,15 @@ def test_a_step_that_ran_again_says_what_changed(
     assert status == 200, doc
     (difference,) = doc["explain"]["differences"]
     assert difference == {"component": "parameter", "name": "n", "now": "4", "before": "3"}
+
+
+def test_the_dashboard_example_runs(tmp_path: Path) -> None:
+    """examples/dashboard/run.sh: a daemon, a run, a login link, the run read through it."""
+    import processes
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "dashboard" / "run.sh"
+    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home"), "PLAIT_BIN": str(Path(PLAIT).parent)}
+    out = processes.run(["bash", script], env=env, cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "load mapped over 4 files" in out.stdout
+    assert not (tmp_path / "home" / "server.pid").exists()  # the daemon was stopped
