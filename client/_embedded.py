@@ -28,9 +28,10 @@ class EmbeddedControlPlane:
     def __init__(self, home: Path) -> None:
         from plait.runners._early import discard_early_workers, start_early_worker
 
-        # the first worker imports Plait and gRPC while this process imports the engine
-        # (runners/_early.py); the local runner adopts it once the engine listens
-        if os.environ.get("PLAIT_WORKERS", "") != "0":
+        # about to run a pipeline: the first worker imports Plait and gRPC while this process
+        # imports the engine (runners/_early.py); the local runner adopts it once the engine
+        # listens. A command that only reads (`plait runs show`) starts none.
+        if _runs_expected and os.environ.get("PLAIT_WORKERS", "") != "0":
             start_early_worker()
         try:
             self._start(home)
@@ -83,6 +84,17 @@ class EmbeddedControlPlane:
 
 
 _running: dict[Path, EmbeddedControlPlane] = {}
+_runs_expected = False
+"""Set by :func:`expect_runs`: an engine started now starts its first worker early."""
+
+
+def expect_runs() -> None:
+    """Says that this process is about to run a pipeline (``pipeline()``, ``plait run``): an
+    embedded engine started after this starts its first worker at once, beside itself."""
+    global _runs_expected
+    _runs_expected = True
+
+
 _lock = threading.Lock()
 
 

@@ -691,7 +691,11 @@ class Pipeline(Generic[P]):
         """
         from plait._client import Client
 
-        client = client or Client.default()
+        if client is None:
+            from plait._embedded import expect_runs
+
+            expect_runs()  # an embedded engine started for this run warms a worker at once
+            client = Client.default()
         return client.run_pipeline(
             self, dict(parameters or {}), no_cache=no_cache, wait=wait, refresh=refresh
         )

@@ -74,7 +74,9 @@ def run_cmd(
         pipe = load_pipeline(target)
         parameters = typed_params(pipe, params)
         from plait._client import Client
+        from plait._embedded import expect_runs
 
+        expect_runs()
         client = following.client = Client.default()
         client.on_reconnect = reconnect_notice
         if detach:
