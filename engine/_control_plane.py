@@ -308,6 +308,16 @@ class ControlPlane:
         """Asks :meth:`serve` to shut down (gracefully); call it on the serving event loop."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    async def stopping(self) -> None:
+        """Returns once :meth:`stop` was called: the workers' streams end then, while their
+        processes still live to read the end (TaskService.Connect)."""
+        await self._stop.wait()
+
     # ---- inputs from servicers ----
 
     def submit(self, item: Command | _TakeOver) -> None:
@@ -942,6 +952,10 @@ class ControlPlane:
                     await self._act(await self.store.write(self._recover, time.time()))
                 task_status.started(port)
                 await self._stop.wait()
+                # the workers' streams end first, each with its status, while the workers live:
+                # a stream whose worker the runner killed is cancelled by the server's stop
+                # into a dead connection, which grpc reports with a traceback
+                await server.stop(grace=0.5)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

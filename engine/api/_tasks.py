@@ -128,6 +128,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(read)
+
+                async def until_stop() -> None:
+                    await self.cp.stopping()
+                    tg.cancel_scope.cancel()  # the stream ends with OK: the worker exits
+
+                tg.start_soon(until_stop)
                 while True:
                     task = await runner.next_task(worker_id)
                     # the worker dies with this process: its lease needs no commit of its own
@@ -138,6 +144,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     await context.write(pb.ConnectResponse(assign=task))
                     await idle.wait()
         finally:
-            runner.worker_gone(worker_id)
+            if not self.cp.stopped:  # stopping: the runner kills it once its stream has ended
+                runner.worker_gone(worker_id)
         if aborted is not None:
             raise aborted

@@ -4,14 +4,14 @@ Every state change is a transaction built by a plain function of a SQLAlchemy ``
 (repository functions take a connection and never commit; the store owns the transaction).
 How the function runs depends on the URL:
 
-* Reads, the schema, and every transaction of an async URL (``sqlite+aiosqlite:///…``,
-  ``postgresql+asyncpg://…``) go through SQLAlchemy's ``AsyncEngine``: the function runs in
-  ``AsyncConnection.run_sync``.
-* Writes to ``sqlite:///…`` (the default URL) take the hot path: SQLAlchemy's sync pysqlite
-  driver on one writer thread, one thread hop per *transaction* (reads of the same file still
-  go through aiosqlite). aiosqlite pays a thread hop per *statement*: a six-statement
-  transaction measured 3.1 ms through it and 0.8 ms this way, and the per-step budget of
-  DESIGN.md is 2 ms for everything.
+* Every transaction of an async URL (``sqlite+aiosqlite:///…``, ``postgresql+asyncpg://…``)
+  goes through SQLAlchemy's ``AsyncEngine``: the function runs in ``AsyncConnection.run_sync``.
+* On ``sqlite:///…`` (the default URL), SQLAlchemy's sync pysqlite driver: writes on one
+  writer thread, each read on a reader thread of its own connection, one thread hop per
+  *transaction*. aiosqlite pays a thread hop per *statement*: a six-statement transaction
+  measured 3.1 ms through it and 0.8 ms this way, and the per-step budget of DESIGN.md is
+  2 ms for everything. Nor does the default URL import SQLAlchemy's asyncio extension (and
+  with it the ORM): a tenth of a one-step pipeline's process.
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import create_async_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 from plait.engine.store._schema import insert_defaults, metadata
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+READERS = 4
+"""Reads at once, beside the one writer."""
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -225,29 +230,41 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self._sync: Engine | None = None
+        self._async: AsyncEngine | None = None
         self._writer_conn: Connection | None = None
         self._writer = anyio.CapacityLimiter(1)
-        self._readers = anyio.CapacityLimiter(4)
+        self._readers = anyio.CapacityLimiter(READERS)
         u = sa.engine.make_url(url)
         self.dialect = u.get_backend_name()
         if self.dialect == "sqlite" and u.database and u.database != ":memory:":
             _private_database(Path(u.database))
         if u.drivername in ("sqlite", "sqlite+pysqlite"):
-            # the hot path: SQLAlchemy's sync driver on one writer thread (see the docstring)
-            self._sync = sa.create_engine(url, pool_size=1, max_overflow=0)
+            # the hot path: SQLAlchemy's sync driver, the writer's connection on one thread and
+            # each read's on a reader thread (see the docstring)
+            self._sync = sa.create_engine(url, pool_size=1 + READERS, max_overflow=0)
             event.listen(self._sync, "connect", _sqlite_pragmas)
             event.listen(self._sync, "begin", _sqlite_begin)
-            u = u.set(drivername="sqlite+aiosqlite")
-        # everything else, reads included: SQLAlchemy's AsyncEngine (aiosqlite, asyncpg)
-        self._async = create_async_engine(u)
-        if self.dialect == "sqlite":
-            event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(self._async.sync_engine, "begin", _sqlite_begin)
+        else:
+            # SQLAlchemy's AsyncEngine (aiosqlite, asyncpg), imported only then: it brings
+            # SQLAlchemy's ORM, a tenth of a short run's process on the default URL
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            self._async = create_async_engine(u)
+            if self.dialect == "sqlite":
+                event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
+                event.listen(self._async.sync_engine, "begin", _sqlite_begin)
         self._fault = CommitThenError.from_env()  # a test fake; None unless a test asks
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
+
+    def _read_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._sync is not None
+        with self._sync.connect() as conn:
+            conn.execution_options(plait_read_only=True)
+            with conn.begin():
+                return fn(conn, *args)
 
     def _run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._sync is not None
@@ -283,6 +300,7 @@ class Store:
                             self._run_sync, fn, *args, limiter=self._writer
                         )
                 else:
+                    assert self._async is not None
                     async with self._writer, self._async.begin() as conn:
                         result = await conn.run_sync(fn, *args)
                 if self._fault is not None and not retry:
@@ -303,6 +321,11 @@ class Store:
         retries = _Retries()
         while True:
             try:
+                if self._sync is not None:
+                    return await anyio.to_thread.run_sync(
+                        self._read_sync, fn, *args, limiter=self._readers
+                    )
+                assert self._async is not None
                 async with self._readers, self._async.connect() as conn:
                     await conn.execution_options(plait_read_only=True)
                     async with conn.begin():
@@ -323,7 +346,8 @@ class Store:
                 await anyio.to_thread.run_sync(self._writer_conn.close, limiter=self._writer)
                 self._writer_conn = None
             await anyio.to_thread.run_sync(self._sync.dispose)
-        await self._async.dispose()
+        if self._async is not None:
+            await self._async.dispose()
 
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
