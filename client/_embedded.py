@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import threading
 from pathlib import Path
@@ -33,11 +34,18 @@ class EmbeddedControlPlane:
         # listens. A command that only reads (`plait runs show`) starts none.
         if _runs_expected and os.environ.get("PLAIT_WORKERS", "") != "0":
             start_early_worker()
+        # What the engine's start allocates (its modules, SQLAlchemy's, its tables) lives as
+        # long as the process: a collection during it walks it for nothing (~30 ms)
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             self._start(home)
         except BaseException:
             discard_early_workers()
             raise
+        finally:
+            if collecting:
+                gc.enable()
 
     def _start(self, home: Path) -> None:
         from anyio.from_thread import start_blocking_portal
@@ -76,8 +84,6 @@ class EmbeddedControlPlane:
         # the young generations, collected here, goes without its finalizers, which Python
         # never promised at exit anyway. Freezing earlier would hide objects from
         # gc.get_referrers() for the process's whole life.
-        import gc
-
         gc.collect(1)
         gc.freeze()
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
-from plait.ir.canonical import canonical_json, message_digest
+from plait.ir.canonical import canonical_json, digest_json, message_digest, message_to_canonical
 from plait.ir.v1 import ir_pb2
 
 KEY_SCHEME = "plait.cache.v1"
@@ -42,7 +40,7 @@ def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheK
     material = ir_pb2.CacheKeyMaterial(
         key_scheme=KEY_SCHEME,
         code_digest=step.code.code_digest,
-        environment_digest=message_digest(step.settings.environment),
+        environment_digest=_environment_digest(step.settings.environment),
         cache_version=step.settings.cache_version,
     )
     material.outputs.extend(step.outputs)
@@ -53,6 +51,21 @@ def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheK
         else:
             material.inputs.add(name=spec.name, json=canonical_json(_key_value(kind, value)))
     return material
+
+
+_ENVIRONMENTS: dict[bytes, str] = {}
+"""Environment digests by the environment's serialized bytes: a pipeline's steps share a few
+environments, and the canonical encoding costs more than serializing."""
+
+
+def _environment_digest(env: ir_pb2.Environment) -> str:
+    raw = env.SerializeToString(deterministic=True)
+    digest = _ENVIRONMENTS.get(raw)
+    if digest is None:
+        if len(_ENVIRONMENTS) >= 1024:  # a long-lived daemon sees many: keep the newest
+            _ENVIRONMENTS.pop(next(iter(_ENVIRONMENTS)))
+        digest = _ENVIRONMENTS[raw] = message_digest(env)
+    return digest
 
 
 def _json_key(text: str) -> str:
@@ -85,8 +98,53 @@ def _key_value(kind: str, value: Any) -> Any:
 
 
 def cache_key(material: ir_pb2.CacheKeyMaterial) -> str:
-    return message_digest(material)
+    """The key: the digest of the material's canonical encoding (``message_digest``)."""
+    return digest_json(_canonical(material))
 
 
 def material_to_json(material: ir_pb2.CacheKeyMaterial) -> dict[str, Any]:
-    return MessageToDict(material, preserving_proto_field_name=True)
+    """The material as stored beside its cache entry (what ``plait runs explain`` compares):
+    protobuf's JSON form with field names as declared, which for this message is its
+    canonical form too (strings, repeated messages of strings and a bool: a test checks)."""
+    return _canonical(material)
+
+
+_OUTPUTS: dict[bytes, dict[str, Any]] = {}
+"""The canonical form of output specs, by serialized bytes: every step's key holds its outputs,
+and protobuf's reflection costs more than the rest of the key."""
+
+
+def _canonical(material: ir_pb2.CacheKeyMaterial) -> dict[str, Any]:
+    """``message_to_canonical(material)``, without reflection (fields of default value left out,
+    as proto3 JSON does)."""
+    out: dict[str, Any] = {}
+    for name in ("key_scheme", "code_digest", "environment_digest", "cache_version"):
+        value = getattr(material, name)
+        if value:
+            out[name] = value
+    if len(material.outputs):
+        out["outputs"] = [_output(o) for o in material.outputs]
+    for name in ("parameters", "inputs"):
+        values = getattr(material, name)
+        if len(values):
+            out[name] = [_named(v) for v in values]
+    return out
+
+
+def _named(value: ir_pb2.NamedValue) -> dict[str, str]:
+    out = {}
+    if value.name:
+        out["name"] = value.name
+    if value.json:
+        out["json"] = value.json
+    return out
+
+
+def _output(spec: ir_pb2.OutputSpec) -> dict[str, Any]:
+    raw = spec.SerializeToString(deterministic=True)
+    found = _OUTPUTS.get(raw)
+    if found is None:
+        if len(_OUTPUTS) >= 4096:  # a long-lived daemon sees many: keep the newest
+            _OUTPUTS.pop(next(iter(_OUTPUTS)))
+        found = _OUTPUTS[raw] = message_to_canonical(spec)
+    return found  # shared: the material's JSON is hashed and stored, never changed

@@ -147,10 +147,15 @@ _TYPE_NODES = (
 )
 
 
+_GOOD_TYPES: set[str] = set()
+"""Type expressions that passed: the same few come in every step of every pipeline, and
+parsing costs more than the rest of a step's checks."""
+
+
 def _check_type(where: str, expr: str) -> None:
     """A type is a Python-style type expression: names, dotted names, subscripts, ``|``."""
-    if not expr:
-        return  # unset: any type
+    if not expr or expr in _GOOD_TYPES:
+        return  # unset (any type), or checked before
     try:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: too deep
@@ -166,6 +171,8 @@ def _check_type(where: str, expr: str) -> None:
                 f"{where}.expr: {expr!r} is not a type expression (names, dotted names, "
                 f"subscripts and '|' only)"
             )
+    if len(_GOOD_TYPES) < 4096:  # bounded: a client may send any number of distinct types
+        _GOOD_TYPES.add(expr)
 
 
 def _json(where: str, text: str) -> None:

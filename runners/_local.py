@@ -3,6 +3,8 @@ step processes in the virtualenvs built for steps' environments."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import math
 import os
@@ -15,7 +17,6 @@ from typing import IO
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.runners._early import take_early_worker, worker_env
@@ -110,6 +111,61 @@ def _reap_own_children() -> None:
         ctypes.CDLL(None).signal(int(signal.SIGCHLD), 0)  # 0 is SIG_DFL
 
 
+class _Tasks:
+    """The pool's queued tasks and its idle workers' waits for one, both first in, first out.
+
+    Only the event loop's thread uses it. A deque and futures: an anyio memory stream cost a
+    task lookup, an event and its statistics per hand-off, on the path of every step."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tasks.Task] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[tasks.Task]] = collections.deque()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, task: tasks.Task, *, first: bool = False) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError("the worker pool is stopping")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # (a cancelled wait stays in line until here)
+                waiter.set_result(task)
+                return
+        if first:
+            self._queue.appendleft(task)
+        else:
+            self._queue.append(task)
+
+    async def get(self) -> tasks.Task:
+        """The next task; waits for one (``anyio.EndOfStream`` once closed)."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._closed:
+            raise anyio.EndOfStream
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            handed = waiter.done() and not waiter.cancelled() and waiter.exception() is None
+            if handed and not self._closed:
+                # handed a task, then cancelled before taking it: first in line again
+                self.put(waiter.result(), first=True)
+            else:
+                waiter.cancel()
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(anyio.EndOfStream())
+        self._waiters.clear()
+
+
 class LocalRunner:
     """Runs steps in worker processes of this machine, kept warm between steps and runs.
 
@@ -127,9 +183,7 @@ class LocalRunner:
     def __init__(self, max_workers: int | None = None, *, prestart: int = 1) -> None:
         self.max_workers = max(1, max_workers or os.cpu_count() or 1)
         self.prestart = min(prestart, self.max_workers)
-        self._send: MemoryObjectSendStream[tasks.Task]
-        self._recv: MemoryObjectReceiveStream[tasks.Task]
-        self._send, self._recv = anyio.create_memory_object_stream[tasks.Task](math.inf)
+        self._tasks = _Tasks()
         self._workers: dict[str, _Worker] = {}
         self._waiting = 0
         self._ids = itertools.count(1)
@@ -156,8 +210,7 @@ class LocalRunner:
             self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._kill_all()
-            self._send.close()
-            self._recv.close()
+            self._tasks.close()
 
     async def _spawn(self) -> None:
         assert self._ctx is not None and self._tg is not None
@@ -214,7 +267,7 @@ class LocalRunner:
         await self._scale()
 
     async def _scale(self) -> None:
-        backlog = self._send.statistics().current_buffer_used
+        backlog = len(self._tasks)
         starting = sum(1 for w in self._workers.values() if not w.connected)
         idle = self._waiting + starting
         while backlog > idle and len(self._workers) < self.max_workers:
@@ -227,7 +280,7 @@ class LocalRunner:
         starts a step process for it there and returns its handle, the pid."""
         if task.python:
             return self._start_one_shot(task)
-        self._send.send_nowait(task)
+        self._tasks.put(task)
         await self._scale()
         return None
 
@@ -304,7 +357,7 @@ class LocalRunner:
             worker.connected = True
         self._waiting += 1
         try:
-            task = await self._recv.receive()
+            task = await self._tasks.get()
         finally:
             self._waiting -= 1
         if worker is not None:

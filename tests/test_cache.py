@@ -124,3 +124,39 @@ def test_fan_in_keys_follow_item_order(chars: list[str]) -> None:
     k1 = cache_key(key_material(step, {"xs": ("list", [("artifact", a), ("artifact", b)])}))
     k2 = cache_key(key_material(step, {"xs": ("list", [("artifact", b), ("artifact", a)])}))
     assert (k1 == k2) == (digest == "0" * 64)
+
+
+_names = st.text(max_size=4)
+
+
+@given(
+    scheme=_names,
+    version=_names,
+    outputs=st.lists(st.tuples(_names, st.one_of(st.none(), _names), _names, st.booleans())),
+    named=st.lists(st.tuples(_names, _names), max_size=3),
+)
+def test_the_key_is_the_digest_of_the_canonical_material(
+    scheme: str,
+    version: str,
+    outputs: list[tuple[str, str | None, str, bool]],
+    named: list[tuple[str, str]],
+) -> None:
+    """The key and the stored material skip protobuf's reflection: they must stay what
+    message_digest and MessageToDict give (keys written by earlier versions stay valid)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from plait.engine._cache import material_to_json
+    from plait.ir.canonical import message_digest, message_to_canonical
+
+    m = ir_pb2.CacheKeyMaterial(key_scheme=scheme, code_digest="c" * 64, cache_version=version)
+    for name, expr, materializer, items in outputs:
+        o = m.outputs.add(name=name, materializer=materializer, items=items)
+        if expr is not None:
+            o.type.expr = expr  # set, even when empty: a message field with presence
+    for name, value in named:
+        m.parameters.add(name=name, json=value)
+        m.inputs.add(name=value, json=name)
+    for _ in range(2):  # the second time from the memo of output specs
+        assert cache_key(m) == message_digest(m)
+        assert material_to_json(m) == message_to_canonical(m)
+        assert material_to_json(m) == MessageToDict(m, preserving_proto_field_name=True)

@@ -528,3 +528,39 @@ def test_heartbeats_extend_a_running_steps_lease_and_a_short_step_sends_none(
         (fx.marks / "go").touch()
         done = fx.client.wait(run_id)
         assert done.status == "SUCCEEDED" and done.steps["hold"].attempt == 1
+
+
+def test_a_task_handed_to_a_cancelled_wait_goes_back_first_in_line() -> None:
+    """The local pool's queue: a worker's wait cancelled after it was handed a task (its stream
+    ended at that moment) must not lose the task; the next worker gets it, before later ones."""
+    import asyncio
+
+    import anyio
+
+    from plait.api.v1 import task_service_pb2 as tasks
+    from plait.runners._local import _Tasks
+
+    def task(step: str) -> tasks.Task:
+        return tasks.Task(token=tasks.LeaseToken(run_id="r", step_id=step, attempt=1, epoch=1))
+
+    async def main() -> None:
+        queue = _Tasks()
+        waiting = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)  # it waits now
+        queue.put(task("a"))  # handed to the wait...
+        waiting.cancel()  # ...which is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        queue.put(task("b"))
+        assert len(queue) == 2
+        assert (await queue.get()).token.step_id == "a"
+        assert (await queue.get()).token.step_id == "b"
+        late = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0)
+        queue.close()
+        with pytest.raises(anyio.EndOfStream):
+            await late
+        with pytest.raises(anyio.ClosedResourceError):
+            queue.put(task("c"))
+
+    asyncio.run(main())

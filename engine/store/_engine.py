@@ -58,12 +58,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    if conn.get_execution_options().get("plait_read_only"):
-        conn.exec_driver_sql("BEGIN")
-        return
     # IMMEDIATE takes the write lock at BEGIN: a deferred transaction that reads first and
     # writes later can fail with SQLITE_BUSY when another process wrote in between.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    sql = "BEGIN" if conn.get_execution_options().get("plait_read_only") else "BEGIN IMMEDIATE"
+    if is_fast_sqlite(conn):
+        # straight to sqlite3: SQLAlchemy's execution context would cost ten times the BEGIN
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        driver.execute(sql)
+    else:
+        conn.exec_driver_sql(sql)
 
 
 def _private_database(path: Path) -> None:

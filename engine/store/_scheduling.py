@@ -263,9 +263,10 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
     if is_fast_sqlite(conn):
         # this transaction holds SQLite's write lock (BEGIN IMMEDIATE): nobody else can take
         # sequence numbers until it commits
-        last = conn.exec_driver_sql(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
-        ).scalar()
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        found = driver.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        last = found[0] if found else None
         seqs: Any = range((last or 0) + 1, (last or 0) + 1 + len(rows))
         for seq, row in zip(seqs, rows, strict=True):
             row["seq"] = seq

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
-
-from plait.runners.worker._lease import die_with_parent
-from plait.runners.worker._stream import serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--runner", default="local")
     opts = parser.parse_args(argv)
+    # What the imports below allocate lives as long as the process: a collection during them
+    # walks it for nothing (a tenth of a worker's start). Collections resume before any step.
+    gc.disable()
+    from plait.runners.worker._lease import die_with_parent
+    from plait.runners.worker._stream import serve
+
     parent = os.environ.get("PLAIT_PARENT_PID", "")  # set by the runner that started it
     if parent.isdigit():
         die_with_parent(int(parent))
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         address = _address_from_stdin()
         if not address:
             return 0  # its control plane never came (or was not a local one)
+    gc.enable()
     try:
         serve(address, worker_id=opts.worker_id, runner=opts.runner)
     except KeyboardInterrupt:
