@@ -12,7 +12,9 @@ persisted (embedded engine, SQLite, a fresh PLAIT_HOME each time):
 
 Each figure is the median of several processes, from before the process starts to its exit,
 beside the floor measured in the same run: a bare `python -c pass` and `python -c "import
-plait"`, as ratios. `benchmarks/run.py --only whole` runs it.
+plait"`, as ratios. `benchmarks/run.py --only whole` runs it; `python benchmarks/whole.py
+--against before=/path/to/venv/bin/python` measures another Plait beside this one, interleaved
+in the same run (a revision from before a change, installed in a venv of its own).
 """
 
 from __future__ import annotations
@@ -86,31 +88,47 @@ def _timed(args: list[str], env: dict[str, str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bench_whole(repeat: int = 5) -> dict[str, Any]:
+def bench_whole(repeat: int = 5, against: dict[str, str] | None = None) -> dict[str, Any]:
     """The median seconds of each workload and of the two floors, over ``repeat`` processes
-    each, interleaved (one of each in turn, so that a busy moment touches them all)."""
+    each, interleaved (one of each in turn, so that a busy moment touches them all).
+
+    ``against``: other Plaits to measure in the same run, by label, each the Python of an
+    environment where that Plait is installed (``--against before=/tmp/venv/bin/python``):
+    their workloads are interleaved with this one's, on the same floors."""
+    pythons = {"plait": sys.executable, **(against or {})}
     samples: dict[str, list[float]] = {k: [] for k in ("python -c pass", "import plait")}
-    samples.update({k: [] for k in WORKLOADS})
+    runs: dict[str, dict[str, list[float]]] = {
+        label: {k: [] for k in WORKLOADS} for label in pythons
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         script = root / "pipelines.py"
         script.write_text(PIPELINES)
         base = {k: v for k, v in os.environ.items() if k != "PLAIT_SERVER"}
+        base.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run: compiled modules are kept
         py = sys.executable
         for i in range(repeat):
             env = {**base, "PLAIT_HOME": str(root / f"floor{i}")}
             samples["python -c pass"].append(_timed([py, "-c", "pass"], env, root))
             samples["import plait"].append(_timed([py, "-c", "import plait"], env, root))
-            for name, arg in WORKLOADS.items():
-                home = root / f"home-{arg}-{name[:5]}-{i}"
-                env = {**base, "PLAIT_HOME": str(home)}
-                if name == "chain, cached":  # the same home as a run of the chain
-                    subprocess.run([py, str(script), arg], env=env, cwd=root, check=True)
-                samples[name].append(_timed([py, str(script), arg], env, root))
+            for n, (label, python) in enumerate(pythons.items()):
+                for name, arg in WORKLOADS.items():
+                    home = root / f"home-{n}-{arg}-{name[:5]}-{i}"
+                    env = {**base, "PLAIT_HOME": str(home)}
+                    if name == "chain, cached":  # the same home as a run of the chain
+                        subprocess.run([python, str(script), arg], env=env, cwd=root, check=True)
+                    runs[label][name].append(_timed([python, str(script), arg], env, root))
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    median.update({k: statistics.median(v) for k, v in runs["plait"].items()})
     return {
         "repeat": repeat,
-        "median_s": {k: statistics.median(v) for k, v in samples.items()},
-        "samples_s": samples,
+        "median_s": median,
+        "samples_s": {**samples, **runs["plait"]},
+        "against": {
+            label: {k: statistics.median(v) for k, v in r.items()}
+            for label, r in runs.items()
+            if label != "plait"
+        },
     }
 
 
@@ -118,25 +136,53 @@ def report(figures: dict[str, Any]) -> bool:
     """Prints the table; True when every workload meets its goal."""
     med = figures["median_s"]
     floor, plait = med["python -c pass"], med["import plait"]
+    against: dict[str, dict[str, float]] = figures.get("against", {})
+    extra = "".join(f" {label[:12]:>12} {'x':>5}" for label in against)
     print(
         f"\nwhole processes (embedded engine, SQLite, fresh PLAIT_HOME), median of "
         f"{figures['repeat']}: floor python -c pass {floor * 1e3:.0f} ms, import plait "
         f"{plait * 1e3:.0f} ms\n"
         f"{'workload':16} {'s':>7} {'goal':>6} {'x python':>9} {'x import plait':>15} "
-        f"{'ms/step':>8}"
+        f"{'ms/step':>8}{extra}"
     )
     ok = True
     steps = {"one step": 1, "chain of 50": 50, "fan-out of 200": 201, "chain, cached": 50}
     for name, goal in GOALS_S.items():
         s = med[name]
         ok &= s <= goal
+        others = "".join(f" {r[name]:12.3f} {r[name] / s:5.2f}" for r in against.values())
         print(
             f"{name:16} {s:7.3f} {goal:6.2f} {s / floor:9.1f} {s / plait:15.1f} "
-            f"{(s - plait) * 1e3 / steps[name]:8.2f}{'' if s <= goal else '  OVER GOAL'}"
+            f"{(s - plait) * 1e3 / steps[name]:8.2f}{others}{'' if s <= goal else '  OVER GOAL'}"
         )
-    print("(ms/step: the process less the import of plait, per step)")
+    print("(ms/step: the process less the import of plait, per step", end="")
+    if against:
+        print("; x: that Plait's seconds over this one's", end="")
+    print(")")
     return ok
 
 
+def _against(values: list[str]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        label, sep, python = value.partition("=")
+        if not sep or not label or not python:
+            raise SystemExit(f"--against takes LABEL=PYTHON, not {value!r}")
+        out[label] = python
+    return out
+
+
 if __name__ == "__main__":
-    report(bench_whole(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("repeat", nargs="?", type=int, default=5, help="processes per figure")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="LABEL=PYTHON",
+        help="also measure the Plait installed for that Python, in the same run (repeatable)",
+    )
+    opts = parser.parse_args()
+    report(bench_whole(opts.repeat, _against(opts.against)))

@@ -60,6 +60,7 @@ class EmbeddedControlPlane:
                 max_workers=int(workers) if workers else None,
                 auth=True,
                 api_tokens=False,
+                reflection=False,
             )
         )
         self.token: str = self.control_plane.owner_secret

@@ -200,6 +200,9 @@ class ControlPlaneConfig:
     api_tokens: bool = True
     """Accept the API tokens of the store. An embedded engine does not: it accepts only the
     secrets it holds in memory (its own process's and its workers')."""
+    reflection: bool = True
+    """Serve gRPC server reflection (for grpcurl and the like). An embedded engine does not:
+    only its own process and workers can call it, and they know the API."""
     credential_file: Path | None = None
     """Where a daemon keeps the local admin credential (owner-only) that the CLI and SDK of
     the same account pick up; None writes none."""

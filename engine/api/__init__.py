@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from plait.api.v1 import (
     artifact_service_pb2,
@@ -71,6 +70,10 @@ async def add_servicers(server: grpc.aio.Server, cp: ControlPlane) -> None:
     ]
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if not cp.config.reflection:
+        return
+    from grpc_reflection.v1alpha import reflection  # (a twentieth of an engine's start)
+
     reflection.enable_server_reflection(
         [*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server
     )
