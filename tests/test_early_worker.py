@@ -80,3 +80,17 @@ def test_a_worker_given_no_address_line_says_so() -> None:
     )
     assert proc.returncode != 0
     assert b"standard input is not an address line" in proc.stderr
+
+
+def test_a_short_run_exits_quietly(tmp_path: Path) -> None:
+    """A process that ran a pipeline stops its engine at exit with a worker still connected:
+    the worker's stream ends before the worker is killed, so gRPC has no dead stream to
+    answer (it printed ExecuteBatchError tracebacks, in some runs out of ten)."""
+    script = tmp_path / "which.py"
+    script.write_text(SCRIPT)
+    for i in range(4):
+        env = {**os.environ, "PLAIT_HOME": str(tmp_path / f"home-quiet-{i}")}
+        env.pop("PLAIT_SERVER", None)
+        out = processes.run([sys.executable, script, "main"], env=env, cwd=tmp_path, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr
