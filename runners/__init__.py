@@ -7,11 +7,10 @@ Docker runner loads it when it starts (``pip install 'plait[docker]'``).
 
 from typing import TYPE_CHECKING, Any
 
-from plait.runners._local import LocalRunner
-from plait.runners._protocol import Runner, RunnerContext, WorkerPool
-
 if TYPE_CHECKING:
     from plait.runners._docker import ContainerOptions, DockerRunner
+    from plait.runners._local import LocalRunner
+    from plait.runners._protocol import Runner, RunnerContext, WorkerPool
 
 __all__ = [
     "ContainerOptions",
@@ -23,10 +22,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # the Docker runner's module is loaded on first use: a worker process never pays for it
-    if name in ("ContainerOptions", "DockerRunner"):
-        from plait.runners import _docker
+_LAZY = {
+    "ContainerOptions": "_docker",
+    "DockerRunner": "_docker",
+    "LocalRunner": "_local",
+    "Runner": "_protocol",
+    "RunnerContext": "_protocol",
+    "WorkerPool": "_protocol",
+}
 
-        return getattr(_docker, name)
+
+def __getattr__(name: str) -> Any:
+    # each runner's module is loaded on first use: a worker process (plait.runners.worker)
+    # imports none of them, nor anyio and asyncio with them (half of its imports)
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+
+        return getattr(importlib.import_module(f"plait.runners.{module}"), name)
     raise AttributeError(f"module 'plait.runners' has no attribute {name!r}")

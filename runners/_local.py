@@ -144,7 +144,7 @@ class _Tasks:
             return self._queue.popleft()
         if self._closed:
             raise anyio.EndOfStream
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[tasks.Task] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             return await waiter
