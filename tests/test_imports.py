@@ -23,7 +23,12 @@ CONTRACTS = [
         [*ENGINE, "sqlalchemy", "alembic"],
     ),
     ("plait.runners", "import plait.runners", [*ENGINE, "sqlalchemy", "aiodocker", "aiohttp"]),
-    ("plait.runners.worker", "import plait.runners.worker", [*ENGINE, "sqlalchemy"]),
+    # a worker process: neither the runners it is not (the local pool, Docker) nor anyio
+    (
+        "plait.runners.worker",
+        "import plait.runners.worker.__main__, plait.runners.worker._stream",
+        [*ENGINE, "sqlalchemy", "anyio", "plait.runners._local", "plait.runners._docker"],
+    ),
     (
         "plait.engine",
         "import plait.engine",
