@@ -1036,11 +1036,17 @@ def compile_pipeline(
             ps.default_value.json = default
         if name in tracer.structural:
             ps.structural_value.json = tracer.structural[name]
+    # by function: the copies of one step (``with_options``, a loop of calls) share their code,
+    # and finding its file and digest costs more than the rest of a step's compilation
+    code_refs: dict[Callable[..., Any], ir_pb2.CodeRef] = {}
     for inv in tracer.invocations.values():
+        code = code_refs.get(inv.step.fn)
+        if code is None:
+            code = code_refs[inv.step.fn] = _code_ref(inv.step, root)
         step_spec = spec.steps.add(
             id=inv.id,
             name=inv.step.name,
-            code=_code_ref(inv.step, root),
+            code=code,
             settings=_settings(
                 inv.step,
                 pipe.pool,

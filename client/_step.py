@@ -10,6 +10,7 @@ import inspect
 import math
 import textwrap
 import typing
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
@@ -336,13 +337,21 @@ class Step(Generic[P, R]):
             invocation_id=id if id is not None else self.invocation_id,
         )
 
-    @functools.cached_property
+    @property
     def code_digest(self) -> str:
         """sha256 of the function's AST without decorators: formatting and comments don't count."""
-        return code_digest(self.fn)
+        # kept per function, not per Step: every with_options() copy shares its function
+        digest = _DIGESTS.get(self.fn)
+        if digest is None:
+            digest = _DIGESTS[self.fn] = code_digest(self.fn)
+        return digest
 
     def __repr__(self) -> str:
         return f"<plait.step {self.name}>"
+
+
+_DIGESTS: weakref.WeakKeyDictionary[Callable[..., Any], str] = weakref.WeakKeyDictionary()
+"""Code digests by function (a function redefined is a new object, with a digest of its own)."""
 
 
 def code_digest(fn: Callable[..., Any]) -> str:
