@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import operator
 import os
 import random
 from collections.abc import Callable
@@ -426,11 +427,16 @@ def _migrate(conn: Connection, current: str | None) -> None:
     command.upgrade(cfg, "head")
 
 
-_COMPILED: dict[tuple[int, tuple[str, ...]], tuple[str, list[tuple[str, Any]], Any]] = {}
+_COMPILED: dict[tuple[int, tuple[str, ...]], tuple[str, Any, list[tuple[int, Any]], Any]] = {}
 
 
 def is_fast_sqlite(conn: Connection) -> bool:
     return conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
+
+
+def _one(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """``itemgetter`` for one name or none, which gives a tuple as it does for several."""
+    return lambda row: tuple(row[n] for n in names)
 
 
 def executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
@@ -450,14 +456,26 @@ def executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None
     entry = _COMPILED.get((id(stmt), keys))
     if entry is None:
         compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        params = []
-        for name in compiled.positiontup or ():
+        names = list(compiled.positiontup or ())
+        processors = []
+        for i, name in enumerate(names):
             bind = compiled.binds[name]
-            params.append((name, bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)))
-        entry = (str(compiled), params, stmt)  # holding stmt keeps its id() unique
+            p = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            if p is not None:
+                processors.append((i, p))
+        # the row's values in the statement's order, in C; then the few that need converting
+        get = operator.itemgetter(*names) if len(names) > 1 else _one(names)
+        entry = (str(compiled), get, processors, stmt)  # holding stmt keeps its id() unique
         _COMPILED[(id(stmt), keys)] = entry
-    sql, params, _ = entry
-    data = [tuple(p(row[n]) if p else row[n] for n, p in params) for row in rows]
+    sql, get, processors, _ = entry
+    data: list[Any] = []
+    for row in rows:
+        values = get(row)
+        if processors:
+            values = list(values)
+            for i, p in processors:
+                values[i] = p(values[i])
+        data.append(values)
     driver = conn.connection.driver_connection
     assert driver is not None
     driver.executemany(sql, data)
