@@ -7,6 +7,7 @@ blob and concurrent writers of the same bytes leave one whole file. Reads are ve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -36,14 +37,27 @@ class StoredBlob:
     """A ``file://`` URI of the blob."""
 
 
-def _create_temp(folder: Path, prefix: str) -> tuple[int, Path]:
+_O_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The rest of the file ``fd``, ``size`` bytes long by its fstat: read in one call (and one
+    more that finds its end), where a file object makes twice the system calls; a worker reads
+    every step's inputs so."""
+    chunks: list[bytes] = []
+    while chunk := os.read(fd, size + 1 if not chunks else 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _create_temp(folder: str, prefix: str) -> tuple[int, str]:
     """A new, empty, owner-only file in ``folder``, opened for writing.
 
     Artifacts are the user's data: readable by their owner only, whatever the umask. Workers
     elsewhere, or of other users, read them through the control plane's ArtifactService.
     """
-    path = folder / f"{prefix}{secrets.token_hex(8)}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    path = f"{folder}/{prefix}{secrets.token_hex(8)}.tmp"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o600)
     os.fchmod(fd, 0o600)
     return fd, path
 
@@ -64,7 +78,10 @@ class LocalArtifactStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = self.root.as_uri()
+        # strings, not Path objects: a worker puts and gets blobs for every step it runs, and
+        # joining Paths cost more than the file operations themselves
         self._blobs = str(self.root / "sha256")
+        self._blobs_uri = (self.root / "sha256").as_uri()  # hex digits need no quoting
         self._private = False
 
     def _make_private(self) -> None:
@@ -105,31 +122,41 @@ class LocalArtifactStore:
             ValueError: ``digest`` is not 64 lowercase hex digits (so no digest can name a
                 path outside the store).
         """
+        return Path(self._file(digest))
+
+    def _file(self, digest: str) -> str:
+        """`path_for` as a string."""
         if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
             raise ValueError(f"not a sha256 hex digest (64 lowercase hex digits): {digest!r}")
-        return self.root / "sha256" / digest[:2] / digest
+        return f"{self._blobs}/{digest[:2]}/{digest}"
+
+    def _uri(self, digest: str) -> str:
+        """The ``file://`` URI of a valid digest's blob (``path_for(digest).as_uri()``)."""
+        return f"{self._blobs_uri}/{digest[:2]}/{digest}"
 
     def put(self, data: bytes) -> StoredBlob:
         """Stores ``data`` once; storing the same bytes again finds them and writes nothing."""
         digest = hashlib.sha256(data).hexdigest()
-        path = self.path_for(digest)
-        blob = StoredBlob(digest, len(data), path.as_uri())
+        folder = f"{self._blobs}/{digest[:2]}"
+        path = f"{folder}/{digest}"
+        blob = StoredBlob(digest, len(data), self._uri(digest))
         try:
-            if path.stat().st_size == len(data):
+            if os.stat(path).st_size == len(data):
                 return blob
         except FileNotFoundError:
             pass
         self._make_private()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         # a temporary file in the same folder, then an atomic rename: concurrent writers of
         # the same content leave one whole file and no debris
-        fd, tmp = _create_temp(path.parent, f".{digest[:8]}.")
+        fd, tmp = _create_temp(folder, f".{digest[:8]}.")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         return blob
 
@@ -146,15 +173,18 @@ class LocalArtifactStore:
             ArtifactCorruptedError: the blob's bytes do not match the digest (the blob is moved
                 aside, so that storing the right bytes again repairs it).
         """
-        path = self.path_for(digest)
+        path = self._file(digest)
         try:
-            with path.open("rb") as fh:
-                data = fh.read()
-                identity = os.fstat(fh.fileno())
+            fd = os.open(path, os.O_RDONLY | _O_BINARY)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"artifact bytes {digest} are not in the store at {self.root}"
             ) from None
+        try:
+            identity = os.fstat(fd)
+            data = _read_all(fd, identity.st_size)
+        finally:
+            os.close(fd)
         if hashlib.sha256(data).hexdigest() != digest:
             self._quarantine(path, identity)
             raise ArtifactCorruptedError(
@@ -162,12 +192,12 @@ class LocalArtifactStore:
             )
         return data
 
-    def _quarantine(self, path: Path, identity: os.stat_result) -> None:
+    def _quarantine(self, path: str, identity: os.stat_result) -> None:
         # only the file that was read: a writer may have just renamed the right bytes into place
         try:
-            now = path.stat()
+            now = os.stat(path)
             if (now.st_ino, now.st_dev) == (identity.st_ino, identity.st_dev):
-                os.replace(path, path.with_name(f"{path.name}.corrupt"))
+                os.replace(path, f"{path}.corrupt")
         except OSError:
             pass  # best effort (a read-only store, say): the error is raised either way
 
@@ -194,7 +224,7 @@ class BlobWriter:
         store._make_private()
         tmp_dir = store.root / "tmp"
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = _create_temp(tmp_dir, "upload.")
+        fd, self._tmp = _create_temp(str(tmp_dir), "upload.")
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
@@ -220,9 +250,10 @@ class BlobWriter:
         path = self._store.path_for(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, path)
-        return StoredBlob(digest, self.size, path.as_uri())
+        return StoredBlob(digest, self.size, self._store._uri(digest))
 
     def abort(self) -> None:
         """Drops the bytes written; nothing is stored."""
         self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import collections.abc
+import functools
 import inspect
 import types
 import typing
@@ -140,11 +141,18 @@ def conform(value: Any, expr: str) -> Any:
         value: a step's output.
         expr: its declared type, as the IR writes it (:func:`type_expr`).
     """
+    node = _parsed(expr)
+    return value if node is None else _conform(value, node)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(expr: str) -> ast.expr | None:
+    """``expr`` parsed, None when it is not an expression; cached, as a worker conforms every
+    output of every step it runs (`_conform` only reads the tree)."""
     try:
-        node = ast.parse(expr, mode="eval").body
+        return ast.parse(expr, mode="eval").body
     except SyntaxError:
-        return value
-    return _conform(value, node)
+        return None
 
 
 def _members(node: ast.expr) -> list[ast.expr]:
@@ -169,10 +177,13 @@ def _base(node: ast.expr) -> tuple[str, list[ast.expr]]:
 
 
 def _conform(value: Any, node: ast.expr) -> Any:
+    t = type(value)
+    numpy = t.__module__ == "numpy"
+    if not numpy and t is not tuple and t is not list and t is not dict:
+        return value  # nothing to convert, whatever the declaration (most outputs)
     members = [_base(m) for m in _members(node)]
     names = {name for name, _ in members}
-    t = type(value)
-    if t.__module__ == "numpy":
+    if numpy:
         return _from_numpy(value, names)
     if t is tuple:
         for name, args in members:

@@ -10,6 +10,7 @@ import math
 import os
 import queue
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,9 +22,12 @@ from plait.runners.worker._execute import StepExecutor
 
 STARTED_DELAY = 0.005
 """How long a step's TaskStarted report waits for the step to end (and be left out)."""
+IDLE_POLLS = 20
+"""Looks, STARTED_DELAY apart, that the request thread takes after a step ends before it sleeps
+until a report wakes it (see `StreamReporter.requests`)."""
 
-# the reports that end a step (see Reporter): each carries the step's start time
-_ENDS_STEP = frozenset({"completed", "failed"})
+_WAKE = tasks.ConnectRequest()
+"""Queued to wake the request thread for a held TaskStarted; never sent."""
 
 
 class StreamReporter:
@@ -31,77 +35,122 @@ class StreamReporter:
 
     The executor runs in the thread that reads the stream's responses while grpc pulls the
     requests from another thread: the queue is what hands reports from one to the other.
+
+    A step's TaskStarted is held here, not queued: a step done within STARTED_DELAY sends only
+    its completion, which carries the start time (one commit on the control plane, not two).
+    The logs that come meanwhile wait behind it (they never force it out); any other report
+    sends it first, and a completion or failure drops it.
     """
 
     def __init__(self) -> None:
         self._out: queue.SimpleQueue[tasks.ConnectRequest | None] = queue.SimpleQueue()
+        # guards what follows, and every put, so that reports from the step's, the log tail's
+        # and the lease's threads keep their order
+        self._lock = threading.Lock()
+        self._held: tasks.TaskStarted | None = None
+        """The TaskStarted held (made a ConnectRequest only if it is sent: most are not)."""
+        self._deadline = 0.0
+        """When the held TaskStarted goes out (time.monotonic)."""
+        self._behind: list[tasks.ConnectRequest] = []
+        """The logs that came while the TaskStarted is held."""
+        self._wake_at = math.inf
+        """When the request thread looks for a held TaskStarted by itself (inf: only when
+        something is queued)."""
+        self._polls = 0
+        """Looks the request thread has left before it sleeps (it alone uses this)."""
 
     def send(self, request: tasks.ConnectRequest) -> None:
-        """Queues a request to send on the stream."""
-        self._out.put(request)
+        """Queues a request to send on the stream (after the held TaskStarted, if any)."""
+        self._put(request)
 
     def close(self) -> None:
         """Ends the stream of requests once the queued ones are sent."""
         self._out.put(None)
 
     def started(self, report: tasks.TaskStarted) -> None:
-        self.send(tasks.ConnectRequest(started=report))
+        with self._lock:
+            self._release(send_held=True)  # never two held: a step starts after the last ended
+            self._held, self._deadline = report, time.monotonic() + STARTED_DELAY
+            if self._wake_at > self._deadline:  # it would not look in time by itself
+                self._out.put(_WAKE)
 
     def metadata(self, report: tasks.TaskMetadata) -> None:
-        self.send(tasks.ConnectRequest(metadata=report))
+        self._put(tasks.ConnectRequest(metadata=report))
 
     def logs(self, report: tasks.TaskLogs) -> None:
-        self.send(tasks.ConnectRequest(logs=report))
+        request = tasks.ConnectRequest(logs=report)
+        with self._lock:
+            if self._held is not None:
+                self._behind.append(request)
+            else:
+                self._out.put(request)
 
     def completed(self, report: tasks.TaskCompleted) -> None:
-        self.send(tasks.ConnectRequest(completed=report))
+        self._put(tasks.ConnectRequest(completed=report), ends_step=True)
 
     def failed(self, report: tasks.TaskFailed) -> None:
-        self.send(tasks.ConnectRequest(failed=report))
+        self._put(tasks.ConnectRequest(failed=report), ends_step=True)
 
     def heartbeat(self, token: tasks.LeaseToken) -> float:
         """Sends a TaskHeartbeat. The stream has no answer to it: a cancellation arrives on the
         stream, and this process dies with the control plane that started it, so the lease
         never has to be given up from here (an infinite lease)."""
-        self.send(tasks.ConnectRequest(heartbeat=tasks.TaskHeartbeat(token=token)))
+        self._put(tasks.ConnectRequest(heartbeat=tasks.TaskHeartbeat(token=token)))
         return math.inf
+
+    def _put(self, request: tasks.ConnectRequest, *, ends_step: bool = False) -> None:
+        with self._lock:
+            # the step ended in time: its TaskStarted is left out
+            self._release(send_held=not ends_step)
+            self._out.put(request)
+
+    def _release(self, *, send_held: bool) -> None:
+        """Queues the held TaskStarted (or drops it) and the logs behind it (holding the lock)."""
+        if self._held is not None:
+            if send_held:
+                self._out.put(tasks.ConnectRequest(started=self._held))
+            for request in self._behind:
+                self._out.put(request)
+            self._held, self._behind = None, []
 
     def requests(self) -> Iterator[tasks.ConnectRequest]:
         """The stream's messages, until `close`.
 
-        A step's TaskStarted waits STARTED_DELAY seconds: a step done by then sends only its
-        completion, which carries the start time (one commit on the control plane, not two).
-        Its logs wait behind it (they never force it out): they go just before the completion,
-        or just after the TaskStarted once the delay is over.
+        The thread that runs this (grpc's) sends a held TaskStarted once its STARTED_DELAY is
+        over. It is not woken when a step starts (that would cost every step two thread
+        switches): for IDLE_POLLS looks after a step ends it waits at most STARTED_DELAY for the
+        next report, so it finds a step that started meanwhile in time by itself; after that it
+        sleeps until `started` wakes it.
         """
-        held: tasks.ConnectRequest | None = None
-        behind: list[tasks.ConnectRequest] = []  # the logs that came while `held` waits
-        deadline = 0.0
         while True:
+            due: list[tasks.ConnectRequest] = []
+            timeout: float | None = None
+            with self._lock:
+                now = time.monotonic()
+                if self._held is not None:
+                    # a step runs: the next can only start after its end, which is queued
+                    self._polls = 0
+                    if now >= self._deadline:
+                        due = [tasks.ConnectRequest(started=self._held), *self._behind]
+                        self._held, self._behind = None, []
+                    timeout = max(0.0, self._deadline - now)
+                elif self._polls > 0:
+                    self._polls -= 1
+                    timeout = STARTED_DELAY
+                self._wake_at = math.inf if timeout is None else now + timeout
+            if due:
+                yield from due
+                continue
             try:
-                timeout = None if held is None else max(0.0, deadline - time.monotonic())
                 request = self._out.get(timeout=timeout)
             except queue.Empty:
-                assert held is not None
-                yield held
-                yield from behind
-                held, behind = None, []
                 continue
             if request is None:
                 return
-            kind = request.WhichOneof("kind")
-            if kind == "started":
-                held, deadline = request, time.monotonic() + STARTED_DELAY
+            if request is _WAKE:
                 continue
-            if held is not None:
-                if kind == "logs":
-                    behind.append(request)
-                    continue
-                if kind not in _ENDS_STEP:
-                    yield held  # anything else (metadata) is reported after the start
-                # else the step ended in time: its TaskStarted is left out
-                yield from behind
-                held, behind = None, []
+            if request.HasField("completed") or request.HasField("failed"):
+                self._polls = IDLE_POLLS  # the next step may start any moment
             yield request
 
 
