@@ -91,6 +91,8 @@ RECONNECT_TIMEOUT = 300.0
 RECONNECT_DELAYS = (0.1, 2.0)
 """The first and the longest pause between two tries to reconnect (doubling, with jitter)."""
 _LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_REGISTERED_KEPT = 1024
+"""Registered versions a client remembers (`Client._registered`)."""
 
 
 def _lost(exc: grpc.RpcError) -> bool:
@@ -181,6 +183,11 @@ class Client:
         """Packs the source root while the pipeline registers (one thread, made on first use)."""
         self._uploaded: set[str] = set()
         """Archive digests this client uploaded or found remembered (saves reading the record)."""
+        self._registered: dict[str, str] = {}
+        """The resource names of the versions this client registered, by digest: a run of one
+        of them skips RegisterPipeline (sending and validating a large pipeline again costs
+        more than a cached run of it); a server that lacks it answers NOT_FOUND to CreateRun,
+        and it is registered again."""
         self._channel = open_channel(self._config)
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
@@ -265,6 +272,9 @@ class Client:
             pipeline_service_pb2.RegisterPipelineRequest(spec=compiled.spec),
             f"registering {compiled.spec.name}",
         )
+        if len(self._registered) >= _REGISTERED_KEPT:  # keep the newest
+            self._registered.pop(next(iter(self._registered)), None)
+        self._registered[compiled.version] = str(resp.name)
         return str(resp.name)
 
     def _code_home(self) -> Path:
@@ -458,7 +468,11 @@ class Client:
             self._packer = ThreadPoolExecutor(1, thread_name_prefix="plait-pack")
         packing = self._packer.submit(self._run_code, pipeline)  # while the pipeline registers
         try:
-            version = self.register(pipeline, values)
+            digest = pipeline.compile(values).version
+            version = self._registered.get(digest)
+            remembered = version is not None
+            if version is None:
+                version = self.register(pipeline, values)
         finally:
             code, archive = packing.result()
         params = [
@@ -475,9 +489,27 @@ class Client:
         )
         if code is not None:
             request.code.CopyFrom(code.to_proto())
-        what = f"creating a run of {pipeline.name}"
         try:
-            resp = self._call_again(self._runs.CreateRun, request, what)
+            resp = self._create_run(request, archive, pipeline.name)
+        except errors.PipelineNotFoundError:
+            if not remembered:
+                raise
+            # the server lost the version (its store was replaced) or is another one
+            self._registered.pop(digest, None)
+            request.pipeline_version = self.register(pipeline, values)
+            resp = self._create_run(request, archive, pipeline.name)
+        run_id = resp.run.run_id
+        if not wait:
+            return Run.from_proto(resp.run, self)
+        return self.wait(run_id, on_events=on_events)
+
+    def _create_run(
+        self, request: run_service_pb2.CreateRunRequest, archive: SourceArchive | None, name: str
+    ) -> Any:
+        """CreateRun, with the code archive uploaded again when the server lacks it."""
+        what = f"creating a run of {name}"
+        try:
+            return self._call_again(self._runs.CreateRun, request, what)
         except errors.ArtifactNotFoundError:
             if archive is None:
                 raise
@@ -486,11 +518,7 @@ class Client:
             request.code.CopyFrom(
                 CodeSource(archive.digest, archive.git_commit, archive.git_dirty).to_proto()
             )
-            resp = self._call_again(self._runs.CreateRun, request, what)
-        run_id = resp.run.run_id
-        if not wait:
-            return Run.from_proto(resp.run, self)
-        return self.wait(run_id, on_events=on_events)
+            return self._call_again(self._runs.CreateRun, request, what)
 
     def wait(
         self,

@@ -9,14 +9,11 @@ drop the ones seen twice.
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections import defaultdict
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from plait._models import LogEntry, RunEvent
 from plait.engine.store import _runs
@@ -31,37 +28,69 @@ STORE_POLL = 0.5
 another control-plane replica schedules reach it only that way."""
 
 
+class Subscription:
+    """The events published for one watcher of a run, from when it subscribed, in order.
+
+    A plain asyncio queue: the hub hands over a batch per commit, and receiving it is on the
+    per-step path of every watched run (anyio's memory streams add a checkpoint and an Event per
+    wait)."""
+
+    __slots__ = ("_queue", "run_events_only")
+
+    def __init__(self, run_events_only: bool) -> None:
+        self.run_events_only = run_events_only
+        """Only the run's own events (those with no step id) are handed over."""
+        self._queue: asyncio.Queue[list[RunEvent]] = asyncio.Queue()
+
+    def put(self, events: list[RunEvent]) -> None:
+        self._queue.put_nowait(events)
+
+    async def receive(self) -> list[RunEvent]:
+        """The events published since the last call, in order; waits for some."""
+        events = await self._queue.get()
+        while not self._queue.empty():  # a watcher that fell behind catches up in one batch
+            events = events + self._queue.get_nowait()
+        return events
+
+
 class EventHub:
     """Fans committed events out to the watchers of each run."""
 
     def __init__(self) -> None:
-        # run id -> id(receive stream) -> its send stream
-        self._subs: dict[str, dict[int, MemoryObjectSendStream[list[RunEvent]]]] = {}
+        # run id -> id(subscription) -> the subscription
+        self._subs: dict[str, dict[int, Subscription]] = {}
 
-    def subscribe(self, run_id: str) -> MemoryObjectReceiveStream[list[RunEvent]]:
-        """A stream of the run's events, in batches, from now on; pass it to unsubscribe."""
-        send, recv = anyio.create_memory_object_stream[list[RunEvent]](math.inf)
-        self._subs.setdefault(run_id, {})[id(recv)] = send
-        return recv
+    def subscribe(self, run_id: str, run_events_only: bool = False) -> Subscription:
+        """The run's events from now on; pass it to unsubscribe. With ``run_events_only``, a
+        batch of step events alone does not wake the watcher (a run of many steps would wake it
+        at every commit for nothing)."""
+        sub = Subscription(run_events_only)
+        self._subs.setdefault(run_id, {})[id(sub)] = sub
+        return sub
 
-    def unsubscribe(self, run_id: str, recv: MemoryObjectReceiveStream[list[RunEvent]]) -> None:
+    def unsubscribe(self, run_id: str, sub: Subscription) -> None:
         subs = self._subs.get(run_id, {})
-        send = subs.pop(id(recv), None)
-        if send is not None:
-            send.close()
+        subs.pop(id(sub), None)
         if not subs:
             self._subs.pop(run_id, None)
-        recv.close()
 
     def publish(self, events: list[RunEvent]) -> None:
-        by_run: dict[str, list[RunEvent]] = defaultdict(list)
+        if not self._subs:
+            return
+        by_run: dict[str, list[RunEvent]] = {}
         for e in events:
             if e.run_id in self._subs:
-                by_run[e.run_id].append(e)
+                by_run.setdefault(e.run_id, []).append(e)
         for run_id, evs in by_run.items():
-            for send in list(self._subs.get(run_id, {}).values()):
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    send.send_nowait(evs)
+            run_evs: list[RunEvent] | None = None
+            for sub in self._subs[run_id].values():
+                if not sub.run_events_only:
+                    sub.put(evs)
+                    continue
+                if run_evs is None:
+                    run_evs = [e for e in evs if not e.step_id]
+                if run_evs:
+                    sub.put(run_evs)
 
 
 def _ends_run(events: list[RunEvent]) -> bool:
@@ -79,7 +108,7 @@ async def watch_events(
     """A run's events after sequence ``after``, in batches: the backlog, then live, until the
     run ends. While ``scheduled_here()`` says the run is not this control plane's (another
     replica schedules it, or it ended), the store is read every STORE_POLL seconds."""
-    live = hub.subscribe(run_id)
+    live = hub.subscribe(run_id, run_events_only)
     try:
         last = after
         while True:
@@ -91,13 +120,19 @@ async def watch_events(
             if _ends_run(backlog):
                 return
         while True:
-            batch: list[RunEvent] | None = None
             # the hub has the events of the runs this control plane schedules; those of a run
             # another replica schedules (or takes over) are read from the store, now and then
-            with anyio.move_on_after(math.inf if scheduled_here() else STORE_POLL):
+            if scheduled_here():
                 batch = await live.receive()
-            if batch is None:
-                batch = await store.read(_runs.list_events, run_id, last, PAGE, run_events_only)
+            else:
+                polled: list[RunEvent] | None = None
+                with anyio.move_on_after(STORE_POLL):
+                    polled = await live.receive()
+                if polled is None:
+                    polled = await store.read(
+                        _runs.list_events, run_id, last, PAGE, run_events_only
+                    )
+                batch = polled
             events = [e for e in batch if e.sequence > last and not (run_events_only and e.step_id)]
             if not events:
                 continue

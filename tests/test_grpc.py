@@ -37,7 +37,7 @@ from plait.api.v1 import (
 from plait.api.v1 import (
     task_service_pb2 as tasks,
 )
-from plait.ir.canonical import message_digest
+from plait.ir.canonical import digest_json, message_digest, message_to_canonical
 from plait.ir.v1 import ir_pb2
 
 
@@ -132,6 +132,21 @@ def test_register_is_idempotent_and_content_addressed(api: Api) -> None:
     assert again.created is False
     got = api.pipelines.GetPipelineVersion(pipes.GetPipelineVersionRequest(name=first.name))
     assert got.spec == spec
+
+
+def test_the_digest_memo_is_never_served_for_other_bytes_or_another_type() -> None:
+    spec = doubler.compile().spec
+    first = message_digest(spec)
+    changed = ir_pb2.PipelineSpec()
+    changed.CopyFrom(spec)
+    changed.steps[0].code.qualname += "x"
+    assert message_digest(changed) == digest_json(message_to_canonical(changed)) != first
+    assert message_digest(spec) == first == digest_json(message_to_canonical(spec))
+    # one encoding (field 1, a string), two types
+    name, expr = ir_pb2.NamedValue(name="x"), ir_pb2.TypeSpec(expr="x")
+    assert name.SerializeToString() == expr.SerializeToString()
+    assert message_digest(name) == digest_json({"name": "x"})
+    assert message_digest(expr) == digest_json({"expr": "x"})
 
 
 def test_create_run_is_idempotent_by_request_id(api: Api) -> None:
@@ -363,16 +378,23 @@ def test_task_stream_needs_a_hello_for_a_known_pool(api: Api) -> None:
     worker.channel.close()
 
 
-def test_health_and_reflection(api: Api) -> None:
+def test_health_and_reflection(api: Api, daemon: Any) -> None:
+    """Both serve health checks; the daemon serves reflection too (grpcurl), the embedded
+    engine does not: only its own process and workers can call it."""
     health = health_pb2_grpc.HealthStub(api.channel)
     for service in ("", "plait.api.v1.RunService", "plait.api.v1.TaskService"):
         resp = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    stub = reflection_pb2_grpc.ServerReflectionStub(api.channel)
-    responses = stub.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-    )
-    names = {s.name for r in responses for s in r.list_services_response.service}
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    embedded = reflection_pb2_grpc.ServerReflectionStub(api.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        list(embedded.ServerReflectionInfo(iter([request])))
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        metadata = [("authorization", f"Bearer {daemon.credential}")]
+        responses = stub.ServerReflectionInfo(iter([request]), metadata=metadata)
+        names = {s.name for r in responses for s in r.list_services_response.service}
     assert {
         "plait.api.v1.PipelineService",
         "plait.api.v1.RunService",

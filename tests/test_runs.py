@@ -266,6 +266,30 @@ def test_rerun_is_served_from_the_cache(client: plait.Client) -> None:
     assert "loading 100" in first.logs("load")
 
 
+def test_a_version_is_registered_once_and_again_when_the_server_lacks_it(
+    client: plait.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registered: list[str] = []
+    register = client.register
+
+    def counting(pipe: Any, parameters: Any = None) -> str:
+        registered.append(register(pipe, parameters))
+        return registered[-1]
+
+    monkeypatch.setattr(client, "register", counting)
+    first = run(demo, client, n=1)
+    assert run(demo, client, n=2).pipeline_version == first.pipeline_version
+    assert len(registered) == 1
+    run(which_pid, client)  # another version: registered
+    assert len(registered) == 2 and registered[1] != registered[0]
+    # a remembered version the server does not have (a new store, another server)
+    client._registered[demo.compile().version] = f"pipelines/demo/versions/{'0' * 64}"
+    again = run(demo, client, n=3)
+    assert again.status == "SUCCEEDED"
+    assert registered == [registered[0], registered[1], registered[0]]
+    assert again.pipeline_version == first.pipeline_version
+
+
 def test_changed_parameter_misses_where_it_should(client: plait.Client) -> None:
     run(demo, client, n=100)
     r = run(demo, client, n=101)

@@ -229,8 +229,9 @@ def _size(value: str | bytes, limit: int) -> int | None:
     return n if n > limit else None
 
 
-_SKIP, _TEXT, _TEXTS, _NESTED, _NESTEDS, _MAP = range(6)
+_SKIP, _TEXT, _TEXTS, _NESTED, _NESTEDS, _MAP, _COUNT = range(7)
 _plans: dict[FieldDescriptor, tuple[int, int, int]] = {}
+_with_limits: dict[Descriptor, bool] = {}
 
 
 def _plan(field: FieldDescriptor) -> tuple[int, int, int]:
@@ -240,8 +241,13 @@ def _plan(field: FieldDescriptor) -> tuple[int, int, int]:
         limit = LIMITS.get(field.full_name, _STRICTEST)
         count = COUNTS.get(field.full_name, _STRICTEST)
         if field.type == _MESSAGE:
-            entry = field.message_type is not None and field.message_type.GetOptions().map_entry
-            what = _MAP if entry else _NESTEDS if field.is_repeated else _NESTED
+            assert field.message_type is not None
+            if field.message_type.GetOptions().map_entry:
+                what = _MAP
+            elif field.is_repeated:
+                what = _NESTEDS if _has_limits(field.message_type) else _COUNT
+            else:
+                what = _NESTED if _has_limits(field.message_type) else _SKIP
         elif field.type in (_STRING, _BYTES):
             what = _TEXTS if field.is_repeated else _TEXT
         else:
@@ -250,9 +256,33 @@ def _plan(field: FieldDescriptor) -> tuple[int, int, int]:
     return plan
 
 
+def _has_limits(descriptor: Descriptor) -> bool:
+    """Whether a message of this type can hold a value with a limit (a string or bytes field, a
+    repeated message field or a map, at any depth): one that cannot (a Timestamp) is not
+    walked, nor even sized."""
+    found = _with_limits.get(descriptor)
+    if found is None:
+        found = False
+        seen: set[Descriptor] = set()
+        todo = [descriptor]
+        while todo and not found:
+            d = todo.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            for f in d.fields:
+                if f.type in (_STRING, _BYTES) or (f.type == _MESSAGE and f.is_repeated):
+                    found = True
+                    break
+                if f.message_type is not None:
+                    todo.append(f.message_type)
+        _with_limits[descriptor] = found
+    return found
+
+
 def _walk(msg: Message) -> None:
     for field, value in msg.ListFields():
-        what, limit, count = _plan(field)
+        what, limit, count = _plans.get(field) or _plan(field)
         if what == _TEXT:
             n = _size(value, limit)
             if n is not None:
@@ -282,7 +312,7 @@ def _walk(msg: Message) -> None:
                     n = _size(item, limit)
                     if n is not None:
                         raise _Over(f"{field.name}[{i}]", _over(n, limit))
-            else:
+            elif what == _MAP:
                 _walk_map(field, value)
 
 

@@ -3,6 +3,7 @@ open; tasks go down it and every report about them comes back up it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,9 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             )
         assert isinstance(runner, WorkerPool)
         worker_id = hello.hello.worker_id
-        idle = anyio.Event()
+        # set by each report that frees the worker; a plain asyncio Event, cleared for each
+        # task, since anyio's costs a backend lookup to make and a wrapper to wait on
+        idle = asyncio.Event()
         # a report refused on reading (undecodable, over a limit) aborts the call; the abort is
         # raised again outside the task group, which would wrap it in an ExceptionGroup that
         # grpc answers UNKNOWN (and logs with a traceback)
@@ -105,7 +108,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
             async with anyio.create_task_group() as tg:
 
                 async def read() -> None:
-                    nonlocal idle, aborted
+                    nonlocal aborted
                     try:
                         while True:
                             req = await context.read()
@@ -140,7 +143,7 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                     self.cp.note_lease(
                         Lease(token_from_proto(task.token), worker_id, runner.handle(worker_id))
                     )
-                    idle = anyio.Event()
+                    idle.clear()
                     await context.write(pb.ConnectResponse(assign=task))
                     await idle.wait()
         finally:

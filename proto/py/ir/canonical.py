@@ -69,6 +69,24 @@ def message_to_canonical(message: Message) -> dict[str, Any]:
     return out
 
 
+_DIGESTS: dict[tuple[str, bytes], str] = {}
+"""Digests by message type and the sha256 of the message's deterministic binary encoding (a memo
+key only, never an address): a pipeline is digested when it is compiled and again each time it
+is registered, and the canonical encoding costs some 15 times what serializing and hashing do.
+The canonical encoding reads only known fields, each of which that binary encoding writes
+exactly (presence, order of repeated fields, floats bit for bit, open enums by number), so equal
+bytes of one type have one digest; what differs only in bytes (unknown fields) is a miss."""
+_DIGESTS_KEPT = 256
+
+
 def message_digest(message: Message) -> str:
     """The hex sha256 of a message's canonical encoding."""
-    return digest_json(message_to_canonical(message))
+    raw = message.SerializePartialToString(deterministic=True)
+    key = (message.DESCRIPTOR.full_name, hashlib.sha256(raw).digest())
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = digest_json(message_to_canonical(message))
+        if len(_DIGESTS) >= _DIGESTS_KEPT:  # a long-lived daemon sees many: keep the newest
+            _DIGESTS.pop(next(iter(_DIGESTS)), None)
+        _DIGESTS[key] = digest
+    return digest
