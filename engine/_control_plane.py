@@ -280,6 +280,8 @@ class ControlPlane:
         """Where this process's own clients (its workers, its dashboard) call the API, once it
         serves: loopback (in the clear when the API serves TLS), each call with its token."""
         self._auth: Any = None
+        self._valid: dict[str, None] = {}
+        """Pipeline versions validated by this process (in order, the newest last)."""
         self._stop = anyio.Event()
         # secrets that live in this process's memory only: one for the local workers this
         # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
@@ -362,8 +364,17 @@ class ControlPlane:
         self._inbox.put(item)
 
     async def register_pipeline(self, spec: ir_pb2.PipelineSpec) -> tuple[str, bool]:
-        validate_pipeline(spec)
-        version = message_digest(spec)
+        try:
+            version = message_digest(spec)  # (memoized by the spec's bytes)
+        except ValueError:  # not canonical JSON (a NaN): validation says where
+            validate_pipeline(spec)
+            raise
+        if version not in self._valid:
+            # a version is its canonical content: one that passed, passes again
+            validate_pipeline(spec)
+            if len(self._valid) >= 1024:  # bounded: keep the newest
+                self._valid.pop(next(iter(self._valid)))
+            self._valid[version] = None
         created = await self.store.write(register_pipeline, spec, version, time.time())
         return version, created
 
