@@ -40,7 +40,7 @@ def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheK
     material = ir_pb2.CacheKeyMaterial(
         key_scheme=KEY_SCHEME,
         code_digest=step.code.code_digest,
-        environment_digest=_environment_digest(step.settings.environment),
+        environment_digest=message_digest(step.settings.environment),  # (memoized)
         cache_version=step.settings.cache_version,
     )
     material.outputs.extend(step.outputs)
@@ -51,21 +51,6 @@ def key_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> ir_pb2.CacheK
         else:
             material.inputs.add(name=spec.name, json=canonical_json(_key_value(kind, value)))
     return material
-
-
-_ENVIRONMENTS: dict[bytes, str] = {}
-"""Environment digests by the environment's serialized bytes: a pipeline's steps share a few
-environments, and the canonical encoding costs more than serializing."""
-
-
-def _environment_digest(env: ir_pb2.Environment) -> str:
-    raw = env.SerializeToString(deterministic=True)
-    digest = _ENVIRONMENTS.get(raw)
-    if digest is None:
-        if len(_ENVIRONMENTS) >= 1024:  # a long-lived daemon sees many: keep the newest
-            _ENVIRONMENTS.pop(next(iter(_ENVIRONMENTS)))
-        digest = _ENVIRONMENTS[raw] = message_digest(env)
-    return digest
 
 
 def _json_key(text: str) -> str:
