@@ -3,7 +3,7 @@ headless Chromium, beside a blank page of the same server measured in the same r
 
 Set-up: a daemon (`plait server start --foreground --dashboard-port N`, a fresh PLAIT_HOME,
 SQLite, the local runner), a browser signed in with a one-time link (`plait dashboard
---no-browser`), Debian's chromium driven by Playwright (tests/browser.py's flags).
+--no-browser`), Debian's chromium driven by Playwright (tests/chromium.py's flags).
 
   run page    a finished 1,000-step run (the no-op chain and the fan-out of workloads.py): from
               the navigation's start (performance.timeOrigin) until all 1,000 `g.dag-node`
@@ -36,21 +36,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the browser tests' launch)
+
 STEPS = 1000
 RUNS = 10_000
 """One-step runs in the store when GET /api/runs is timed."""
 
-CHROMIUM = os.environ.get("PLAIT_TEST_CHROMIUM") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    # no traffic of its own: the network is closed and Chromium would retry for ever
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 _WATCH = """
 (() => {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from chromium import CHROMIUM, CHROMIUM_ARGS
 from processes import run, wait_for
 from test_security import PLAIT, Daemon, free_port
 
@@ -31,17 +32,6 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CHROMIUM = os.environ.get("PLAIT_TEST_CHROMIUM") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # tests run as root in CI
-    "--disable-gpu",
-    # no traffic of its own: the network is closed and Chromium would retry for ever
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 WAIT_MS = 60_000
 """How long a page may take to show what a test waits for: a hang guard for a loaded 2-core
