@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
@@ -499,6 +500,58 @@ class CodeSource:
         )
 
 
+class _StepsOf(Mapping[str, StepRun]):
+    """A run's steps, read from its message on first use.
+
+    Converting a step costs ~80 us (its outputs, their times): a run of a thousand steps would
+    spend ~80 ms after it ended before `Pipeline.run` returns it, for callers most of whom read
+    only its status. The message is kept (not its repeated field, which cannot be pickled)
+    until then; after, the steps are a plain dict."""
+
+    __slots__ = ("_client", "_msg", "_steps")
+
+    def __init__(self, msg: res.Run, client: Any) -> None:
+        self._msg: res.Run | None = msg
+        self._client = client
+        self._steps: dict[str, StepRun] | None = None
+
+    def _all(self) -> dict[str, StepRun]:
+        steps = self._steps
+        if steps is None:
+            assert self._msg is not None
+            client = self._client
+            steps = {s.step_id: StepRun.from_proto(s, client) for s in self._msg.steps}
+            self._steps, self._msg, self._client = steps, None, None
+        return steps
+
+    def __getitem__(self, step_id: str) -> StepRun:
+        return self._all()[step_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        if self._steps is None and self._msg is not None:
+            return len(self._msg.steps)
+        return len(self._all())
+
+    def __contains__(self, step_id: object) -> bool:
+        return step_id in self._all()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _StepsOf):
+            other = other._all()
+        return self._all() == other
+
+    __hash__ = None  # type: ignore[assignment]  # as a dict's
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+    def __reduce__(self) -> Any:
+        return dict, (self._all(),)
+
+
 @dataclass(frozen=True)
 class Run:
     """A run of a pipeline: its state, its steps, their outputs."""
@@ -511,8 +564,9 @@ class Run:
     """Every parameter's value, defaults included."""
     create_time: datetime | None = None
     end_time: datetime | None = None
-    steps: dict[str, StepRun] = field(default_factory=dict)
-    """Step runs by step id, in topological order (empty in listings)."""
+    steps: Mapping[str, StepRun] = field(default_factory=dict)
+    """Step runs by step id, in topological order (empty in listings). A read-only mapping
+    (a run read from the control plane converts its steps on first use)."""
     no_cache: bool = False
     stack: str = ""
     """The stack the run used."""
@@ -564,7 +618,7 @@ class Run:
             parameters={p.name: json.loads(p.json) for p in r.parameters},
             create_time=from_timestamp(r, "create_time"),
             end_time=from_timestamp(r, "end_time"),
-            steps={s.step_id: StepRun.from_proto(s, client) for s in r.steps},
+            steps=_StepsOf(r, client) if r.steps else {},
             no_cache=r.no_cache,
             stack=r.stack.removeprefix("stacks/"),
             request_id=r.request_id,

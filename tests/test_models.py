@@ -171,3 +171,27 @@ def test_an_error_record_names_the_exception_type() -> None:
         "bad value",
         "builtins.ValueError: bad value",
     )
+
+
+@given(runs())
+def test_a_run_read_from_its_message_converts_its_steps_on_first_use(r: Run) -> None:
+    """Run.from_proto keeps the steps' messages until they are read: the steps must still be
+    the same mapping, however they are read first, and pickle as a plain dict."""
+    import pickle
+
+    msg = r.to_proto()
+    for first in ("len", "in", "eq", "pickle", "iter"):
+        read = Run.from_proto(msg)
+        if first == "len":
+            assert len(read.steps) == len(r.steps)
+        elif first == "in":
+            assert all(k in read.steps for k in r.steps) and "no such step" not in read.steps
+        elif first == "eq":
+            assert read.steps == r.steps and read == r
+        elif first == "pickle":
+            again = pickle.loads(pickle.dumps(read))
+            assert type(again.steps) is dict and again == r
+        else:
+            assert list(read.steps) == list(r.steps)
+        assert dict(read.steps) == dict(r.steps) and len(read.steps) == len(r.steps)
+        assert read.steps == r.steps and read == r
