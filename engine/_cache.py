@@ -19,9 +19,11 @@ does not invalidate the cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
+from plait.engine._json import JsonText
 from plait.ir.canonical import canonical_json, digest_json, message_digest, message_to_canonical
 from plait.ir.v1 import ir_pb2
 
@@ -113,6 +115,57 @@ def _canonical(material: ir_pb2.CacheKeyMaterial) -> dict[str, Any]:
         values = getattr(material, name)
         if len(values):
             out[name] = [_named(v) for v in values]
+    return out
+
+
+_STATIC: dict[int, tuple[ir_pb2.StepSpec, dict[str, Any]]] = {}
+"""The part of a step's key material that depends on its spec alone, by the spec's id() (the
+spec is held with it, so the id stays its own): a step's key is made each time it is ready."""
+_STATIC_KEPT = 4096
+
+
+def key_and_material(step: ir_pb2.StepSpec, values: dict[str, Any]) -> tuple[str, JsonText]:
+    """``cache_key(m)`` and ``material_to_json(m)`` (as its canonical text, which the store
+    keeps as it is) of ``m = key_material(step, values)``, without building the message: the
+    part that depends on the step alone is made once per step (a test checks they agree)."""
+    held = _STATIC.get(id(step))
+    if held is None or held[0] is not step:
+        if len(_STATIC) >= _STATIC_KEPT:  # a long-lived daemon sees many: keep the newest
+            _STATIC.pop(next(iter(_STATIC)))
+        static = _canonical(
+            ir_pb2.CacheKeyMaterial(
+                key_scheme=KEY_SCHEME,
+                code_digest=step.code.code_digest,
+                environment_digest=message_digest(step.settings.environment),
+                cache_version=step.settings.cache_version,
+                outputs=step.outputs,
+            )
+        )
+        held = _STATIC[id(step)] = (step, static)
+    material = dict(held[1])
+    parameters: list[dict[str, str]] = []
+    inputs: list[dict[str, str]] = []
+    for spec in step.inputs:
+        kind, value = values[spec.name]
+        if kind == "json":
+            parameters.append(_pair(spec.name, _json_key(value)))
+        else:
+            inputs.append(_pair(spec.name, canonical_json(_key_value(kind, value))))
+    if parameters:
+        material["parameters"] = parameters
+    if inputs:
+        material["inputs"] = inputs
+    text = canonical_json(material)
+    return hashlib.sha256(text.encode()).hexdigest(), JsonText(text)
+
+
+def _pair(name: str, text: str) -> dict[str, str]:
+    """A NamedValue's canonical form (as `_named`: fields of default value left out)."""
+    out = {}
+    if name:
+        out["name"] = name
+    if text:
+        out["json"] = text
     return out
 
 

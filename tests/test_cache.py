@@ -160,3 +160,39 @@ def test_the_key_is_the_digest_of_the_canonical_material(
         assert cache_key(m) == message_digest(m)
         assert material_to_json(m) == message_to_canonical(m)
         assert material_to_json(m) == MessageToDict(m, preserving_proto_field_name=True)
+
+
+@given(
+    version=st.text(max_size=5),
+    p=json_values,
+    names=st.lists(st.text(min_size=1, max_size=5), max_size=3, unique=True),
+    digests=st.lists(st.sampled_from(["d" * 64, "e" * 64]), min_size=3, max_size=3),
+    environment=st.lists(st.text(min_size=1, max_size=5), max_size=2),
+)
+def test_the_scheduler_s_key_and_material_are_the_message_s(
+    version: str, p: Any, names: list[str], digests: list[str], environment: list[str]
+) -> None:
+    """The scheduler makes a step's key and stored material without building the message,
+    from a memo of what the step alone decides: they must be cache_key and material_to_json
+    of key_material, for every shape of input (and again from the memo)."""
+    from plait.engine._cache import key_and_material, material_to_json
+
+    step = _step(cache_version=version)
+    step.settings.environment.requirements.extend(environment)
+    values: dict[str, Any] = {"p": ("json", json.dumps(p)), "x": ("artifact", _artifact())}
+    for i, name in enumerate(names):  # more inputs: plain values, lists and maps of artifacts
+        step.inputs.add(name=name, binding=ir_pb2.Binding(parameter=name))
+        art = _artifact(digests[i])
+        values[name] = [
+            ("json", json.dumps({"n": i})),
+            ("list", [("artifact", art), ("json", "[1, 2]")]),
+            ("map", {"k": ("artifact", art)}),
+        ][i]
+    m = key_material(step, values)
+    for _ in range(2):
+        key, text = key_and_material(step, values)
+        assert key == cache_key(m)
+        assert json.loads(text) == material_to_json(m)
+    other = _step(cache_version=version + "x")  # another spec: not the first one's memo
+    fewer = {"p": values["p"], "x": values["x"]}
+    assert key_and_material(other, fewer)[0] == cache_key(key_material(other, fewer)) != key

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from strategies import dags
 
 from plait._models import ArtifactInfo, RunStatus, StepError, StepStatus
+from plait.engine._json import plain
 from plait.engine.scheduler import (
     RUN_TRANSITIONS,
     STEP_TRANSITIONS,
@@ -97,7 +98,8 @@ class MemoryLookups:
 
     def commit(self, fx: Effects) -> Effects:
         for e in fx.cache_entries:
-            outputs = {k: ArtifactInfo.from_json(v) for k, v in e["outputs"].items()}
+            # a JSON column's value may come as its text (JsonText), as the store writes it
+            outputs = {k: ArtifactInfo.from_json(v) for k, v in plain(e["outputs"]).items()}
             self.cache.setdefault(e["key"], outputs)
         for row in fx.run_inserts:
             if row["request_id"]:
@@ -582,7 +584,7 @@ class Rows:
                 if r != run_id:
                     continue
                 attempt = self.attempts.get((run_id, step_id, row["attempt"]))
-                outputs = row.get("outputs")
+                outputs = plain(row.get("outputs"))  # (as the store reads a JsonText back)
                 steps.append(
                     StoredStep(
                         step_id,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait._models import ArtifactInfo, RunEvent
+from plait.engine._json import plain
 from plait.engine.scheduler._commands import Token
 from plait.ir.v1 import ir_pb2
 
@@ -58,7 +59,8 @@ class RunCreated:
 
 @dataclass
 class Effects:
-    """Rows by table (column -> value), and what follows once they are committed."""
+    """Rows by table (column -> value), and what follows once they are committed. A JSON
+    column's value may be given as its text already (`plait.engine._json.JsonText`)."""
 
     run_inserts: list[dict[str, Any]] = field(default_factory=list)
     step_inserts: list[dict[str, Any]] = field(default_factory=list)
@@ -91,7 +93,8 @@ class Effects:
         for entries in (self.cache_replacements, self.cache_entries):
             for entry in entries:
                 if entry["key"] == key:
-                    return {k: ArtifactInfo.from_json(v) for k, v in entry["outputs"].items()}
+                    outputs = plain(entry["outputs"])
+                    return {k: ArtifactInfo.from_json(v) for k, v in outputs.items()}
         return None
 
     def created_run(self, request_id: str) -> str | None:

@@ -23,8 +23,9 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from plait._models import ArtifactInfo, RunEvent, RunStatus, StepError, StepStatus
-from plait.engine._cache import cache_key, key_material, material_to_json
+from plait.engine._cache import key_and_material
 from plait.engine._ir import resolve_parameters, upstream_ids
+from plait.engine._json import JsonText
 from plait.engine.scheduler._commands import (
     CancelRun,
     Command,
@@ -478,8 +479,7 @@ class Scheduler:
                     run.steps[u].outputs is not None for u in st.upstream
                 ):
                     values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
-                    st.material = key_material(st.spec, values)
-                    st.key = cache_key(st.material)
+                    st.key, st.material = key_and_material(st.spec, values)
                 before = old.steps.get(st.spec.id) if old is not None else None
                 if before is not None:
                     st.output_metadata = before.output_metadata
@@ -1060,8 +1060,7 @@ class Scheduler:
                 self._expand(run, st, fx, now, ready)
                 continue
             values = {i.name: self._resolve(run, i.binding) for i in st.spec.inputs}
-            st.material = key_material(st.spec, values)
-            st.key = cache_key(st.material)
+            st.key, st.material = key_and_material(st.spec, values)
             reused = run.reuse.get(st.spec.id) if run.reuse else None
             if reused is not None:  # a retry's step that succeeded in the retried run
                 self._serve(run, st, reused, fx, now, ready, f"reused from run {run.retry_of}")
@@ -1385,16 +1384,19 @@ class Scheduler:
                     "created_at": o.created_at.timestamp() if o.created_at else now,
                 }
             )
-        outputs_json = {k: v.to_json() for k, v in got.items()}
+        outputs_json: Any = {k: v.to_json() for k, v in got.items()}
+        cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
+        entry_due = cacheable and st.key is not None and st.material is not None
+        if entry_due:  # written to two rows: encoded once
+            outputs_json = JsonText(json.dumps(outputs_json))
         fx.step(
             run.run_id, st.spec.id, status=StepStatus.SUCCEEDED, outputs=outputs_json, ended_at=now
         )
         fx.attempt(run.run_id, st.spec.id, st.attempt, status=StepStatus.SUCCEEDED, ended_at=now)
-        cacheable = st.spec.settings.cache if st.spec.settings.HasField("cache") else True
-        if cacheable and st.key is not None and st.material is not None:
+        if entry_due:
             entry = {
                 "key": st.key,
-                "material": material_to_json(st.material),
+                "material": st.material,
                 "outputs": outputs_json,
                 "run_id": run.run_id,
                 "step_id": st.spec.id,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait._models import ArtifactInfo, RunStatus, StepStatus
+from plait.engine._json import JsonText
 from plait.errors import PlaitError
 from plait.ir.v1 import ir_pb2
 
@@ -56,7 +57,8 @@ class StepState:
     outputs: dict[str, ArtifactInfo] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     output_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-    material: ir_pb2.CacheKeyMaterial | None = None
+    material: JsonText | None = None
+    """The cache key's material, as the canonical text its digest is the key of."""
     key: str | None = None
     log_attempt: int = 0
     log_bytes: int = 0

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+from plait.engine._json import JsonText, plain
 from plait.engine.store._schema import insert_defaults, metadata
 
 P = ParamSpec("P")
@@ -427,16 +428,53 @@ def _migrate(conn: Connection, current: str | None) -> None:
     command.upgrade(cfg, "head")
 
 
-_COMPILED: dict[tuple[int, tuple[str, ...]], tuple[str, Any, list[tuple[int, Any]], Any]] = {}
+_COMPILED: dict[tuple[int, tuple[str, ...], bool], tuple[str, Any, list[tuple[int, Any]], Any]] = {}
+
+
+def _json_processor(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A JSON column's bind processor that writes a `JsonText` as it is."""
+
+    def encode(value: Any) -> Any:
+        if type(value) is JsonText:
+            return str.__str__(value)
+        return process(value)
+
+    return encode
 
 
 def is_fast_sqlite(conn: Connection) -> bool:
     return conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
 
 
-def _one(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+def _one(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
     """``itemgetter`` for one name or none, which gives a tuple as it does for several."""
     return lambda row: tuple(row[n] for n in names)
+
+
+def _compiled(
+    conn: Connection, stmt: Any, keys: tuple[str, ...], by_position: bool
+) -> tuple[str, Any, list[tuple[int, Any]], Any]:
+    """The SQL of ``stmt`` for rows of these keys, a getter of a row's values in the SQL's
+    order (from a dict row, or from a tuple in ``keys`` order), and the bind processors of the
+    values that need one (JSON, booleans): made once per statement and shape."""
+    entry = _COMPILED.get((id(stmt), keys, by_position))
+    if entry is None:
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+        names = list(compiled.positiontup or ())
+        processors = []
+        for i, name in enumerate(names):
+            bind = compiled.binds[name]
+            p = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+            if p is not None:
+                if isinstance(bind.type, sa.JSON):
+                    p = _json_processor(p)
+                processors.append((i, p))
+        # the row's values in the statement's order, in C; then the few that need converting
+        fields: list[Any] = [keys.index(n) for n in names] if by_position else names
+        get = operator.itemgetter(*fields) if len(fields) > 1 else _one(fields)
+        entry = (str(compiled), get, processors, stmt)  # holding stmt keeps its id() unique
+        _COMPILED[(id(stmt), keys, by_position)] = entry
+    return entry
 
 
 def executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
@@ -450,23 +488,27 @@ def executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None
     if not rows:
         return
     if not is_fast_sqlite(conn):
-        conn.execute(stmt, rows)
+        conn.execute(stmt, [{k: plain(v) for k, v in row.items()} for row in rows])
         return
-    keys = tuple(rows[0])
-    entry = _COMPILED.get((id(stmt), keys))
-    if entry is None:
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        names = list(compiled.positiontup or ())
-        processors = []
-        for i, name in enumerate(names):
-            bind = compiled.binds[name]
-            p = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-            if p is not None:
-                processors.append((i, p))
-        # the row's values in the statement's order, in C; then the few that need converting
-        get = operator.itemgetter(*names) if len(names) > 1 else _one(names)
-        entry = (str(compiled), get, processors, stmt)  # holding stmt keeps its id() unique
-        _COMPILED[(id(stmt), keys)] = entry
+    _run(conn, _compiled(conn, stmt, tuple(rows[0]), False), rows)
+
+
+def execute_values(
+    conn: Connection, stmt: Any, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """`executemany` with each row given as a tuple of the values of ``keys``, in that order
+    (a dict per row costs more than the statement's own work for a one-row update)."""
+    if not rows:
+        return
+    if not is_fast_sqlite(conn):
+        conn.execute(stmt, [{k: plain(v) for k, v in zip(keys, row, strict=True)} for row in rows])
+        return
+    _run(conn, _compiled(conn, stmt, keys, True), rows)
+
+
+def _run(
+    conn: Connection, entry: tuple[str, Any, list[tuple[int, Any]], Any], rows: list[Any]
+) -> None:
     sql, get, processors, _ = entry
     data: list[Any] = []
     for row in rows:

@@ -17,7 +17,11 @@ from sqlalchemy.engine import Connection
 from plait._models import ArtifactInfo, RunEvent, RunStatus, StepStatus
 from plait.engine.scheduler import Effects, RetrySource, StoredRun, StoredStep, Token
 from plait.engine.store import _schema as db
-from plait.engine.store._engine import executemany, is_fast_sqlite
+from plait.engine.store._engine import (
+    execute_values,
+    executemany,
+    is_fast_sqlite,
+)
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.engine.store._stacks import active_stack, stack_runner
 from plait.errors import RunNotFoundError
@@ -349,11 +353,19 @@ def _update_stmt(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]) 
 def _update_many(
     conn: Connection, table: sa.Table, keys: tuple[str, ...], updates: dict[Any, dict[str, Any]]
 ) -> None:
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for key, values in updates.items():
-        cols = tuple(sorted(values))
-        row = {f"k_{k}": v for k, v in zip(keys, key, strict=True)}
-        row.update(values)
-        groups.setdefault(cols, []).append(row)
+        groups.setdefault(tuple(values), []).append((*values.values(), *key))
     for cols, rows in groups.items():
-        executemany(conn, _update_stmt(table, keys, cols), rows)
+        execute_values(conn, _update_stmt(table, keys, cols), (*cols, *_key_names(keys)), rows)
+
+
+def _key_names(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The bind names of an update's key columns (see _update_stmt)."""
+    names = _KEY_NAMES.get(keys)
+    if names is None:
+        names = _KEY_NAMES[keys] = tuple(f"k_{k}" for k in keys)
+    return names
+
+
+_KEY_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
