@@ -260,6 +260,9 @@ def test_rerun_is_served_from_the_cache(client: plait.Client) -> None:
         second.steps["stats"].outputs["total"].digest
         == first.steps["stats"].outputs["total"].digest
     )
+    # a hit records the very artifacts its entry holds (written from the entry's own text)
+    for step in ("load", "stats"):
+        assert second.steps[step].outputs == first.steps[step].outputs
     assert second.steps["report"].output() == "4950/49.5"
     # nothing ran for cached steps: no logs from load in the second run
     assert "loading" not in second.logs("load")

@@ -8,13 +8,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plait._models import ArtifactInfo, RunEvent
-from plait.engine._json import plain
+from plait.engine._json import JsonText, plain
 from plait.engine.scheduler._commands import Token
 from plait.ir.v1 import ir_pb2
 
 Value = tuple[str, Any]
 """A resolved input value: ``("json", text)``, ``("artifact", ArtifactInfo)``,
 ``("list", [Value, ...])`` or ``("map", {key: Value})``."""
+
+
+class StoredOutputs(dict[str, ArtifactInfo]):
+    """A step's outputs as read from the store (a cache entry's), with the JSON text they were
+    read from: a cache hit writes that text to its step's row as it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, outputs: dict[str, ArtifactInfo], text: JsonText) -> None:
+        super().__init__(outputs)
+        self.text = text
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,14 @@ from plait.engine.scheduler._commands import (
     Started,
     Token,
 )
-from plait.engine.scheduler._effects import Beat, Effects, RunCreated, TaskOrder, Value
+from plait.engine.scheduler._effects import (
+    Beat,
+    Effects,
+    RunCreated,
+    StoredOutputs,
+    TaskOrder,
+    Value,
+)
 from plait.engine.scheduler._state import RunState, Slots, StepState
 from plait.errors import InUseError, PipelineError, PlaitError
 from plait.ir.canonical import canonical_json
@@ -1095,7 +1102,9 @@ class Scheduler:
             st.spec.id,
             status=StepStatus.CACHED,
             cache_key=st.key,
-            outputs={k: v.to_json() for k, v in outputs.items()},
+            outputs=outputs.text
+            if type(outputs) is StoredOutputs
+            else {k: v.to_json() for k, v in outputs.items()},
             started_at=now,
             ended_at=now,
         )

@@ -6,6 +6,7 @@ Runs are written by the scheduler's effects (:mod:`._scheduling`); this module o
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import sqlalchemy as sa
@@ -74,8 +75,7 @@ def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
     row = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).one()
     if not with_steps:
         return _run(row)
-    spec = get_pipeline_version(conn, row.version)
-    ups = {s.id: upstream_ids(s) for s in spec.steps}
+    ups = _upstreams(conn, row.version)
     rows = _step_rows(conn, run_id)
     meta = artifact_metadata(conn, [o["artifact_id"] for s in rows for o in (s[5] or {}).values()])
     steps = {
@@ -110,6 +110,26 @@ def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
         sa.select(sa.func.max(db.events.c.seq)).where(db.events.c.run_id == run_id)
     ).scalar()
     return _run(row, steps, last or 0)
+
+
+_UPSTREAMS: dict[str, dict[str, list[str]]] = {}
+"""Each step's upstream step ids, by pipeline version (a version's spec never changes: it is
+its digest); parsing a spec of a thousand steps and walking their bindings cost every GetRun
+of its runs a few milliseconds. Shared lists: readers only copy them into messages."""
+_UPSTREAMS_KEPT = 64
+_UPSTREAMS_LOCK = threading.Lock()
+
+
+def _upstreams(conn: Connection, version: str) -> dict[str, list[str]]:
+    ups = _UPSTREAMS.get(version)
+    if ups is None:
+        spec = get_pipeline_version(conn, version)
+        ups = {s.id: upstream_ids(s) for s in spec.steps}
+        with _UPSTREAMS_LOCK:  # (reads run on several threads)
+            if len(_UPSTREAMS) >= _UPSTREAMS_KEPT:  # a long-lived daemon sees many: the newest
+                _UPSTREAMS.pop(next(iter(_UPSTREAMS)))
+            _UPSTREAMS[version] = ups
+    return ups
 
 
 _STEP_COLUMNS = (

@@ -15,7 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from plait._models import ArtifactInfo, RunEvent, RunStatus, StepStatus
+from plait.engine._json import JsonText
 from plait.engine.scheduler import Effects, RetrySource, StoredRun, StoredStep, Token
+from plait.engine.scheduler._effects import StoredOutputs
 from plait.engine.store import _schema as db
 from plait.engine.store._engine import (
     execute_values,
@@ -77,14 +79,19 @@ class SqlLookups:
             driver = conn.connection.driver_connection
             assert driver is not None
             found = driver.execute(_CACHE_LOOKUP, (key,)).fetchone()
-            row = json.loads(found[0]) if found is not None else None
+            if found is None:
+                return None
+            text = JsonText(found[0])  # written again, as it is, to the step's row
+            outputs: dict[str, ArtifactInfo] = StoredOutputs(
+                {k: ArtifactInfo.from_json(v) for k, v in json.loads(text).items()}, text
+            )
         else:
             row = conn.execute(
                 sa.select(db.cache_entries.c.outputs).where(db.cache_entries.c.key == key)
             ).scalar()
-        if row is None:
-            return None
-        outputs = {k: ArtifactInfo.from_json(v) for k, v in row.items()}
+            if row is None:
+                return None
+            outputs = {k: ArtifactInfo.from_json(v) for k, v in row.items()}
         # a hit whose bytes are gone from the artifact store is a miss, not a broken run
         if not all(self._blob_exists(o.digest) for o in outputs.values()):
             return None
