@@ -112,7 +112,10 @@ def _reap_own_children() -> None:
 
 
 class _Tasks:
-    """The pool's queued tasks and its idle workers' waits for one, both first in, first out.
+    """The pool's queued tasks, first in, first out, and its idle workers' waits for one, last
+    in, first out: the worker idle for the shortest time gets the next task (the one that has
+    just reported the end of a chain's last step gets its next: warm, where a worker idle for
+    long has cold caches and sleeping threads).
 
     Only the event loop's thread uses it. A deque and futures: an anyio memory stream cost a
     task lookup, an event and its statistics per hand-off, on the path of every step."""
@@ -129,7 +132,7 @@ class _Tasks:
         if self._closed:
             raise anyio.ClosedResourceError("the worker pool is stopping")
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters.pop()
             if not waiter.done():  # (a cancelled wait stays in line until here)
                 waiter.set_result(task)
                 return

@@ -122,10 +122,14 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
                                 await context.abort(code, str(exc), trailing_metadata=metadata)
                             if report is None:
                                 continue
-                            self.cp.submit(report)
                             if isinstance(report, Completed | Failed):  # the worker is free again
+                                # first: it asks for its next task before the scheduler hands
+                                # out what the report frees (a chain's next step), so that it
+                                # gets it, warm, and the pool sees it waiting (not a backlog
+                                # that starts another worker)
                                 runner.task_done(worker_id)
                                 idle.set()
+                            self.cp.submit(report)
                     except grpc.aio.AbortError as exc:
                         aborted = exc
                     tg.cancel_scope.cancel()
