@@ -41,13 +41,27 @@ _O_BINARY = getattr(os, "O_BINARY", 0)
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """The rest of the file ``fd``, ``size`` bytes long by its fstat: read in one call (and one
-    more that finds its end), where a file object makes twice the system calls; a worker reads
-    every step's inputs so."""
-    chunks: list[bytes] = []
-    while chunk := os.read(fd, size + 1 if not chunks else 1 << 20):
+    """The file ``fd``, ``size`` bytes long by its fstat: read in one call (a file object makes
+    more system calls); a worker reads every step's inputs so.
+
+    A blob never changes once it is in place (it is renamed there whole), so when the first
+    read returns all ``size`` bytes there is nothing after them to look for; a shorter read (a
+    file cut meanwhile) reads on to the file's end."""
+    data = os.read(fd, size) if size else b""
+    if size and len(data) == size:
+        return data
+    chunks = [data]
+    while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Writes all of ``data`` to ``fd`` (without a file object, whose setup costs more system
+    calls than one small write)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _create_temp(folder: str, prefix: str) -> tuple[int, str]:
@@ -146,13 +160,18 @@ class LocalArtifactStore:
         except FileNotFoundError:
             pass
         self._make_private()
-        os.makedirs(folder, exist_ok=True)
         # a temporary file in the same folder, then an atomic rename: concurrent writers of
         # the same content leave one whole file and no debris
-        fd, tmp = _create_temp(folder, f".{digest[:8]}.")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            fd, tmp = _create_temp(folder, f".{digest[:8]}.")
+        except FileNotFoundError:  # the folder's first blob (not looked for first: most exist)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = _create_temp(folder, f".{digest[:8]}.")
+        try:
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,16 +32,43 @@ class StepContext:
     _token: Any = field(repr=False, compare=False)
 
 
-_current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar(
+class LazyContext:
+    """A step's context, made on first use: most steps never ask for theirs, and a worker
+    that builds one for every step spends its time on objects nobody reads."""
+
+    __slots__ = ("_ctx", "_make")
+
+    def __init__(self, make: Callable[[], StepContext]) -> None:
+        self._make = make
+        self._ctx: StepContext | None = None
+
+    def get(self) -> StepContext:
+        """The context (the same object every time, whichever thread asks first)."""
+        ctx = self._ctx
+        if ctx is None:
+            with _MAKING:
+                ctx = self._ctx
+                if ctx is None:
+                    ctx = self._ctx = self._make()
+        return ctx
+
+
+_MAKING = threading.Lock()
+"""Taken only to make a step's context, the first time it is asked for."""
+
+
+_current: contextvars.ContextVar[StepContext | LazyContext | None] = contextvars.ContextVar(
     "plait_step_context", default=None
 )
 
 
-def set_context(ctx: StepContext) -> contextvars.Token[StepContext | None]:
+def set_context(
+    ctx: StepContext | LazyContext,
+) -> contextvars.Token[StepContext | LazyContext | None]:
     return _current.set(ctx)
 
 
-def reset_context(token: contextvars.Token[StepContext | None]) -> None:
+def reset_context(token: contextvars.Token[StepContext | LazyContext | None]) -> None:
     _current.reset(token)
 
 
@@ -53,7 +81,7 @@ def get_step_context() -> StepContext:
     ctx = _current.get()
     if ctx is None:
         raise NotInStepError("get_step_context() works only inside a running step")
-    return ctx
+    return ctx.get() if isinstance(ctx, LazyContext) else ctx
 
 
 def log_metadata(metadata: Mapping[str, Any], *, output: str | None = None) -> None:

@@ -84,6 +84,9 @@ def _top_module(value: object) -> str:
     return type(value).__module__.partition(".")[0]
 
 
+_BYTES = (bytes, bytearray)
+
+
 class BytesMaterializer:
     """``bytes`` and ``bytearray``, stored as they are; both read back as ``bytes``."""
 
@@ -91,10 +94,10 @@ class BytesMaterializer:
     unsafe = False
 
     def can_save(self, value: object) -> bool:
-        return isinstance(value, bytes | bytearray)
+        return isinstance(value, _BYTES)
 
     def save(self, value: object) -> bytes:
-        if not isinstance(value, bytes | bytearray):
+        if not isinstance(value, _BYTES):
             raise TypeError(f"{self.name} cannot store a {type_name(value)}")
         return bytes(value)
 
@@ -162,6 +165,11 @@ def _exact_json(value: object, depth: int = 0) -> bool:
     return False
 
 
+# what json.dumps(value, **these options) would make anew on every call
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_JSON_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
 class JsonMaterializer:
     """JSON-able builtins whose round trip through JSON is exact, as compact UTF-8 JSON."""
 
@@ -173,12 +181,12 @@ class JsonMaterializer:
 
     def save(self, value: object) -> bytes:
         # no second walk over the value: materializer_for() checked can_save() already
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _JSON_ENCODER.encode(value)
         try:
             return text.encode()
         except UnicodeEncodeError:
             # lone surrogates: JSON's \ud800 escapes keep them, and the text stays standard
-            return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode()
+            return _JSON_ASCII_ENCODER.encode(value).encode()
 
     def load(self, data: bytes) -> object:
         return json.loads(data)
@@ -778,7 +786,11 @@ def materializer_for(value: object, requested: str = "") -> Materializer:
         if not m.can_save(value):
             raise TypeError(f"materializer {m.name!r} cannot store a {type_name(value)}")
         return m
-    for m in (*reversed(_USER.values()), *_BUILTINS):
+    if _USER:  # no tuple of them all built per call: a worker asks for every output
+        for m in reversed(tuple(_USER.values())):
+            if m.can_save(value):
+                return m
+    for m in _BUILTINS:
         if m.can_save(value):
             return m
     raise TypeError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import importlib
 import importlib.util
 import inspect
@@ -19,7 +20,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,7 +28,7 @@ from plait import _context
 from plait._artifact_store import LocalArtifactStore
 from plait._file import load_json
 from plait._materializers import get_materializer, materializer_for, type_name
-from plait._models import ArtifactInfo, StepError
+from plait._models import StepError
 from plait._step import code_digest
 from plait._types import conform
 from plait.api.v1 import resources_pb2 as res
@@ -69,6 +69,13 @@ control plane refuses a report over its limits: a cut here keeps the report whol
 MAX_ERROR_TYPES = 64
 """The most names of a failure's class chain that are reported (the control plane's limit):
 the most derived ones, which are what retry_on and no_retry_on name."""
+
+
+_NOT_AWAITABLE = frozenset(
+    {int, float, str, bytes, bool, list, tuple, dict, set, frozenset, type(None)}
+)
+"""Exact types whose values are never awaitable: a step's result of one of them is not put
+through `inspect.isawaitable` (an ABC check, the slow part of a no-op step's call)."""
 
 
 class Reporter(Protocol):
@@ -140,12 +147,23 @@ class _Capture:
     `_shares` says; a stream cut short ends with a line saying how much of it was dropped. While
     the step runs a stream sends at most half the limit (its share is never less, whatever the
     other stream writes later), the rest of its share once the step has ended.
+
+    Between steps, fds 1 and 2 are the process's own: copies of them are taken on first use and
+    kept, and every step ends by putting them back from those copies (a step that replaces
+    either fd is undone so too). A process that points fd 1 or 2 elsewhere between steps must
+    use a new capture.
     """
 
     def __init__(self) -> None:
         # kept open for the process's life and reused by every step (closed at process exit)
         self._files = {fd: tempfile.TemporaryFile(mode="w+b") for fd in (1, 2)}  # noqa: SIM115
+        self._fds = tuple((fd, f.fileno()) for fd, f in self._files.items())
+        for _, fileno in self._fds:
+            # every write goes to the end, wherever the offset is: emptied between steps, a
+            # file needs no seek back to its start (nor does a step that moved the offset)
+            fcntl.fcntl(fileno, fcntl.F_SETFL, fcntl.fcntl(fileno, fcntl.F_GETFL) | os.O_APPEND)
         self._saved: dict[int, int] = {}
+        """Copies of the process's fds 1 and 2 (made on first use, then kept)."""
         # guards _live and every send: the tail thread and the step's thread both send
         self._cond = threading.Condition(threading.Lock())
         self._live: _Live | None = None
@@ -162,15 +180,15 @@ class _Capture:
     def __enter__(self) -> _Capture:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, f in self._files.items():
+        if not self._saved:
+            # once, not a dup and a close of each per step (see the class)
+            self._saved = {fd: os.dup(fd) for fd, _ in self._fds}
+        for fd, fileno in self._fds:
             # through the descriptor: the files are only written through fds 1 and 2, so the
             # file objects buffer nothing; most steps print nothing, and truncating an empty
             # file costs more than asking its size
-            fileno = f.fileno()
             if os.fstat(fileno).st_size:
                 os.ftruncate(fileno, 0)
-            os.lseek(fileno, 0, os.SEEK_SET)
-            self._saved[fd] = os.dup(fd)
             os.dup2(fileno, fd)
         live, self._armed = self._armed, None
         if live is not None:
@@ -191,8 +209,6 @@ class _Capture:
         sys.stderr.flush()
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
-            os.close(saved)
-        self._saved.clear()
 
     def report(self) -> None:
         """Reports what the step wrote and was not sent yet, and what was dropped; the tail
@@ -241,6 +257,8 @@ class _Capture:
     def _send(self, live: _Live, *, final: bool) -> None:
         """Sends the stream's output that is due (holding the lock)."""
         sizes = [os.fstat(self._files[fd].fileno()).st_size for fd in (1, 2)]
+        if final and sizes == live.sent:
+            return  # all of it was sent (most steps print nothing): nothing to send, nor to cut
         if final:
             # the shares of the whole output (never below what was sent live: see the class)
             shares = _shares(live.limit, sizes)
@@ -488,19 +506,23 @@ class StepExecutor:
                 )
             reporter.metadata(tasks.TaskMetadata(token=lease, output=output, json=text))
 
+        def make_context() -> _context.StepContext:
+            return _context.StepContext(
+                run_id=token.run_id,
+                step_id=token.step_id,
+                attempt=token.attempt,
+                pipeline=task.pipeline,
+                output_locations={o.name: f"artifacts/{o.artifact_id}" for o in task.outputs},
+                artifact_store_uri=task.artifact_store_uri,
+                _report=report_metadata,
+                _token=token,
+            )
+
         env_before: dict[str, str | None] = {}
         failure: BaseException | None = None
         done = tasks.TaskCompleted()
-        ctx = _context.StepContext(
-            run_id=token.run_id,
-            step_id=token.step_id,
-            attempt=token.attempt,
-            pipeline=task.pipeline,
-            output_locations={o.name: f"artifacts/{o.artifact_id}" for o in task.outputs},
-            artifact_store_uri=task.artifact_store_uri,
-            _report=report_metadata,
-            _token=token,
-        )
+        # made when the step (or a hook) first asks for it: most never do
+        ctx = _context.LazyContext(make_context)
         for var in task.step.settings.environment.env:
             env_before[var.name] = os.environ.get(var.name)
             os.environ[var.name] = var.value
@@ -514,7 +536,7 @@ class StepExecutor:
                     )
                     kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
                     result = fn(**kwargs)
-                    if inspect.isawaitable(result):
+                    if type(result) not in _NOT_AWAITABLE and inspect.isawaitable(result):
                         result = self._loop.run_until_complete(result)
                     self._store_outputs(task, result, store, done)
                 except LeaseLost:
@@ -524,13 +546,13 @@ class StepExecutor:
                 # in the step's context and log capture: a hook may read the context, log
                 # metadata, and what it prints (or its traceback) is in the step's logs
                 if failure is None and task.step.settings.HasField("on_success"):
-                    self._call_hook(task, "on_success", ctx)
+                    self._call_hook(task, "on_success", ctx.get())
                 elif (
                     failure is not None
                     and not isinstance(failure, KeyboardInterrupt)
                     and task.step.settings.HasField("on_failure")
                 ):
-                    self._call_hook(task, "on_failure", ctx, failure)
+                    self._call_hook(task, "on_failure", ctx.get(), failure)
             finally:
                 _context.reset_context(reset)
                 for name, old in env_before.items():
@@ -713,11 +735,11 @@ class StepExecutor:
         self, task: tasks.Task, result: Any, store: BlobStore, done: tasks.TaskCompleted
     ) -> None:
         """Stores the step's outputs, and records them in ``done``."""
-        specs = list(task.step.outputs)
+        specs = task.step.outputs
         if not specs:
             return
         if len(specs) == 1:
-            values = [result]
+            values = (result,)
         else:
             if not isinstance(result, tuple) or len(result) != len(specs):
                 raise TypeError(
@@ -725,10 +747,12 @@ class StepExecutor:
                     f"({', '.join(o.name for o in specs)}) and must return a tuple of that "
                     f"length, not {type(result).__name__}"
                 )
-            values = list(result)
+            values = result
         locations = {o.name: o.artifact_id for o in task.outputs}
         out = done.outputs
-        saved = _Saved(task, store, datetime.now(UTC), out)
+        # the records' create_time, to the microsecond (as a datetime would carry it)
+        seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        saved = _Saved(task, store, seconds, micros * 1000, out)
         for spec, value in zip(specs, values, strict=True):
             value = conform(value, spec.type.expr)  # a numpy scalar declared -> float: a float
             _check_type(task.step.id, spec, value)
@@ -748,7 +772,9 @@ class _Saved:
 
     task: tasks.Task
     store: BlobStore
-    now: datetime
+    seconds: int
+    nanos: int
+    """When the outputs were stored (the records' create_time)."""
     records: RepeatedCompositeFieldContainer[res.Artifact]
     """Where each output's record goes (a TaskCompleted's: filled in place, never copied)."""
 
@@ -766,20 +792,24 @@ class _Saved:
                 f"materializer; return a smaller value, or write the data to a file and "
                 f"return its path"
             ) from None
-        artifact = ArtifactInfo(
-            artifact_id=artifact_id,
-            output=name,
-            digest=blob.digest,
-            size=blob.size,
-            uri=blob.uri,
-            materializer=m.name,
-            data_type=type_name(value),
-            unsafe=m.unsafe,
-            run_id=task.token.run_id,
-            step_id=task.token.step_id,
-            created_at=self.now,
-        )
-        artifact.fill_proto(self.records.add())
+        # the record ArtifactInfo.fill_proto writes (a test holds them equal), written here
+        # without the dataclass in between: this runs for every output of every step
+        record = self.records.add()
+        record.name = f"artifacts/{artifact_id}"
+        record.artifact_id = artifact_id
+        record.output = name
+        record.digest = blob.digest
+        record.size_bytes = blob.size
+        record.uri = blob.uri
+        record.materializer = m.name
+        record.data_type = type_name(value)
+        record.unsafe = m.unsafe
+        token = task.token
+        record.run_id = token.run_id
+        record.step_id = token.step_id
+        stamp = record.create_time
+        stamp.seconds = self.seconds
+        stamp.nanos = self.nanos
 
 
 _BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {
