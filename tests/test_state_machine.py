@@ -279,6 +279,32 @@ def test_a_failure_with_retries_left_queues_a_new_attempt() -> None:
     assert fx.run_updates[run_id]["status"] == RunStatus.FAILED
 
 
+def test_an_interrupted_step_cancels_its_run_whether_or_not_the_cancel_came_first() -> None:
+    """Ctrl-C reaches `plait run` (which cancels the run) and its engine's workers (whose step
+    raises KeyboardInterrupt) at once: either report may come first, and the run is CANCELLED."""
+    interrupted = StepError("builtins.KeyboardInterrupt", "", types=("builtins.KeyboardInterrupt",))
+    for cancel_first in (False, True):
+        m = Machine(spec_of(nx.DiGraph([(0, 1), (0, 2)]), retries=3))
+        run_id, fx = m.create()
+        (task,) = fx.tasks
+        fx = m.apply(done(task))
+        first, second = fx.tasks
+        commands = [Failed(first.token, interrupted), CancelRun(run_id)]
+        fx = m.apply(*(reversed(commands) if cancel_first else commands))
+        assert fx.tasks == []  # no retry, for all its retries
+        assert fx.run_updates[run_id]["status"] == RunStatus.CANCELLED
+        assert {fx.step_updates[(run_id, t.token.step_id)]["status"] for t in (first, second)} == {
+            StepStatus.CANCELLED
+        }
+        assert second.token in fx.cancels  # the other step's attempt is stopped
+    # a failure of the step's code is a failure, as before
+    m = Machine(spec_of(nx.DiGraph([(0, 1)])))
+    run_id, fx = m.create()
+    (task,) = fx.tasks
+    fx = m.apply(Failed(task.token, StepError("builtins.ValueError", "boom")))
+    assert fx.run_updates[run_id]["status"] == RunStatus.FAILED
+
+
 def test_crashes_draw_on_their_own_budget_and_never_on_the_steps_retries() -> None:
     m = Machine(spec_of(nx.DiGraph([(0, 1)]), retries=1))
     run_id, fx = m.create()

@@ -57,6 +57,9 @@ from plait.ir.v1 import ir_pb2
 
 Ready = list[tuple[RunState, StepState]]
 
+INTERRUPTED = "builtins.KeyboardInterrupt"
+"""The error type of a step interrupted by SIGINT (see Scheduler._fail): its run is cancelled."""
+
 LOG_MARKER_ROOM = 1024
 """Bytes of logs an attempt may store past the limit: the lines saying what was dropped."""
 LOG_MARKER_MAX = 256
@@ -1434,7 +1437,16 @@ class Scheduler:
         The step is retried while its budget for that kind lasts: its own ``retries`` for
         failures whose exception its ``retry_on`` and ``no_retry_on`` allow (after the delay
         its policy gives), the control plane's crash budget for crashes (at once). A step that
-        ends for good cancels the rest of a fail_fast run."""
+        ends for good cancels the rest of a fail_fast run.
+
+        A step interrupted (``KeyboardInterrupt``: a Ctrl-C at the terminal reaches the workers
+        of the engine a script or ``plait run`` embeds, in its process group) is no failure of
+        its code: its run is cancelled, as that Ctrl-C cancels it, whichever of the two the
+        control plane hears of first."""
+        if not cmd.crashed and cmd.error.type == INTERRUPTED:
+            reason = f"interrupted: step {st.spec.id!r} got {cmd.error.type} (Ctrl-C)"
+            self._abort(fx, [run.run_id], now, reason, RunStatus.CANCELLED)
+            return
         final = StepStatus.CRASHED if cmd.crashed else StepStatus.FAILED
         fx.attempt(run.run_id, st.spec.id, st.attempt, status=final, ended_at=now)
         self._free(run, st)
