@@ -19,14 +19,16 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from plait.api.v1 import task_service_pb2 as tasks
-from plait.runners._early import take_early_worker, worker_env
+from plait.runners._early import FORKS, EarlyWorker, launch, take_early_worker, worker_env
+from plait.runners._forks import ForkedProcess, ForkServer
 from plait.runners._protocol import RunnerContext
 
 
 @dataclass
 class _Worker:
     id: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedProcess
+    """Spawned by this process, or forked by its fork server (runners/_forks.py)."""
     task: tasks.LeaseToken | None = None
     connected: bool = False
     killed: bool = field(default=False)
@@ -128,6 +130,12 @@ class _Tasks:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def idle(self) -> int:
+        """The waits not handed a task yet. (A counter the waits decrement when they resume
+        lags: a task handed to a wait and a second one put before it resumes saw the first
+        wait as still idle, and no worker was started for the second.)"""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     def put(self, task: tasks.Task, *, first: bool = False) -> None:
         if self._closed:
             raise anyio.ClosedResourceError("the worker pool is stopping")
@@ -176,6 +184,11 @@ class LocalRunner:
     one step at a time in the interpreter that runs the control plane, with the same
     ``sys.path``: steps defined in a script or in an importable module both work.
 
+    On Linux the first worker's process is a fork server (the embedded engine's early worker,
+    or one this runner starts): it forks that worker and every later one, which then pay for
+    no imports. Should it end, the runner spawns its workers (``subprocess.Popen``) from then
+    on, as it always does elsewhere.
+
     Args:
         max_workers: the most worker processes at once (the bound on concurrent steps).
         prestart: workers to start at once, before any step is ready (saves a cold start).
@@ -188,12 +201,14 @@ class LocalRunner:
         self.prestart = min(prestart, self.max_workers)
         self._tasks = _Tasks()
         self._workers: dict[str, _Worker] = {}
-        self._waiting = 0
         self._ids = itertools.count(1)
         self._one_shots: dict[str, _OneShot] = {}
         self._ctx: RunnerContext | None = None
         self._waiters: anyio.CapacityLimiter | None = None
         self._tg: TaskGroup | None = None
+        self._forks: ForkServer | None = None
+        self._forking = FORKS and self.name == "local"
+        """Whether a fork server may be started or used (False once one failed)."""
 
     async def run(
         self, ctx: RunnerContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -217,14 +232,38 @@ class LocalRunner:
 
     async def _spawn(self) -> None:
         assert self._ctx is not None and self._tg is not None
+        forks = self._forks
+        if forks is not None and forks.usable:
+            worker_id = f"local-{os.getpid()}-{next(self._ids)}"
+            forked = forks.fork(worker_id)
+            self._add(_Worker(worker_id, forked))
+            self._tg.start_soon(forks.forked_in_time, forked)
+            return
         early = take_early_worker() if self.name == "local" else None
         if early is not None and early.hand(self._ctx.address, self._ctx.token):
             # started before this control plane, its imports done meanwhile (runners/_early.py)
-            worker = _Worker(early.worker_id, early.process)
-            self._workers[worker.id] = worker
-            self._tg.start_soon(self._watch, worker)
+            if early.replies is not None:
+                self._adopt(early)
+            else:
+                self._add(_Worker(early.worker_id, early.process))
             return
+        if early is not None:  # it died before it could take the address
+            early.close()
+            early.process.kill()
+            early.process.wait()
         worker_id = f"local-{os.getpid()}-{next(self._ids)}"
+        if self._forking and forks is None:
+            # No early process: this first worker's process becomes the fork server. It costs
+            # the first worker a fork and a pipe's hop (~2 ms); each later one saves the imports
+            # (~150 ms of CPU). Started from the event loop's thread, as a worker (below).
+            first = launch(worker_id, self.name)
+            if first.hand(self._ctx.address, self._ctx.token):
+                self._adopt(first)
+                return
+            first.close()  # it died at once: spawn
+            first.process.kill()
+            first.process.wait()
+            self._forking = False
         # the worker dies with this process (see runners/worker/__main__.py)
         env = worker_env(worker_id, self._ctx.token)
         # the Popen object is the one owner of the process: only its wait() reaps it (asyncio's
@@ -249,12 +288,31 @@ class LocalRunner:
             stderr=None,
             env=env,
         )
-        worker = _Worker(worker_id, process)
-        self._workers[worker_id] = worker
+        self._add(_Worker(worker_id, process))
+
+    def _add(self, worker: _Worker) -> None:
+        assert self._tg is not None
+        self._workers[worker.id] = worker
         self._tg.start_soon(self._watch, worker)
 
-    async def _reaped(self, process: subprocess.Popen[bytes]) -> int:
-        """Waits for the process to end and reaps it, in a thread of the runner's own."""
+    def _adopt(self, early: EarlyWorker) -> None:
+        """Takes a fork server as this runner's, and its first worker."""
+        assert self._tg is not None
+        forks = self._forks = ForkServer(early)
+        self._add(_Worker(early.worker_id, forks.first))
+        self._tg.start_soon(self._serve_forks, forks)
+
+    async def _serve_forks(self, forks: ForkServer) -> None:
+        await forks.run(self._reaped)
+        # it ended before this runner did: its workers ended with it (their _watch reports
+        # them), and later ones are spawned
+        self._forking = False
+
+    async def _reaped(self, process: subprocess.Popen[bytes] | ForkedProcess) -> int:
+        """Waits for the process to end and reaps it, in a thread of the runner's own (a forked
+        one: until its fork server reports it)."""
+        if isinstance(process, ForkedProcess):
+            return await process.wait()
         assert self._waiters is not None
         return await anyio.to_thread.run_sync(
             process.wait, abandon_on_cancel=True, limiter=self._waiters
@@ -265,6 +323,9 @@ class LocalRunner:
         self._workers.pop(worker.id, None)
         if worker.task is not None and self._ctx is not None:
             reason = "killed (timeout or cancel)" if worker.killed else _exit_reason(code)
+            orphaned_by = getattr(worker.process, "orphaned_by", None)
+            if orphaned_by is not None and not worker.killed:
+                reason = f"killed as its fork server {_exit_reason(orphaned_by)}"
             self._ctx.report_lost(worker.task, f"worker process {reason}")
             worker.task = None
         await self._scale()
@@ -272,7 +333,7 @@ class LocalRunner:
     async def _scale(self) -> None:
         backlog = len(self._tasks)
         starting = sum(1 for w in self._workers.values() if not w.connected)
-        idle = self._waiting + starting
+        idle = self._tasks.idle() + starting
         while backlog > idle and len(self._workers) < self.max_workers:
             await self._spawn()
             idle += 1
@@ -358,11 +419,9 @@ class LocalRunner:
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.connected = True
-        self._waiting += 1
-        try:
-            task = await self._tasks.get()
-        finally:
-            self._waiting -= 1
+            if type(worker.process) is ForkedProcess and worker.process.pid is None:
+                await worker.process.forked.wait()  # its handle, the pid, is known first
+        task = await self._tasks.get()
         if worker is not None:
             worker.task = task.token
         return task
@@ -414,9 +473,18 @@ class LocalRunner:
             shot.token = None
             if shot.process.returncode is None:
                 shot.process.kill()
-        # reap them before the event loop that watches them goes away
+        # reap them before the event loop that watches them goes away (a fork server reaps its
+        # own, then exits: its standard input closes)
+        forks, self._forks = self._forks, None
         with anyio.move_on_after(5):
+            if forks is not None:
+                await forks.aclose(self._reaped)
             for process in [w.process for w in workers] + [s.process for s in shots]:
-                await self._reaped(process)
+                if isinstance(process, subprocess.Popen):
+                    await self._reaped(process)
+        if forks is not None and forks.process.returncode is None:
+            forks.abort()  # its workers die with it
+            with anyio.move_on_after(5):
+                await self._reaped(forks.process)
         for shot in shots:
             shot.output.close()

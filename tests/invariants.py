@@ -60,13 +60,27 @@ def _executed(d: str, name: str, pause: float) -> None:
     while os.path.exists(os.path.join(d, f"hold-{name}")):
         time.sleep(0.02)
     time.sleep(pause)
-    # a local step (its parent is the daemon) freezes the daemon (SIGSTOP) once, when a test
-    # asks: so that it finds the daemon just after a hand-off
+    # a local step (its parent is the daemon, or the daemon's fork server) freezes the daemon
+    # (SIGSTOP) once, when a test asks: so that it finds the daemon just after a hand-off
     try:
         os.unlink(os.path.join(d, f"freeze-daemon-{name}"))
     except FileNotFoundError:
         return
-    os.kill(os.getppid(), signal.SIGSTOP)
+    os.kill(_daemon_of_this_local_step(), signal.SIGSTOP)
+
+
+def _daemon_of_this_local_step() -> int:
+    """The daemon that runs this local step: this process's parent, or on Linux its
+    grandparent (the parent is the fork server that forked this worker)."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            if b"--fork-server" not in f.read():
+                return parent
+    except OSError:  # not Linux: no fork server
+        return parent
+    with open(f"/proc/{parent}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
 
 
 @plait.step(cache=False)

@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--runner", default="local")
+    parser.add_argument(
+        "--fork-server",
+        type=int,
+        metavar="FD",
+        help="with --address -: be the fork server of a local runner (Linux): fork the "
+        "worker --worker-id at once, then one per request on standard input, answering on the "
+        "inherited pipe FD (see plait.runners.worker._forks)",
+    )
     opts = parser.parse_args(argv)
     # What the imports below allocate lives as long as the process: a collection during them
     # walks it for nothing (a tenth of a worker's start). Collections resume before any step.
@@ -40,14 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.environ.get("PLAIT_PARENT_PID", "")  # set by the runner that started it
     if parent.isdigit():
         die_with_parent(int(parent))
-    address = opts.address
-    if address == "-":
+    address, worker_id = opts.address, opts.worker_id
+    if address == "-" and opts.fork_server is not None:
+        from plait.runners.worker._forks import serve_forks
+
+        _import_for_steps()
+        forked = serve_forks(worker_id, opts.fork_server)
+        if isinstance(forked, int):  # the fork server ends, its children reaped
+            sys.stderr.flush()
+            os._exit(forked)  # no tearing down what it imported: the stop waits for it
+        address, worker_id = forked.address, forked.worker_id  # a worker it forked
+    elif address == "-":
         address = _address_from_stdin()
         if not address:
             return 0  # its control plane never came (or was not a local one)
     gc.enable()
     try:
-        serve(address, worker_id=opts.worker_id, runner=opts.runner)
+        serve(address, worker_id=worker_id, runner=opts.runner)
     except KeyboardInterrupt:
         return 130
     return 0
@@ -59,9 +76,7 @@ def _address_from_stdin() -> str:
     What a first step needs is imported before waiting."""
     import json
 
-    import plait._materializers
-    import plait._pipeline  # noqa: F401  (the user's module uses it)
-
+    _import_for_steps()
     line = sys.stdin.readline()
     if not line.strip():
         return ""
@@ -73,6 +88,13 @@ def _address_from_stdin() -> str:
     if token:
         os.environ["PLAIT_WORKER_TOKEN"] = token
     return address
+
+
+def _import_for_steps() -> None:
+    """Imports what a first step needs beyond the transport (a worker that waits for its
+    address, or a fork server, does it while it waits)."""
+    import plait._materializers
+    import plait._pipeline  # noqa: F401  (the user's module uses it)
 
 
 if __name__ == "__main__":
