@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from strategies import json_values
+from test_live_logs import Collect
 
 from plait import _context, _materializers
 from plait._artifact_store import LocalArtifactStore
@@ -181,22 +181,6 @@ def plait_errors() -> Any:
     import plait.errors
 
     return plait.errors
-
-
-class Collect:
-    """A Reporter that keeps the TaskLogs it is given."""
-
-    def __init__(self) -> None:
-        self.got: list[tasks.TaskLogs] = []
-        self.lock = threading.Lock()
-
-    def logs(self, report: tasks.TaskLogs) -> None:
-        with self.lock:
-            self.got.append(report)
-
-    def text(self, stream: str) -> str:
-        with self.lock:
-            return "".join(r.text for r in self.got if r.stream == stream)
 
 
 def _identity(fd: int) -> tuple[int, int]:
