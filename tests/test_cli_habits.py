@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import pytest
 from processes import DEADLINE, spawned, wait_for
+from test_lifecycle import AS_AT_A_TERMINAL
 from test_security import Daemon, _certificate
 
 import plait
@@ -350,7 +351,17 @@ def _interrupt_run(env: dict[str, str], script: Path, gate: Path) -> tuple[int, 
     """Starts `plait run` on the gated pipeline, sends Ctrl-C (SIGINT to its process group, as
     a terminal does) once the step runs, and returns its exit status and output."""
     with spawned(
-        [PLAIT, "run", f"{script}:gated", "-p", f"gate={gate}"],
+        # SIGINT as at a terminal, even under a runner that left it ignored (see test_lifecycle)
+        [
+            sys.executable,
+            "-c",
+            AS_AT_A_TERMINAL,
+            PLAIT,
+            "run",
+            f"{script}:gated",
+            "-p",
+            f"gate={gate}",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
