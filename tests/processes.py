@@ -73,7 +73,9 @@ def run(
 
 @contextlib.contextmanager
 def spawned(args: Sequence[str | Path], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
-    """A `Popen` in its own process group, which is killed on exit, whatever happened."""
+    """A `Popen` in its own process group, which is killed on exit, whatever happened, and
+    whose pipes are closed (else a test that failed leaves them to be collected in a later one,
+    which pytest then fails for their ResourceWarning)."""
     proc = subprocess.Popen([str(a) for a in args], start_new_session=True, **kwargs)
     try:
         yield proc
@@ -81,6 +83,9 @@ def spawned(args: Sequence[str | Path], **kwargs: Any) -> Iterator[subprocess.Po
         kill_group(proc.pid)
         proc.kill()
         proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def wait_for(
