@@ -170,12 +170,7 @@ def _pair(name: str, text: str) -> dict[str, str]:
 
 
 def _named(value: ir_pb2.NamedValue) -> dict[str, str]:
-    out = {}
-    if value.name:
-        out["name"] = value.name
-    if value.json:
-        out["json"] = value.json
-    return out
+    return _pair(value.name, value.json)
 
 
 def _output(spec: ir_pb2.OutputSpec) -> dict[str, Any]:

@@ -16,10 +16,6 @@ class JsonText(str):
 
     __slots__ = ()
 
-    def value(self) -> Any:
-        """The value it encodes."""
-        return json.loads(self)
-
 
 def plain(value: Any) -> Any:
     """The value a JsonText encodes; any other value as it is."""

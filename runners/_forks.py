@@ -137,9 +137,7 @@ class ForkServer:
         self._requests = -1
         with contextlib.suppress(OSError):
             self._early.process.stdin.close()  # type: ignore[union-attr]
-        while await self._read():
-            pass
-        await self._finish(reaped)
+        await self.run(reaped)
 
     async def forked_in_time(self, process: ForkedProcess) -> None:
         """Kills the fork server when it does not answer a fork within :data:`FORK_SECONDS`

@@ -10,11 +10,13 @@ engine's process ends, none of its workers nor its fork server is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +189,31 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+@contextlib.contextmanager
+def _victim(
+    tmp_path: Path, argv: list[Any], out_file: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], tuple[int, int, int]]]:
+    """`python ARGV` running the victim step: the process, and (the step's worker, its
+    parent, that one's parent) once the step runs; its output goes to ``out_file``."""
+    with (
+        open(out_file, "wb") as out,
+        spawned(
+            [sys.executable, *argv], env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT
+        ) as proc,
+    ):
+        pid_file = tmp_path / "victim.json"
+        wait_for(pid_file.exists, "the victim step running")
+        pid, server, engine = json.loads(pid_file.read_text())
+        yield proc, (pid, server, engine)
+
+
+def _ended(proc: subprocess.Popen[bytes], out_file: Path, what: str) -> None:
+    try:
+        proc.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what}:\n{out_file.read_text()}") from None
+
+
 def test_a_fan_outs_workers_are_forked_by_one_fork_server(tmp_path: Path) -> None:
     result = _run(tmp_path, "fan")
     assert result["status"] == "SUCCEEDED"
@@ -200,24 +227,11 @@ def test_a_fan_outs_workers_are_forked_by_one_fork_server(tmp_path: Path) -> Non
 
 def test_a_forked_worker_killed_mid_step_fails_its_attempt_saying_how(tmp_path: Path) -> None:
     out_file = tmp_path / "out.txt"
-    with (
-        open(out_file, "wb") as out,
-        spawned(
-            [sys.executable, _script(tmp_path), "victim", tmp_path],
-            env=_env(tmp_path),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        ) as proc,
-    ):
-        pid_file = tmp_path / "victim.json"
-        wait_for(pid_file.exists, "the victim step running")
-        pid, server, engine = json.loads(pid_file.read_text())
+    argv = [_script(tmp_path), "victim", tmp_path]
+    with _victim(tmp_path, argv, out_file) as (proc, (pid, server, engine)):
         assert server != engine == proc.pid  # a forked worker
         os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
-        try:
-            proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the run did not end:\n{out_file.read_text()}") from None
+        _ended(proc, out_file, "the run did not end")
     text = out_file.read_text()
     assert proc.returncode == 0, text
     result = json.loads(text.strip().splitlines()[-1])
@@ -252,23 +266,10 @@ def test_when_the_fork_server_dies_its_steps_are_retried_and_workers_spawned(
 def test_a_ctrl_c_leaves_no_fork_server_nor_worker(tmp_path: Path) -> None:
     """An engine interrupted mid-step stops its workers and its fork server before it exits."""
     out_file = tmp_path / "out.txt"
-    with (
-        open(out_file, "wb") as out,
-        spawned(
-            [sys.executable, "-c", AS_AT_A_TERMINAL, _script(tmp_path), "victim", tmp_path],
-            env=_env(tmp_path),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        ) as proc,
-    ):
-        pid_file = tmp_path / "victim.json"
-        wait_for(pid_file.exists, "the victim step running")
-        pid, server, engine = json.loads(pid_file.read_text())
+    argv = ["-c", AS_AT_A_TERMINAL, _script(tmp_path), "victim", tmp_path]
+    with _victim(tmp_path, argv, out_file) as (proc, (pid, server, engine)):
         assert b"--fork-server" in _cmdline(server)
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the engine did not exit:\n{out_file.read_text()}") from None
+        _ended(proc, out_file, "the engine did not exit")
         _assert_none_left(engine)
         assert not _running(pid) and not _running(server)

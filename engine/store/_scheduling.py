@@ -364,15 +364,5 @@ def _update_many(
     for key, values in updates.items():
         groups.setdefault(tuple(values), []).append((*values.values(), *key))
     for cols, rows in groups.items():
-        execute_values(conn, _update_stmt(table, keys, cols), (*cols, *_key_names(keys)), rows)
-
-
-def _key_names(keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The bind names of an update's key columns (see _update_stmt)."""
-    names = _KEY_NAMES.get(keys)
-    if names is None:
-        names = _KEY_NAMES[keys] = tuple(f"k_{k}" for k in keys)
-    return names
-
-
-_KEY_NAMES: dict[tuple[str, ...], tuple[str, ...]] = {}
+        names = (*cols, *(f"k_{k}" for k in keys))  # as _update_stmt binds the keys
+        execute_values(conn, _update_stmt(table, keys, cols), names, rows)
