@@ -31,7 +31,7 @@ def test_commits_reach_the_database_file_through_the_checkpoint_thread(tmp_path:
             checkpointer = store._checkpointer
             assert checkpointer is not None and not checkpointer.failed
             assert checkpointer.wait_idle(timeout=60)
-            assert checkpointer.checkpoints >= 2
+            assert checkpointer.checkpoints >= 1  # (asks made while one runs make one more)
             writer = store._writer_conn
             assert writer is not None
             driver = writer.connection.driver_connection
@@ -41,7 +41,9 @@ def test_commits_reach_the_database_file_through_the_checkpoint_thread(tmp_path:
             shutil.copyfile(path, alone)
             with sqlite3.connect(alone) as copy:
                 keys = {k for (k,) in copy.execute("SELECT key FROM settings")}
-            assert {f"k{i}" for i in range(2 * _engine.CHECKPOINT_EVERY)} <= keys
+            # every row committed before the last checkpoint was asked for (which the last
+            # CHECKPOINT_EVERY commits may follow)
+            assert {f"k{i}" for i in range(n - _engine.CHECKPOINT_EVERY)} <= keys
         finally:
             await store.aclose()
 

@@ -254,9 +254,11 @@ class _Checkpointer:
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._due = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._cond = threading.Condition()
+        self._due = False
+        """A checkpoint is asked for (several asked before it starts make one)."""
+        self._busy = True
+        """The thread is opening its connection or checkpointing."""
         self._stop = False
         self._commits = 0
         self.failed = False
@@ -270,16 +272,19 @@ class _Checkpointer:
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY:
             self._commits = 0
-            self._idle.clear()
-            self._due.set()
+            with self._cond:
+                self._due = True
+                self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Waits until no checkpoint is due or running (for tests and for closing)."""
-        return self._idle.wait(timeout)
+        """Waits until no checkpoint is due or running (for tests)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._due or self._busy), timeout)
 
     def close(self) -> None:
-        self._stop = True
-        self._due.set()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -288,17 +293,19 @@ class _Checkpointer:
         except sqlite3.Error:
             log.warning("the WAL checkpoint thread could not open %s", self._path, exc_info=True)
             self.failed = True
-            self._idle.set()
+            self._idle()
             return
         try:
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA synchronous=NORMAL")  # the checkpoint still syncs, as SQLite's
             while True:
-                self._idle.set()
-                self._due.wait()
-                self._due.clear()
-                if self._stop:
-                    return
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: self._due or self._stop)
+                    if self._stop:
+                        return
+                    self._due, self._busy = False, True
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.checkpoints += 1
@@ -309,7 +316,13 @@ class _Checkpointer:
             self.failed = True
         finally:
             conn.close()
-            self._idle.set()
+            self._idle()
+
+    def _idle(self) -> None:
+        """The thread ended: nothing is due or running any more (wait_idle returns)."""
+        with self._cond:
+            self._due = self._busy = False
+            self._cond.notify_all()
 
 
 class Store:
