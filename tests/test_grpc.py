@@ -149,6 +149,21 @@ def test_the_digest_memo_is_never_served_for_other_bytes_or_another_type() -> No
     assert message_digest(expr) == digest_json({"expr": "x"})
 
 
+def test_the_canonical_encoding_writes_a_map_as_an_object_and_a_repeated_field_as_a_list() -> None:
+    from google.protobuf import struct_pb2
+
+    # Plait's own messages have no map (nor any message type with options); a Struct's
+    # `fields` is one, and its entry type is the only kind of type with options it has
+    value = struct_pb2.Struct()
+    value.update({"b": 2, "a": [1, "x"]})
+    assert message_to_canonical(value) == {
+        "fields": {
+            "a": {"list_value": {"values": [{"number_value": 1.0}, {"string_value": "x"}]}},
+            "b": {"number_value": 2.0},
+        }
+    }
+
+
 def test_create_run_is_idempotent_by_request_id(api: Api) -> None:
     version = api.register(doubler.compile().spec)
     req = runs.CreateRunRequest(pipeline_version=version, request_id="retry-me-1")

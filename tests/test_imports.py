@@ -53,6 +53,14 @@ CONTRACTS = [
         ["sqlalchemy", "grpc", "plait.engine.store", "plait.engine.api"],
     ),
     ("plait.errors", "import plait.errors", ["grpc"]),
+    # a pipeline's digest reads no message options: protobuf's descriptor_pb2 would cost a
+    # short run a few milliseconds (a map's entry type is the one that has them)
+    (
+        "plait.ir.canonical-digest",
+        "from plait.ir.canonical import message_digest; from plait.ir.v1 import ir_pb2; "
+        "message_digest(ir_pb2.PipelineSpec(name='p', steps=[ir_pb2.StepSpec(name='s')]))",
+        ["google.protobuf.descriptor_pb2"],
+    ),
 ]
 
 CODE = """

@@ -28,6 +28,7 @@ from plait.engine._validate import MAX_STEPS
 from plait.engine.api._artifacts import MAX_CHUNK
 from plait.engine.api._errors import status_metadata
 from plait.errors import PipelineValidationError
+from plait.ir.canonical import is_map_entry
 from plait.ir.mapping import MAX_MAP_ITEMS
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def _plan(field: FieldDescriptor) -> tuple[int, int, int]:
         count = COUNTS.get(field.full_name, _STRICTEST)
         if field.type == _MESSAGE:
             assert field.message_type is not None
-            if field.message_type.GetOptions().map_entry:
+            if is_map_entry(field.message_type):
                 what = _MAP
             elif field.is_repeated:
                 what = _NESTEDS if _has_limits(field.message_type) else _COUNT

@@ -92,7 +92,12 @@ def _address_from_stdin() -> str:
 
 def _import_for_steps() -> None:
     """Imports what a first step needs beyond the transport (a worker that waits for its
-    address, or a fork server, does it while it waits)."""
+    address, or a fork server, does it while it waits). A forked worker that imported one of
+    these after its fork paid for it on its first step, on the run's critical path."""
+    import grpc._channel  # grpc imports it with the first channel (the worker's stream)
+    import grpc._simple_stubs  # noqa: F401  (and this)
+
+    import plait._client  # the first step's import refuses pipeline runs through it
     import plait._materializers
     import plait._pipeline  # noqa: F401  (the user's module uses it)
 
