@@ -4,6 +4,7 @@ are refused with a message a person can act on."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from alembic.script import ScriptDirectory
 from plait.engine.store import MIGRATIONS, SCHEMA_HEAD, Store, _engine
 from plait.engine.store._schema import metadata
 from plait.errors import PlaitError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(conn: sa.Connection) -> Config:
@@ -54,6 +57,18 @@ def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
             migrated_stacks
         )
         assert migrated_stacks[0][0] == "default"
+
+
+def test_the_sqlite_schema_script_is_what_the_tables_make() -> None:
+    # a new database on the default URL runs engine/store/_sqlite_schema.py (the test above
+    # compares what it makes with the migrations' schema): it must be regenerated with the tables
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_sqlite_schema.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 async def _open(url: str) -> None:

@@ -503,9 +503,20 @@ def _ensure_schema(conn: Connection) -> None:
         current = _current_revision(conn)
         if current == SCHEMA_HEAD:
             return
-    if current is None and not sa.inspect(conn).has_table("runs"):
+    if current is None and not _has_table(conn, "runs"):
         # a new database: create the newest schema and stamp it, as `alembic stamp head` would,
         # without paying Alembic's import on every first run (a test checks both agree)
+        if is_fast_sqlite(conn):
+            # the same statements, compiled when the schema changed (scripts/gen_sqlite_schema.py):
+            # SQLAlchemy's DDL compiler costs a first run more than SQLite takes to run them
+            from plait.engine.store._sqlite_schema import HEAD, STATEMENTS
+
+            if HEAD == SCHEMA_HEAD:
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                for sql, params in STATEMENTS:
+                    driver.execute(sql, params)
+                return
         metadata.create_all(conn)
         insert_defaults(conn)
         alembic_version.create(conn)
@@ -514,12 +525,72 @@ def _ensure_schema(conn: Connection) -> None:
     _migrate(conn, current)
 
 
+def sqlite_schema_script() -> list[tuple[str, tuple[Any, ...]]]:
+    """What a new SQLite database at SCHEMA_HEAD is made of: the tables and indexes of
+    ``metadata`` as ``create_all`` makes them, the default rows, the Alembic stamp; each a
+    statement and its parameters as SQLite's driver takes them. scripts/gen_sqlite_schema.py
+    writes them to ``_sqlite_schema.py``, which a new database on the default URL runs."""
+    from sqlalchemy.dialects import sqlite
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    from plait.engine.store._schema import (
+        DEFAULT_COMPONENTS,
+        DEFAULT_STACK,
+        components,
+        settings,
+        stacks,
+    )
+
+    dialect = sqlite.dialect()  # type: ignore[no-untyped-call]
+    script: list[tuple[str, tuple[Any, ...]]] = []
+
+    def ddl(element: Any) -> None:
+        script.append((str(element.compile(dialect=dialect)).strip(), ()))
+
+    def rows(table: sa.Table, values: list[dict[str, Any]]) -> None:
+        for row in values:
+            compiled = table.insert().values(row).compile(dialect=dialect)
+            params = compiled.construct_params()
+            bound = []
+            for name in compiled.positiontup or ():
+                value = params[name]
+                process = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+                bound.append(process(value) if process is not None else value)
+            script.append((str(compiled), tuple(bound)))
+
+    for table in [*metadata.sorted_tables, alembic_version]:
+        ddl(CreateTable(table))
+        for index in sorted(table.indexes, key=lambda i: i.name or ""):
+            ddl(CreateIndex(index))
+    rows(components, list(DEFAULT_COMPONENTS))
+    rows(stacks, [DEFAULT_STACK])
+    rows(settings, [{"key": "active_stack", "value": "default"}])
+    rows(alembic_version, [{"version_num": SCHEMA_HEAD}])
+    return script
+
+
+def _has_table(conn: Connection, name: str) -> bool:
+    if is_fast_sqlite(conn):
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        found = driver.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        return found is not None
+    return bool(sa.inspect(conn).has_table(name))
+
+
 _SCHEMA_LOCK = 0x706C616974  # "plait": the advisory lock key of schema changes
 
 
 def _current_revision(conn: Connection) -> str | None:
-    if not sa.inspect(conn).has_table("alembic_version"):
+    if not _has_table(conn, "alembic_version"):
         return None
+    if is_fast_sqlite(conn):
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        found = driver.execute("SELECT version_num FROM alembic_version").fetchone()
+        return None if found is None else str(found[0])
     return conn.execute(sa.select(alembic_version.c.version_num)).scalar()
 
 
