@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import grpc
 from anyio.abc import TaskGroup, TaskStatus
-from sqlalchemy.engine import Connection
 
 from plait._artifact_store import LocalArtifactStore
 from plait._models import RunStatus, StepError, StepStatus
@@ -78,6 +77,8 @@ from plait.ir.v1 import ir_pb2
 from plait.runners import LocalRunner, Runner, RunnerContext
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
     from plait.engine.builds._service import Builds
 
 log = logging.getLogger("plait.engine")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING
 
 from plait._settings import write_private
 from plait.engine.store._tokens import Role, create_token, token_role
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 NAME = "local admin (PLAIT_HOME/credentials.json)"
 

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import sqlalchemy as sa
 from anyio.abc import TaskGroup, TaskStatus
-from sqlalchemy.engine import Connection
 
 from plait.api.v1 import task_service_pb2 as tasks
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
 from plait.runners import Runner, RunnerContext
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 
 def docker_available() -> bool:

@@ -10,17 +10,24 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
 from plait._models import FINAL_RUN_STATUSES, BuildInfo
 from plait.api.v1 import build_service_pb2 as pb
 from plait.api.v1 import build_service_pb2_grpc
+from plait.engine._lazy import lazy_module
 from plait.engine.api._errors import abort_on_plait_error, status_metadata
 from plait.engine.store import _builds
-from plait.engine.store import _schema as db
 from plait.engine.store._builds import BuildRecord
 from plait.errors import InUseError, PipelineError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
+from plait.engine._lazy import lazy_module
 from plait.engine.builds._errors import BuildError
-from plait.engine.store import _schema as db
 from plait.engine.store._builds import (
     BuildRecord,
     claim_build,
@@ -35,6 +33,15 @@ from plait.engine.store._builds import (
 from plait.errors import PlaitError
 from plait.ir.builds import build_digest
 from plait.ir.v1 import ir_pb2
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 if TYPE_CHECKING:
     from plait.engine.builds._docker import DockerImageBuilder

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING, Any
 
 from plait._models import ArtifactInfo, from_epoch
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
 from plait.engine.store._engine import is_fast_sqlite
 from plait.engine.store._ids import resolve_prefix
 from plait.errors import ArtifactNotFoundError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 
 def artifact_from_row(r: Any) -> ArtifactInfo:
@@ -34,7 +40,7 @@ def artifact_from_row(r: Any) -> ArtifactInfo:
 
 def get_artifact(conn: Connection, prefix: str) -> ArtifactInfo:
     """An artifact by id, or by a unique prefix of it."""
-    aid = resolve_prefix(conn, db.artifacts.c.id, prefix, ArtifactNotFoundError, "artifact")
+    aid = resolve_prefix(conn, "artifacts", "id", prefix, ArtifactNotFoundError, "artifact")
     return artifact_from_row(
         conn.execute(sa.select(db.artifacts).where(db.artifacts.c.id == aid)).one()
     )

@@ -11,14 +11,20 @@ the row to turn ``READY`` instead of building it again. A claim whose holder sto
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
 from plait.engine.store._ids import resolve_prefix
 from plait.errors import NotFoundError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 BUILDING, READY, FAILED = "BUILDING", "READY", "FAILED"
 
@@ -218,7 +224,7 @@ def list_builds(conn: Connection, limit: int = 100, kind: str = "") -> list[Buil
 
 def get_build(conn: Connection, prefix: str) -> BuildRecord:
     """The build whose key is ``prefix`` or the one key starting with it."""
-    key = resolve_prefix(conn, db.builds.c.key, prefix, NotFoundError, "build")
+    key = resolve_prefix(conn, "builds", "key", prefix, NotFoundError, "build")
     row = conn.execute(sa.select(db.builds).where(db.builds.c.key == key)).one()
     return _record(row, _runs_of(conn, key))
 

@@ -6,38 +6,47 @@ How the function runs depends on the URL:
 
 * Every transaction of an async URL (``sqlite+aiosqlite:///…``, ``postgresql+asyncpg://…``)
   goes through SQLAlchemy's ``AsyncEngine``: the function runs in ``AsyncConnection.run_sync``.
-* On ``sqlite:///…`` (the default URL), SQLAlchemy's sync pysqlite driver: writes on one
-  writer thread, each read on a reader thread of its own connection, one thread hop per
-  *transaction*. aiosqlite pays a thread hop per *statement*: a six-statement transaction
-  measured 3.1 ms through it and 0.8 ms this way, and the per-step budget of DESIGN.md is
-  2 ms for everything. Nor does the default URL import SQLAlchemy's asyncio extension (and
-  with it the ORM): a tenth of a one-step pipeline's process.
+* On ``sqlite:///path`` (the default URL), sqlite3 itself: writes on one writer thread, each
+  read on a reader thread of its own connection, one thread hop per *transaction* (aiosqlite
+  pays one per *statement*: a six-statement transaction measured 3.1 ms through it and 0.8 ms
+  this way). The store begins and ends each transaction and hands the function a
+  :class:`RawConnection`: the functions on a run's path use sqlite3 through it, so a pipeline
+  runs without importing SQLAlchemy (a third of a one-step pipeline's process); any other
+  function gets SQLAlchemy's Connection over the same sqlite3 connection, in the same
+  transaction, made on first use. Other SQLite URLs (in memory, with options) use
+  SQLAlchemy's sync pysqlite driver the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
-import operator
 import os
 import random
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
-import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
 from plait.engine._json import JsonText, plain
-from plait.engine.store._schema import insert_defaults, metadata
+from plait.engine._lazy import lazy_module
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 log = logging.getLogger("plait.engine")
 
@@ -122,7 +131,8 @@ def is_transient(exc: BaseException) -> bool:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated:
+        sa_exc = sys.modules.get("sqlalchemy.exc")  # (none of its errors without it)
+        if sa_exc is not None and isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
             return True
         if isinstance(e, ConnectionError | TimeoutError):
             return True
@@ -332,21 +342,32 @@ class Store:
         self.url = url
         self._sync: Engine | None = None
         self._async: AsyncEngine | None = None
-        self._writer_conn: Connection | None = None
+        self._writer_conn: Any = None
+        """The writer's connection, kept (a RawConnection on the default URL)."""
         self._checkpointer: _Checkpointer | None = None
         self._writer = anyio.CapacityLimiter(1)
         self._readers = anyio.CapacityLimiter(READERS)
+        self._fault = CommitThenError.from_env()  # a test fake; None unless a test asks
+        self._raw = _sqlite_file(url)
+        """The database file of the default URL, whose transactions go to sqlite3 itself."""
+        self._idle_readers: list[RawConnection] = []
+        self._idle_lock = threading.Lock()
+        if self._raw is not None:
+            self.dialect = "sqlite"
+            self._database: str | None = self._raw
+            _private_database(Path(self._raw))
+            return
         u = sa.engine.make_url(url)
         self.dialect = u.get_backend_name()
         self._database = u.database if u.database and u.database != ":memory:" else None
         if self.dialect == "sqlite" and u.database and u.database != ":memory:":
             _private_database(Path(u.database))
         if u.drivername in ("sqlite", "sqlite+pysqlite"):
-            # the hot path: SQLAlchemy's sync driver, the writer's connection on one thread and
-            # each read's on a reader thread (see the docstring)
+            # an in-memory database (or a URL with options): SQLAlchemy's sync driver, the
+            # writer's connection on one thread and each read's on a reader thread
             self._sync = sa.create_engine(url, pool_size=1 + READERS, max_overflow=0)
-            event.listen(self._sync, "connect", _sqlite_pragmas)
-            event.listen(self._sync, "begin", _sqlite_begin)
+            sa.event.listen(self._sync, "connect", _sqlite_pragmas)
+            sa.event.listen(self._sync, "begin", _sqlite_begin)
         else:
             # SQLAlchemy's AsyncEngine (aiosqlite, asyncpg), imported only then: it brings
             # SQLAlchemy's ORM, a tenth of a short run's process on the default URL
@@ -354,33 +375,51 @@ class Store:
 
             self._async = create_async_engine(u)
             if self.dialect == "sqlite":
-                event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
-                event.listen(self._async.sync_engine, "begin", _sqlite_begin)
-        self._fault = CommitThenError.from_env()  # a test fake; None unless a test asks
+                sa.event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
+                sa.event.listen(self._async.sync_engine, "begin", _sqlite_begin)
 
     @property
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
     def _read_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._raw is not None:
+            with self._idle_lock:
+                conn = self._idle_readers.pop() if self._idle_readers else None
+            if conn is None:
+                conn = RawConnection(self._raw)
+            try:
+                return conn.transaction(fn, args, "BEGIN")
+            finally:
+                with self._idle_lock:
+                    self._idle_readers.append(conn)
         assert self._sync is not None
-        with self._sync.connect() as conn:
-            conn.execution_options(plait_read_only=True)
-            with conn.begin():
-                return fn(conn, *args)
+        with self._sync.connect() as sa_conn:
+            sa_conn.execution_options(plait_read_only=True)
+            with sa_conn.begin():
+                return fn(sa_conn, *args)
 
     def _run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        assert self._sync is not None
         # the writer thread keeps its connection: a pool checkout per transaction costs more
         # than the statements of a small one
         if self._writer_conn is None:
-            self._writer_conn = self._sync.connect()
+            if self._raw is not None:
+                self._writer_conn = RawConnection(self._raw)
+            else:
+                assert self._sync is not None
+                self._writer_conn = self._sync.connect()
             if self._database is not None:
                 # its checkpoints run on a thread of their own (see _Checkpointer)
                 self._checkpointer = _Checkpointer(self._database)
                 self._pragma(self._writer_conn, "PRAGMA wal_autocheckpoint=0")
-        with self._writer_conn.begin():
-            result = fn(self._writer_conn, *args)
+        result: T
+        if self._raw is not None:
+            # IMMEDIATE takes the write lock at BEGIN: a deferred transaction that reads first
+            # and writes later can fail with SQLITE_BUSY when another process wrote in between
+            result = self._writer_conn.transaction(fn, args, "BEGIN IMMEDIATE")
+        else:
+            with self._writer_conn.begin():
+                result = fn(self._writer_conn, *args)
         checkpointer = self._checkpointer
         if checkpointer is not None:
             if checkpointer.failed:  # SQLite's own checkpoints again
@@ -391,7 +430,7 @@ class Store:
         return result
 
     @staticmethod
-    def _pragma(conn: Connection, sql: str) -> None:
+    def _pragma(conn: Any, sql: str) -> None:
         """A PRAGMA on the driver's connection, outside any transaction (SQLAlchemy's execute
         would begin one)."""
         driver = conn.connection.driver_connection
@@ -414,7 +453,7 @@ class Store:
         retries = _Retries()
         while True:
             try:
-                if self._sync is not None:
+                if self._sync is not None or self._raw is not None:
                     # once the database was busy, wait for it on the writer thread, not here
                     if small and retries.backoff is None and self._writer.borrowed_tokens == 0:
                         result = self._run_sync(fn, *args)
@@ -444,7 +483,7 @@ class Store:
         retries = _Retries()
         while True:
             try:
-                if self._sync is not None:
+                if self._sync is not None or self._raw is not None:
                     return await anyio.to_thread.run_sync(
                         self._read_sync, fn, *args, limiter=self._readers
                     )
@@ -469,11 +508,16 @@ class Store:
             # removes the WAL
             await anyio.to_thread.run_sync(self._checkpointer.close)
             self._checkpointer = None
-        if self._sync is not None:
+        if self._sync is not None or self._raw is not None:
             if self._writer_conn is not None:
                 await anyio.to_thread.run_sync(self._writer_conn.close, limiter=self._writer)
                 self._writer_conn = None
-            await anyio.to_thread.run_sync(self._sync.dispose)
+            with self._idle_lock:
+                readers, self._idle_readers = self._idle_readers, []
+            for reader in readers:
+                reader.close()
+            if self._sync is not None:
+                await anyio.to_thread.run_sync(self._sync.dispose)
         if self._async is not None:
             await self._async.dispose()
 
@@ -482,12 +526,27 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_HEAD = "0011"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
-# Alembic's own bookkeeping table, as Alembic creates it
-alembic_version = sa.Table(
-    "alembic_version",
-    sa.MetaData(),
-    sa.Column("version_num", sa.String(32), primary_key=True),
-)
+_ALEMBIC_VERSION: list[sa.Table] = []
+
+
+def _alembic_version() -> sa.Table:
+    """Alembic's own bookkeeping table, as Alembic creates it (made on first use: SQLAlchemy is
+    imported then)."""
+    if not _ALEMBIC_VERSION:
+        _ALEMBIC_VERSION.append(
+            sa.Table(
+                "alembic_version",
+                sa.MetaData(),
+                sa.Column("version_num", sa.String(32), primary_key=True),
+            )
+        )
+    return _ALEMBIC_VERSION[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "alembic_version":  # (for tests)
+        return _alembic_version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ensure_schema(conn: Connection) -> None:
@@ -517,12 +576,13 @@ def _ensure_schema(conn: Connection) -> None:
                 for sql, params in STATEMENTS:
                     driver.execute(sql, params)
                 return
-        metadata.create_all(conn)
-        insert_defaults(conn)
-        alembic_version.create(conn)
-        conn.execute(alembic_version.insert().values(version_num=SCHEMA_HEAD))
+        conn = sqlalchemy_connection(conn)
+        db.metadata.create_all(conn)
+        db.insert_defaults(conn)
+        _alembic_version().create(conn)
+        conn.execute(_alembic_version().insert().values(version_num=SCHEMA_HEAD))
         return
-    _migrate(conn, current)
+    _migrate(sqlalchemy_connection(conn), current)
 
 
 def sqlite_schema_script() -> list[tuple[str, tuple[Any, ...]]]:
@@ -537,11 +597,12 @@ def sqlite_schema_script() -> list[tuple[str, tuple[Any, ...]]]:
         DEFAULT_COMPONENTS,
         DEFAULT_STACK,
         components,
+        metadata,
         settings,
         stacks,
     )
 
-    dialect = sqlite.dialect()  # type: ignore[no-untyped-call]
+    dialect = sqlite.dialect()
     script: list[tuple[str, tuple[Any, ...]]] = []
 
     def ddl(element: Any) -> None:
@@ -558,6 +619,7 @@ def sqlite_schema_script() -> list[tuple[str, tuple[Any, ...]]]:
                 bound.append(process(value) if process is not None else value)
             script.append((str(compiled), tuple(bound)))
 
+    alembic_version = _alembic_version()
     for table in [*metadata.sorted_tables, alembic_version]:
         ddl(CreateTable(table))
         for index in sorted(table.indexes, key=lambda i: i.name or ""):
@@ -567,6 +629,33 @@ def sqlite_schema_script() -> list[tuple[str, tuple[Any, ...]]]:
     rows(settings, [{"key": "active_stack", "value": "default"}])
     rows(alembic_version, [{"version_num": SCHEMA_HEAD}])
     return script
+
+
+def sqlite_tables() -> tuple[
+    dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
+    dict[str, tuple[str, ...]],
+    dict[str, dict[str, Any]],
+]:
+    """What :func:`executemany` needs to know of the tables on the default URL, without
+    SQLAlchemy (scripts/gen_sqlite_schema.py writes it to ``_sqlite_schema.py``): each table's
+    columns and primary key, its JSON columns, and the Python-side defaults of its columns."""
+    tables, json_columns, defaults = {}, {}, {}
+    for table in db.metadata.sorted_tables:
+        tables[table.name] = (
+            tuple(c.name for c in table.columns),
+            tuple(c.name for c in table.primary_key.columns),
+        )
+        found = tuple(c.name for c in table.columns if isinstance(c.type, sa.JSON))
+        if found:
+            json_columns[table.name] = found
+        scalars = {}
+        for c in table.columns:
+            if c.default is not None:
+                assert c.default.is_scalar, f"{table.name}.{c.name}: a default that is not a value"
+                scalars[c.name] = c.default.arg  # type: ignore[attr-defined]
+        if scalars:
+            defaults[table.name] = scalars
+    return tables, json_columns, defaults
 
 
 def _has_table(conn: Connection, name: str) -> bool:
@@ -591,7 +680,7 @@ def _current_revision(conn: Connection) -> str | None:
         assert driver is not None
         found = driver.execute("SELECT version_num FROM alembic_version").fetchone()
         return None if found is None else str(found[0])
-    return conn.execute(sa.select(alembic_version.c.version_num)).scalar()
+    return conn.execute(sa.select(_alembic_version().c.version_num)).scalar()
 
 
 def _migrate(conn: Connection, current: str | None) -> None:
@@ -621,96 +710,287 @@ def _migrate(conn: Connection, current: str | None) -> None:
     command.upgrade(cfg, "head")
 
 
-_COMPILED: dict[tuple[int, tuple[str, ...], bool], tuple[str, Any, list[tuple[int, Any]], Any]] = {}
+def is_fast_sqlite(conn: Any) -> bool:
+    """Whether ``conn`` is a :class:`RawConnection` (the default URL): sqlite3 is at hand."""
+    return type(conn) is RawConnection
 
 
-def _json_processor(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A JSON column's bind processor that writes a `JsonText` as it is."""
-
-    def encode(value: Any) -> Any:
-        if type(value) is JsonText:
-            return str.__str__(value)
-        return process(value)
-
-    return encode
+def sqlite3_of(conn: Any) -> sqlite3.Connection | None:
+    """The sqlite3 connection of a RawConnection (the default URL); None for SQLAlchemy's."""
+    return conn.driver_connection if type(conn) is RawConnection else None
 
 
-def is_fast_sqlite(conn: Connection) -> bool:
-    return conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
+def sqlalchemy_connection(conn: Any) -> Connection:
+    """SQLAlchemy's Connection for ``conn`` (a RawConnection's, in its transaction)."""
+    return conn.sqlalchemy() if type(conn) is RawConnection else conn
 
 
-def _one(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
-    """``itemgetter`` for one name or none, which gives a tuple as it does for several."""
-    return lambda row: tuple(row[n] for n in names)
+def _sqlite_file(url: str) -> str | None:
+    """The database file a plain ``sqlite:///path`` URL names; None for any other URL (an
+    in-memory database, options, another driver: SQLAlchemy handles those)."""
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            path = url[len(prefix) :]
+            if (
+                path
+                and path != ":memory:"
+                and not any(c in path for c in "?%#")
+                and (not path.startswith("file:"))
+            ):
+                return path
+    return None
 
 
-def _compiled(
-    conn: Connection, stmt: Any, keys: tuple[str, ...], by_position: bool
-) -> tuple[str, Any, list[tuple[int, Any]], Any]:
-    """The SQL of ``stmt`` for rows of these keys, a getter of a row's values in the SQL's
-    order (from a dict row, or from a tuple in ``keys`` order), and the bind processors of the
-    values that need one (JSON, booleans): made once per statement and shape."""
-    entry = _COMPILED.get((id(stmt), keys, by_position))
+class _SqliteDialect:
+    """What repository functions read of a connection's dialect."""
+
+    name = "sqlite"
+    driver = "pysqlite"
+
+
+class RawConnection:
+    """A connection of the default SQLite URL: sqlite3's own, whose transactions the store
+    begins and ends (:meth:`transaction`).
+
+    Repository functions on a run's path use sqlite3 through ``connection.driver_connection``
+    (as on SQLAlchemy's Connection) and :func:`executemany`; so a pipeline runs without
+    importing SQLAlchemy, a third of a short run's process. Whatever else a function asks of
+    it (``execute`` with a SQLAlchemy statement, ...) goes to a SQLAlchemy Connection made on
+    first use over the same sqlite3 connection, in the same transaction.
+    """
+
+    dialect = _SqliteDialect()
+
+    def __init__(self, path: str) -> None:
+        driver = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        _sqlite_pragmas(driver, None)
+        self.driver_connection = driver
+        self.connection = self  # conn.connection.driver_connection, as SQLAlchemy's
+        self._engine: Engine | None = None
+        self._sa: Connection | None = None
+
+    def transaction(self, fn: Callable[..., T], args: tuple[Any, ...], begin: str) -> T:
+        """``fn(self, *args)`` in a transaction begun with ``begin``: committed when it
+        returns, rolled back when it raises."""
+        driver = self.driver_connection
+        driver.execute(begin)
+        try:
+            result = fn(self, *args)
+            driver.execute("COMMIT")
+        except BaseException:
+            if driver.in_transaction:
+                driver.execute("ROLLBACK")
+            raise
+        finally:
+            if self._sa is not None:  # its transaction ended with sqlite3's: nothing to undo
+                self._sa.close()
+                self._sa = None
+        return result
+
+    def sqlalchemy(self) -> Connection:
+        """SQLAlchemy's Connection over this one, in the open transaction."""
+        if self._sa is None:
+            if self._engine is None:
+                shared = _Shared(self.driver_connection)
+                self._engine = sa.create_engine(
+                    "sqlite://",
+                    creator=lambda: shared,
+                    poolclass=sa.pool.StaticPool,
+                    pool_reset_on_return=None,
+                )
+            self._sa = self._engine.connect()
+            self._sa.begin()  # (emits nothing on pysqlite: the store began the transaction)
+        return self._sa
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self.sqlalchemy().execute(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sqlalchemy(), name)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+        self.driver_connection.close()
+
+
+class _Shared:
+    """A RawConnection's sqlite3 connection as SQLAlchemy sees it: the store begins and ends
+    its transactions, so SQLAlchemy's commits, rollbacks (its first connect rolls back, a
+    Connection's close too) and closes do nothing to it."""
+
+    def __init__(self, driver: sqlite3.Connection) -> None:
+        self._driver = driver
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._driver, name)
+
+
+@dataclass(frozen=True)
+class Insert:
+    """``INSERT INTO table``, for :func:`executemany`. ``on_conflict``: "" (fail), "ignore"
+    (keep the row there), "replace" (every column but the primary key's, from the new row)."""
+
+    table: str
+    on_conflict: str = ""
+
+
+@dataclass(frozen=True)
+class Update:
+    """``UPDATE table SET cols WHERE keys``, for :func:`execute_values`: each row gives the
+    columns' values, then the keys'."""
+
+    table: str
+    keys: tuple[str, ...]
+    cols: tuple[str, ...]
+
+
+def _quote(name: str) -> str:
+    return f'"{name}"'
+
+
+def _encode_json(value: Any) -> str:
+    """A JSON column's value as SQLAlchemy's JSON type writes it (None as JSON null); a
+    `JsonText` as it is."""
+    if type(value) is JsonText:
+        return str.__str__(value)
+    return json.dumps(value)
+
+
+_SqlEntry = tuple[str, list[int], tuple[Any, ...], tuple[str, ...]]
+_SQL: dict[tuple[Any, tuple[str, ...]], _SqlEntry] = {}
+
+
+def _sqlite_sql(op: Insert | Update, keys: tuple[str, ...]) -> _SqlEntry:
+    """The SQLite statement of ``op`` for rows of these keys; the positions of its JSON values;
+    the Python-side defaults of the columns the rows lack, and their names: made once per
+    statement and shape, from the tables of ``_sqlite_schema.py`` (no SQLAlchemy)."""
+    entry = _SQL.get((op, keys))
     if entry is None:
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        names = list(compiled.positiontup or ())
-        processors = []
-        for i, name in enumerate(names):
-            bind = compiled.binds[name]
-            p = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-            if p is not None:
-                if isinstance(bind.type, sa.JSON):
-                    p = _json_processor(p)
-                processors.append((i, p))
-        # the row's values in the statement's order, in C; then the few that need converting
-        fields: list[Any] = [keys.index(n) for n in names] if by_position else names
-        get = operator.itemgetter(*fields) if len(fields) > 1 else _one(fields)
-        entry = (str(compiled), get, processors, stmt)  # holding stmt keeps its id() unique
-        _COMPILED[(id(stmt), keys, by_position)] = entry
+        from plait.engine.store._sqlite_schema import DEFAULTS, JSON_COLUMNS, TABLES
+
+        json_cols = JSON_COLUMNS.get(op.table, ())
+        if isinstance(op, Update):
+            sets = ", ".join(f"{_quote(c)} = ?" for c in op.cols)
+            where = " AND ".join(f"{_quote(k)} = ?" for k in op.keys)
+            sql = f"UPDATE {_quote(op.table)} SET {sets} WHERE {where}"
+            names: tuple[str, ...] = (*op.cols, *op.keys)
+            missing: tuple[str, ...] = ()
+        else:
+            defaults = DEFAULTS.get(op.table, {})
+            missing = tuple(c for c in defaults if c not in keys)
+            names = (*keys, *missing)
+            sql = (
+                f"INSERT INTO {_quote(op.table)} ({', '.join(map(_quote, names))}) "
+                f"VALUES ({', '.join('?' * len(names))})"
+            )
+            if op.on_conflict == "ignore":
+                sql += " ON CONFLICT DO NOTHING"
+            elif op.on_conflict == "replace":
+                columns, primary = TABLES[op.table]
+                sql += (
+                    f" ON CONFLICT ({', '.join(map(_quote, primary))}) DO UPDATE SET "
+                    + ", ".join(
+                        f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c not in primary
+                    )
+                )
+        entry = (
+            sql,
+            [i for i, name in enumerate(names) if name in json_cols],
+            tuple(DEFAULTS.get(op.table, {})[c] for c in missing),
+            names,
+        )
+        _SQL[(op, keys)] = entry
     return entry
 
 
-def executemany(conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> None:
-    """``conn.execute(stmt, rows)``; on pysqlite, without SQLAlchemy's per-statement work.
+_STATEMENTS: dict[tuple[Any, str], Any] = {}
 
-    The hot path runs a handful of small statements per step. SQLAlchemy's execution context
-    costs ~80 us a statement, sqlite3 itself ~10 us: so the statement is compiled by SQLAlchemy
-    once (per shape), its parameters go through the same bind processors SQLAlchemy would apply
-    (JSON, booleans), and the DBAPI cursor of the connection's open transaction runs it.
+
+def _sa_statement(op: Insert | Update, dialect: str) -> Any:
+    """``op`` as a SQLAlchemy statement, for the other URLs (made once per dialect)."""
+    stmt = _STATEMENTS.get((op, dialect))
+    if stmt is None:
+        table = db.metadata.tables[op.table]
+        if isinstance(op, Update):
+            stmt = (
+                table.update()
+                .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in op.keys))
+                .values({c: sa.bindparam(c) for c in op.cols})
+            )
+        elif not op.on_conflict:
+            stmt = table.insert()
+        else:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            stmt = (sqlite.insert if dialect == "sqlite" else postgresql.insert)(table)
+            if op.on_conflict == "ignore":
+                stmt = stmt.on_conflict_do_nothing()
+            else:
+                primary = [c.name for c in table.primary_key.columns]
+                others = [c.name for c in table.columns if c.name not in primary]
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=primary, set_={c: stmt.excluded[c] for c in others}
+                )
+        _STATEMENTS[(op, dialect)] = stmt
+    return stmt
+
+
+def executemany(conn: Any, op: Insert, rows: list[dict[str, Any]]) -> None:
+    """Runs ``op`` once per row, in the connection's transaction.
+
+    The hot path runs a handful of small statements per step. On the default URL they go
+    straight to sqlite3 (SQLAlchemy's execution context would cost ~80 us a statement, sqlite3
+    itself ~10 us), the values as SQLAlchemy's types would write them (JSON); elsewhere as
+    SQLAlchemy statements.
     """
     if not rows:
         return
-    if not is_fast_sqlite(conn):
+    if type(conn) is not RawConnection:
+        stmt = _sa_statement(op, conn.dialect.name)
         conn.execute(stmt, [{k: plain(v) for k, v in row.items()} for row in rows])
         return
-    _run(conn, _compiled(conn, stmt, tuple(rows[0]), False), rows)
+    keys = tuple(rows[0])
+    sql, json_at, defaults, _ = _sqlite_sql(op, keys)
+    data = []
+    for row in rows:
+        values = [row[k] for k in keys]
+        values += defaults
+        for i in json_at:
+            values[i] = _encode_json(values[i])
+        data.append(values)
+    conn.driver_connection.executemany(sql, data)
 
 
 def execute_values(
-    conn: Connection, stmt: Any, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
+    conn: Any, op: Update, keys: tuple[str, ...], rows: list[tuple[Any, ...]]
 ) -> None:
-    """`executemany` with each row given as a tuple of the values of ``keys``, in that order
-    (a dict per row costs more than the statement's own work for a one-row update)."""
+    """Runs ``op`` once per row, each row a tuple of the values of ``keys``: the columns' and
+    then the keys' (``k_`` and the key's name), in that order. See :func:`executemany`."""
     if not rows:
         return
-    if not is_fast_sqlite(conn):
+    if type(conn) is not RawConnection:
+        stmt = _sa_statement(op, conn.dialect.name)
         conn.execute(stmt, [{k: plain(v) for k, v in zip(keys, row, strict=True)} for row in rows])
         return
-    _run(conn, _compiled(conn, stmt, keys, True), rows)
-
-
-def _run(
-    conn: Connection, entry: tuple[str, Any, list[tuple[int, Any]], Any], rows: list[Any]
-) -> None:
-    sql, get, processors, _ = entry
-    data: list[Any] = []
-    for row in rows:
-        values = get(row)
-        if processors:
-            values = list(values)
-            for i, p in processors:
-                values[i] = p(values[i])
-        data.append(values)
-    driver = conn.connection.driver_connection
-    assert driver is not None
-    driver.executemany(sql, data)
+    sql, json_at, _, _ = _sqlite_sql(op, keys)
+    if json_at:
+        data: list[Any] = []
+        for row in rows:
+            values = list(row)
+            for i in json_at:
+                values[i] = _encode_json(values[i])
+            data.append(values)
+    else:
+        data = rows
+    conn.driver_connection.executemany(sql, data)

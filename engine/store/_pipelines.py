@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
+from plait.engine.store._engine import sqlite3_of
 from plait.errors import PipelineNotFoundError
 from plait.ir.v1 import ir_pb2
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,21 @@ def register_pipeline(
     conn: Connection, spec: ir_pb2.PipelineSpec, version: str, now: float
 ) -> bool:
     """Stores a pipeline version; False when that version was there already."""
+    if (driver := sqlite3_of(conn)) is not None:
+        if driver.execute(
+            "SELECT 1 FROM pipeline_versions WHERE version = ?", (version,)
+        ).fetchone():
+            return False
+        driver.execute(
+            "INSERT INTO pipelines (name, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            (spec.name, now),
+        )
+        driver.execute(
+            "INSERT INTO pipeline_versions (version, pipeline, spec, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (version, spec.name, spec.SerializeToString(), now),
+        )
+        return True
     pv = db.pipeline_versions
     if conn.execute(sa.select(pv.c.version).where(pv.c.version == version)).first() is not None:
         return False
@@ -40,6 +63,13 @@ def register_pipeline(
 
 
 def get_pipeline_version(conn: Connection, version: str) -> ir_pb2.PipelineSpec:
+    if (driver := sqlite3_of(conn)) is not None:
+        found = driver.execute(
+            "SELECT spec FROM pipeline_versions WHERE version = ?", (version,)
+        ).fetchone()
+        if found is None:
+            raise PipelineNotFoundError(f"no pipeline version {version!r} is registered")
+        return ir_pb2.PipelineSpec.FromString(found[0])
     blob = conn.execute(
         sa.select(db.pipeline_versions.c.spec).where(db.pipeline_versions.c.version == version)
     ).scalar()

@@ -11,10 +11,20 @@ must stop scheduling (see ``ControlPlane``), since another one schedules its run
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING
 
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
+from plait.engine.store._engine import sqlite3_of
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
+
 
 _ACTIVE = ("PENDING", "RUNNING")
 
@@ -24,6 +34,17 @@ def register_replica(
 ) -> None:
     """Adds (or replaces: a daemon restarting under its own id) this replica's row, and drops
     the rows of replicas that expired owning no unfinished run (embedded engines killed)."""
+    if (driver := sqlite3_of(conn)) is not None:
+        driver.execute(
+            "DELETE FROM replicas WHERE id = ? OR (expires_at < ? AND id NOT IN (SELECT owner "
+            "FROM runs WHERE status IN ('PENDING', 'RUNNING') AND owner IS NOT NULL))",
+            (replica_id, now),
+        )
+        driver.execute(
+            "INSERT INTO replicas (id, address, started_at, expires_at) VALUES (?, ?, ?, ?)",
+            (replica_id, address, now, now + ttl),
+        )
+        return
     owners = sa.select(db.runs.c.owner).where(
         db.runs.c.status.in_(_ACTIVE), db.runs.c.owner.is_not(None)
     )
@@ -43,6 +64,11 @@ def register_replica(
 def renew_replica(conn: Connection, replica_id: str, now: float, ttl: float) -> bool:
     """Pushes this replica's expiry on; False when its row is gone (another replica took it
     for dead and took its runs over)."""
+    if (driver := sqlite3_of(conn)) is not None:
+        cursor = driver.execute(
+            "UPDATE replicas SET expires_at = ? WHERE id = ?", (now + ttl, replica_id)
+        )
+        return cursor.rowcount == 1
     done = conn.execute(
         sa.update(db.replicas).where(db.replicas.c.id == replica_id).values(expires_at=now + ttl)
     )
@@ -51,6 +77,9 @@ def renew_replica(conn: Connection, replica_id: str, now: float, ttl: float) -> 
 
 def remove_replica(conn: Connection, replica_id: str) -> None:
     """Deletes this replica's row (a clean stop): another replica may take its runs at once."""
+    if (driver := sqlite3_of(conn)) is not None:
+        driver.execute("DELETE FROM replicas WHERE id = ?", (replica_id,))
+        return
     conn.execute(sa.delete(db.replicas).where(db.replicas.c.id == replica_id))
 
 
@@ -121,6 +150,13 @@ def request_cancel(conn: Connection, run_id: str, now: float) -> bool:
 
 def cancels_requested(conn: Connection, replica_id: str) -> list[str]:
     """The unfinished runs of ``replica_id`` whose cancellation another replica was asked."""
+    if (driver := sqlite3_of(conn)) is not None:
+        found = driver.execute(
+            "SELECT id FROM runs WHERE owner = ? AND status IN ('PENDING', 'RUNNING') "
+            "AND cancel_requested_at IS NOT NULL",
+            (replica_id,),
+        )
+        return [row[0] for row in found]
     query = sa.select(db.runs.c.id).where(
         db.runs.c.owner == replica_id,
         db.runs.c.status.in_(_ACTIVE),

@@ -6,12 +6,12 @@ Runs are written by the scheduler's effects (:mod:`._scheduling`); this module o
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
 from google.protobuf import json_format
-from sqlalchemy.engine import Connection
 
 from plait._explain import CacheExplanation, KeyDifference
 from plait._models import (
@@ -28,9 +28,9 @@ from plait._models import (
 )
 from plait.engine._cache import key_material
 from plait.engine._ir import upstream_ids
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
 from plait.engine.store._artifacts import artifact_metadata
-from plait.engine.store._engine import is_fast_sqlite
+from plait.engine.store._engine import is_fast_sqlite, sqlite3_of
 from plait.engine.store._ids import resolve_prefix
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.errors import NotFoundError, PipelineError, RunNotFoundError
@@ -38,9 +38,18 @@ from plait.ir.canonical import canonical_json
 from plait.ir.mapping import split_item
 from plait.ir.v1 import ir_pb2
 
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
+
 
 def resolve_run_id(conn: Connection, prefix: str) -> str:
-    return resolve_prefix(conn, db.runs.c.id, prefix, RunNotFoundError, "run")
+    return resolve_prefix(conn, "runs", "id", prefix, RunNotFoundError, "run")
 
 
 def _run(row: Any, steps: dict[str, StepRun] | None = None, last_sequence: int = 0) -> Run:
@@ -72,7 +81,11 @@ def _code(row: Any) -> CodeSource | None:
 def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
     """A run with its steps (in topological order), by id or a unique prefix of it."""
     run_id = resolve_run_id(conn, prefix)
-    row = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).one()
+    driver = sqlite3_of(conn)
+    if driver is not None:
+        row = _run_row(driver, run_id)
+    else:
+        row = conn.execute(sa.select(db.runs).where(db.runs.c.id == run_id)).one()
     if not with_steps:
         return _run(row)
     ups = _upstreams(conn, row.version)
@@ -106,10 +119,32 @@ def get_run(conn: Connection, prefix: str, with_steps: bool = True) -> Run:
             cache_key,
         ) in rows
     }
-    last = conn.execute(
-        sa.select(sa.func.max(db.events.c.seq)).where(db.events.c.run_id == run_id)
-    ).scalar()
+    if driver is not None:
+        last = driver.execute("SELECT max(seq) FROM events WHERE run_id = ?", (run_id,)).fetchone()[
+            0
+        ]
+    else:
+        last = conn.execute(
+            sa.select(sa.func.max(db.events.c.seq)).where(db.events.c.run_id == run_id)
+        ).scalar()
     return _run(row, steps, last or 0)
+
+
+def _run_row(driver: sqlite3.Connection, run_id: str) -> Any:
+    """A run's row read by sqlite3, shaped as SQLAlchemy's (names, JSON decoded)."""
+    from plait.engine.store._sqlite_schema import TABLES
+
+    columns = TABLES["runs"][0]
+    found = driver.execute(
+        f"SELECT {', '.join(columns)} FROM runs WHERE id = ?", (run_id,)
+    ).fetchone()
+    if found is None:
+        raise RunNotFoundError(f"no run {run_id!r}")
+    row = SimpleNamespace(**dict(zip(columns, found, strict=True)))
+    row.parameters = json.loads(row.parameters)
+    row.refresh = None if row.refresh is None else json.loads(row.refresh)
+    row.no_cache = bool(row.no_cache)
+    return row
 
 
 _UPSTREAMS: dict[str, dict[str, list[str]]] = {}
@@ -225,6 +260,26 @@ def list_events(
     conn: Connection, run_id: str, after: int, limit: int, run_only: bool = False
 ) -> list[RunEvent]:
     """A run's events after sequence ``after``, oldest first."""
+    if (driver := sqlite3_of(conn)) is not None:
+        only = " AND step_id = ''" if run_only else ""
+        found = driver.execute(
+            "SELECT run_id, step_id, run_status, step_status, attempt, message, ts, seq "
+            f"FROM events WHERE run_id = ? AND seq > ?{only} ORDER BY seq LIMIT ?",
+            (run_id, after, limit),
+        )
+        return [
+            RunEvent(
+                run_id=run_id_,
+                step_id=step_id,
+                run_status=RunStatus(run_status) if run_status else None,
+                step_status=StepStatus(step_status) if step_status else None,
+                attempt=attempt,
+                message=message,
+                time=from_epoch(ts),  # type: ignore[arg-type]  # never NULL
+                sequence=seq,
+            )
+            for run_id_, step_id, run_status, step_status, attempt, message, ts, seq in found
+        ]
     q = (
         sa.select(db.events)
         .where(db.events.c.run_id == run_id, db.events.c.seq > after)

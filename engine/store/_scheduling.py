@@ -9,25 +9,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from typing import TYPE_CHECKING, Any
 
 from plait._models import ArtifactInfo, RunEvent, RunStatus, StepStatus
 from plait.engine._json import JsonText
+from plait.engine._lazy import lazy_module
 from plait.engine.scheduler import Effects, RetrySource, StoredRun, StoredStep, Token
 from plait.engine.scheduler._effects import StoredOutputs
-from plait.engine.store import _schema as db
 from plait.engine.store._engine import (
+    Insert,
+    Update,
     execute_values,
     executemany,
     is_fast_sqlite,
+    sqlite3_of,
 )
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.engine.store._stacks import active_stack, stack_runner
 from plait.errors import RunNotFoundError
 from plait.ir.v1 import ir_pb2
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 _CACHE_LOOKUP = "SELECT outputs FROM cache_entries WHERE key = ?"
 """The cache lookup on SQLite, in the table's own terms (tests/test_scheduler.py runs the cache on
@@ -52,6 +61,10 @@ class SqlLookups:
         return self.conn
 
     def run_for_request(self, request_id: str) -> str | None:
+        if (driver := sqlite3_of(self._c())) is not None:
+            row = driver.execute("SELECT id FROM runs WHERE request_id = ?", (request_id,))
+            first = row.fetchone()
+            return None if first is None else str(first[0])
         found = (
             self._c()
             .execute(sa.select(db.runs.c.id).where(db.runs.c.request_id == request_id))
@@ -244,19 +257,16 @@ def _load_runs(conn: Connection, run_ids: list[str] | None) -> list[StoredRun]:
 
 def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
     """Writes the effects' rows (in the caller's transaction); returns their events, numbered."""
-    dialect = conn.dialect.name
-    if fx.run_inserts:
-        conn.execute(db.runs.insert(), fx.run_inserts)
-    executemany(conn, _INSERTS["step_runs"], fx.step_inserts)
-    executemany(conn, _INSERTS["attempts"], fx.attempt_inserts)
-    _update_many(conn, db.step_runs, ("run_id", "step_id"), fx.step_updates)
-    _update_many(conn, db.attempts, ("run_id", "step_id", "attempt"), fx.attempt_updates)
-    _update_many(conn, db.runs, ("id",), {(k,): v for k, v in fx.run_updates.items()})
-    executemany(conn, _INSERTS["artifacts"], fx.artifacts)
-    executemany(conn, _insert_ignore(db.cache_entries, dialect), fx.cache_entries)
-    if fx.cache_replacements:
-        executemany(conn, _upsert(db.cache_entries, dialect), fx.cache_replacements)
-    executemany(conn, _INSERTS["logs"], fx.logs)
+    executemany(conn, _RUNS, fx.run_inserts)
+    executemany(conn, _STEP_RUNS, fx.step_inserts)
+    executemany(conn, _ATTEMPTS, fx.attempt_inserts)
+    _update_many(conn, "step_runs", ("run_id", "step_id"), fx.step_updates)
+    _update_many(conn, "attempts", ("run_id", "step_id", "attempt"), fx.attempt_updates)
+    _update_many(conn, "runs", ("id",), {(k,): v for k, v in fx.run_updates.items()})
+    executemany(conn, _ARTIFACTS, fx.artifacts)
+    executemany(conn, _CACHE_ENTRIES, fx.cache_entries)
+    executemany(conn, _CACHE_REPLACEMENTS, fx.cache_replacements)
+    executemany(conn, _LOGS, fx.logs)
     if not fx.events:
         return []
     rows = [
@@ -281,7 +291,7 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
         seqs: Any = range((last or 0) + 1, (last or 0) + 1 + len(rows))
         for seq, row in zip(seqs, rows, strict=True):
             row["seq"] = seq
-        executemany(conn, _INSERTS["events"], rows)
+        executemany(conn, _EVENTS, rows)
     else:
         result = conn.execute(
             db.events.insert().returning(db.events.c.seq, sort_by_parameter_order=True), rows
@@ -294,75 +304,30 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
     return fx.events
 
 
-_INSERTS = {
-    t.name: t.insert() for t in (db.step_runs, db.attempts, db.artifacts, db.logs, db.events)
-}
-_INSERT_IGNORE: dict[tuple[str, str], Any] = {}
-
-
-def _insert_ignore(table: sa.Table, dialect: str) -> Any:
-    stmt = _INSERT_IGNORE.get((table.name, dialect))
-    if stmt is None:
-        if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(table).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt = pg_insert(table).on_conflict_do_nothing()
-        _INSERT_IGNORE[(table.name, dialect)] = stmt
-    return stmt
-
-
-def _upsert(table: sa.Table, dialect: str) -> Any:
-    """INSERT ... ON CONFLICT (primary key) DO UPDATE every other column (rarely used: a
-    refreshed step's cache entry replaces the one under its key). Built once per table and
-    dialect: :func:`executemany` keeps compiled statements by identity."""
-    cached = _UPSERTS.get((table.name, dialect))
-    if cached is not None:
-        return cached
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        stmt: Any = sqlite_insert(table)
-    else:
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        stmt = pg_insert(table)
-    keys = [c.name for c in table.primary_key.columns]
-    others = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-    stmt = _UPSERTS[(table.name, dialect)] = stmt.on_conflict_do_update(
-        index_elements=keys, set_=others
-    )
-    return stmt
-
-
-_UPSERTS: dict[tuple[str, str], Any] = {}
-
-
-_UPDATES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Any] = {}
-
-
-def _update_stmt(table: sa.Table, keys: tuple[str, ...], cols: tuple[str, ...]) -> Any:
-    """UPDATE table SET cols WHERE keys, built once per shape (building costs more than running)."""
-    stmt = _UPDATES.get((table.name, keys, cols))
-    if stmt is None:
-        stmt = (
-            table.update()
-            .where(*(table.c[k] == sa.bindparam(f"k_{k}") for k in keys))
-            .values({c: sa.bindparam(c) for c in cols})
-        )
-        _UPDATES[(table.name, keys, cols)] = stmt
-    return stmt
+_RUNS, _STEP_RUNS, _ATTEMPTS = Insert("runs"), Insert("step_runs"), Insert("attempts")
+_ARTIFACTS, _LOGS, _EVENTS = Insert("artifacts"), Insert("logs"), Insert("events")
+_CACHE_ENTRIES = Insert("cache_entries", on_conflict="ignore")
+_CACHE_REPLACEMENTS = Insert("cache_entries", on_conflict="replace")
+"""A refreshed step's cache entry replaces the one under its key (rare)."""
 
 
 def _update_many(
-    conn: Connection, table: sa.Table, keys: tuple[str, ...], updates: dict[Any, dict[str, Any]]
+    conn: Connection, table: str, keys: tuple[str, ...], updates: dict[Any, dict[str, Any]]
 ) -> None:
     groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
     for key, values in updates.items():
         groups.setdefault(tuple(values), []).append((*values.values(), *key))
     for cols, rows in groups.items():
-        names = (*cols, *(f"k_{k}" for k in keys))  # as _update_stmt binds the keys
-        execute_values(conn, _update_stmt(table, keys, cols), names, rows)
+        names = (*cols, *(f"k_{k}" for k in keys))  # the update binds its keys so
+        execute_values(conn, _update(table, keys, cols), names, rows)
+
+
+_UPDATES: dict[tuple[str, tuple[str, ...], tuple[str, ...]], Update] = {}
+
+
+def _update(table: str, keys: tuple[str, ...], cols: tuple[str, ...]) -> Update:
+    """UPDATE table SET cols WHERE keys, one per shape (what executes it keeps its SQL by it)."""
+    op = _UPDATES.get((table, keys, cols))
+    if op is None:
+        op = _UPDATES[(table, keys, cols)] = Update(table, keys, cols)
+    return op

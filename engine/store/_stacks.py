@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Connection
-
-from plait.engine.store import _schema as db
+from plait.engine._lazy import lazy_module
+from plait.engine.store._engine import sqlite3_of
 from plait.errors import InUseError, NotFoundError, PipelineError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.engine import Connection
+
+    from plait.engine.store import _schema as db
+else:
+    sa = lazy_module("sqlalchemy")
+    db = lazy_module("plait.engine.store._schema")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ def _component(r: Any) -> Component:
 
 
 def active_stack(conn: Connection) -> str:
+    if (driver := sqlite3_of(conn)) is not None:
+        found = driver.execute("SELECT value FROM settings WHERE key = 'active_stack'").fetchone()
+        return str(found[0] if found and found[0] else "default")
     value = conn.execute(
         sa.select(db.settings.c.value).where(db.settings.c.key == "active_stack")
     ).scalar()
@@ -48,6 +59,13 @@ def active_stack(conn: Connection) -> str:
 
 def stack_runner(conn: Connection, stack: str) -> str:
     """The flavor of the stack's runner component."""
+    if (driver := sqlite3_of(conn)) is not None:
+        found = driver.execute("SELECT components FROM stacks WHERE name = ?", (stack,)).fetchone()
+        runner = json.loads(found[0]).get("RUNNER") if found and found[0] else None
+        if not runner:
+            return "local"
+        found = driver.execute("SELECT flavor FROM components WHERE name = ?", (runner,)).fetchone()
+        return str(found[0] if found and found[0] else "local")
     comps = conn.execute(
         sa.select(db.stacks.c.components).where(db.stacks.c.name == stack)
     ).scalar()
