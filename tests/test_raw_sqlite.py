@@ -68,6 +68,7 @@ PIPELINE = textwrap.dedent(
 
     @plait.step
     def noop() -> int:
+        print("said once")
         return 0
 
 
@@ -92,6 +93,7 @@ PIPELINE = textwrap.dedent(
     if __name__ == "__main__":
         run = shapes()
         assert run.status == "SUCCEEDED", run.status
+        print("LOGS", repr(run.logs("noop")))
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "alembic"))
         print("LOADED", loaded)
         print("STATUSES", sorted(s.status.value for s in run.steps.values()))
@@ -116,3 +118,6 @@ def test_a_pipeline_runs_on_the_default_url_without_sqlalchemy(tmp_path: Path) -
         assert out.returncode == 0, out.stderr
         assert "LOADED []" in out.stdout, out.stdout
         assert f"STATUSES {[statuses] * 11}" in out.stdout, out.stdout
+        # its captured output, read back (by the run that ran it; the cached run has none)
+        said = "said once\\n" if statuses == "SUCCEEDED" else ""
+        assert f"LOGS '{said}'" in out.stdout, out.stdout

@@ -307,6 +307,24 @@ def list_logs(
     conn: Connection, run_id: str, step_id: str, after: int, limit: int
 ) -> list[LogEntry]:
     """A run's (or one step's) captured output after sequence ``after``, oldest first."""
+    if (driver := sqlite3_of(conn)) is not None:
+        one = " AND step_id = ?" if step_id else ""
+        found = driver.execute(
+            "SELECT step_id, attempt, stream, text, ts, seq FROM logs "
+            f"WHERE run_id = ? AND seq > ?{one} ORDER BY seq LIMIT ?",
+            (run_id, after, step_id, limit) if step_id else (run_id, after, limit),
+        )
+        return [
+            LogEntry(
+                step_id=step,
+                attempt=attempt,
+                stream=stream,
+                text=text,
+                time=from_epoch(ts),  # type: ignore[arg-type]  # never NULL
+                sequence=seq,
+            )
+            for step, attempt, stream, text, ts, seq in found
+        ]
     q = (
         sa.select(db.logs)
         .where(db.logs.c.run_id == run_id, db.logs.c.seq > after)
