@@ -251,6 +251,9 @@ def list_runs(
 
 
 def run_status(conn: Connection, run_id: str) -> RunStatus:
+    if (driver := sqlite3_of(conn)) is not None:
+        found = driver.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return RunStatus(str(found[0] if found else None))
     return RunStatus(
         str(conn.execute(sa.select(db.runs.c.status).where(db.runs.c.id == run_id)).scalar())
     )
