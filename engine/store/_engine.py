@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import logging
+import operator
 import os
 import random
 import sqlite3
@@ -867,15 +868,16 @@ def _encode_json(value: Any) -> str:
     return json.dumps(value)
 
 
-_SqlEntry = tuple[str, list[int], tuple[Any, ...], tuple[str, ...]]
-_SQL: dict[tuple[Any, tuple[str, ...]], _SqlEntry] = {}
+_SqlEntry = tuple[str, list[int], tuple[Any, ...], Callable[[Any], tuple[Any, ...]], Any]
+_SQL: dict[tuple[int, tuple[str, ...]], _SqlEntry] = {}
 
 
 def _sqlite_sql(op: Insert | Update, keys: tuple[str, ...]) -> _SqlEntry:
     """The SQLite statement of ``op`` for rows of these keys; the positions of its JSON values;
-    the Python-side defaults of the columns the rows lack, and their names: made once per
-    statement and shape, from the tables of ``_sqlite_schema.py`` (no SQLAlchemy)."""
-    entry = _SQL.get((op, keys))
+    the Python-side defaults of the columns the rows lack; a getter of a dict row's values in
+    the statement's order: made once per statement (by identity: each is made once) and shape,
+    from the tables of ``_sqlite_schema.py`` (no SQLAlchemy)."""
+    entry = _SQL.get((id(op), keys))
     if entry is None:
         from plait.engine.store._sqlite_schema import DEFAULTS, JSON_COLUMNS, TABLES
 
@@ -904,13 +906,15 @@ def _sqlite_sql(op: Insert | Update, keys: tuple[str, ...]) -> _SqlEntry:
                         f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c not in primary
                     )
                 )
+        get = operator.itemgetter(*keys) if len(keys) > 1 else (lambda row: (row[keys[0]],))
         entry = (
             sql,
             [i for i, name in enumerate(names) if name in json_cols],
             tuple(DEFAULTS.get(op.table, {})[c] for c in missing),
-            names,
+            get,
+            op,  # holding it keeps its id() unique
         )
-        _SQL[(op, keys)] = entry
+        _SQL[(id(op), keys)] = entry
     return entry
 
 
@@ -960,15 +964,16 @@ def executemany(conn: Any, op: Insert, rows: list[dict[str, Any]]) -> None:
         stmt = _sa_statement(op, conn.dialect.name)
         conn.execute(stmt, [{k: plain(v) for k, v in row.items()} for row in rows])
         return
-    keys = tuple(rows[0])
-    sql, json_at, defaults, _ = _sqlite_sql(op, keys)
-    data = []
-    for row in rows:
-        values = [row[k] for k in keys]
-        values += defaults
-        for i in json_at:
-            values[i] = _encode_json(values[i])
-        data.append(values)
+    sql, json_at, defaults, get, _ = _sqlite_sql(op, tuple(rows[0]))
+    if json_at or defaults:
+        data: list[Any] = []
+        for row in rows:
+            values = [*get(row), *defaults]
+            for i in json_at:
+                values[i] = _encode_json(values[i])
+            data.append(values)
+    else:
+        data = [get(row) for row in rows]
     conn.driver_connection.executemany(sql, data)
 
 
@@ -983,7 +988,7 @@ def execute_values(
         stmt = _sa_statement(op, conn.dialect.name)
         conn.execute(stmt, [{k: plain(v) for k, v in zip(keys, row, strict=True)} for row in rows])
         return
-    sql, json_at, _, _ = _sqlite_sql(op, keys)
+    sql, json_at, _, _, _ = _sqlite_sql(op, keys)
     if json_at:
         data: list[Any] = []
         for row in rows:
