@@ -865,6 +865,8 @@ def _encode_json(value: Any) -> str:
     `JsonText` as it is."""
     if type(value) is JsonText:
         return str.__str__(value)
+    if value is None:  # (most steps' error)
+        return "null"
     return json.dumps(value)
 
 
