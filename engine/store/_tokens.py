@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from plait.engine._lazy import lazy_module
+from plait.engine.store._engine import sqlite3_of
 from plait.errors import NotFoundError, PipelineError
 
 if TYPE_CHECKING:
@@ -91,13 +92,18 @@ def token_role(conn: Connection, token: str) -> Role | None:
     parts = token.split("_", 2)
     if len(parts) != 3 or parts[0] != "plait":
         return None
-    row = conn.execute(
-        sa.select(
-            db.api_tokens.c.secret_hash, db.api_tokens.c.revoked_at, db.api_tokens.c.role
-        ).where(db.api_tokens.c.id == parts[1])
-    ).first()
-    if row is None or row.revoked_at is not None:
+    if (driver := sqlite3_of(conn)) is not None:  # (the daemon reads it on every call)
+        row = driver.execute(
+            "SELECT secret_hash, revoked_at, role FROM api_tokens WHERE id = ?", (parts[1],)
+        ).fetchone()
+    else:
+        t = db.api_tokens.c
+        row = conn.execute(
+            sa.select(t.secret_hash, t.revoked_at, t.role).where(t.id == parts[1])
+        ).first()
+    if row is None or row[1] is not None:
         return None
-    if not hmac.compare_digest(row.secret_hash, _hash(parts[2])):
+    secret_hash, _, role = row
+    if not hmac.compare_digest(secret_hash, _hash(parts[2])):
         return None
-    return Role(row.role)
+    return Role(role)
