@@ -27,13 +27,13 @@ class EmbeddedControlPlane:
     """A control plane on its own thread and event loop, for the process's life."""
 
     def __init__(self, home: Path) -> None:
-        from plait.runners._early import discard_early_workers, start_early_worker
+        from plait.runners._early import discard_early_workers, ensure_early_worker
 
         # about to run a pipeline: the first worker imports Plait and gRPC while this process
         # imports the engine (runners/_early.py); the local runner adopts it once the engine
         # listens. A command that only reads (`plait runs show`) starts none.
         if _runs_expected and os.environ.get("PLAIT_WORKERS", "") != "0":
-            start_early_worker()
+            ensure_early_worker()  # (expect_runs may have started it already)
         # What the engine's start allocates (its modules, SQLAlchemy's, its tables) lives as
         # long as the process: a collection during it walks it for nothing (~30 ms)
         collecting = gc.isenabled()
@@ -110,9 +110,26 @@ _runs_expected = False
 
 def expect_runs() -> None:
     """Says that this process is about to run a pipeline (``pipeline()``, ``plait run``): an
-    embedded engine started after this starts its first worker at once, beside itself."""
+    embedded engine started after this starts its first worker at once, beside itself.
+
+    When the default client will be embedded (no server is configured) and no engine runs in
+    this process yet, that worker starts now: its imports (Plait, gRPC) then overlap this
+    process's import of the client and the engine, rather than follow them (without SQLAlchemy
+    the engine is ready first, and the run waited for its worker)."""
     global _runs_expected
     _runs_expected = True
+    if _running or os.environ.get("PLAIT_WORKERS", "") == "0":
+        return
+    from plait._settings import server_address
+
+    try:
+        if server_address() is not None:
+            return
+    except Exception:  # a malformed address: the client says so when it is made
+        return
+    from plait.runners._early import ensure_early_worker
+
+    ensure_early_worker()
 
 
 _lock = threading.Lock()

@@ -689,12 +689,13 @@ class Pipeline(Generic[P]):
             refresh: step ids to run even when cached (``leaf`` also names ``leaf[i]``); what
                 they feed runs again only when their new outputs differ (docs/cache.md).
         """
-        from plait._client import Client
-
         if client is None:
             from plait._embedded import expect_runs
 
-            expect_runs()  # an embedded engine started for this run warms a worker at once
+            expect_runs()  # a worker for an embedded engine starts now, before the imports
+        from plait._client import Client
+
+        if client is None:
             client = Client.default()
         return client.run_pipeline(
             self, dict(parameters or {}), no_cache=no_cache, wait=wait, refresh=refresh

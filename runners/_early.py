@@ -1,8 +1,9 @@
 """A local worker process started before the control plane it will serve exists.
 
 A pipeline run as a fresh ``python train.py`` waits for its first worker: a Python that imports
-Plait, gRPC and then the user's module. The embedded engine starts that process first, before
-it imports the engine itself, so that both imports happen at once (on two cores), and hands it
+Plait, gRPC and then the user's module. A pipeline call starts that process first, before this
+one imports the client and the engine (``plait._embedded.expect_runs``; or the embedded engine
+does as it starts), so that the imports happen at once (on two cores), and the engine hands it
 the engine's address and worker secret on its standard input once the engine listens
 (``python -m plait.runners.worker --address -``). The local runner adopts it as its first
 worker (:meth:`plait.runners._local.LocalRunner._spawn`).
@@ -31,6 +32,7 @@ __all__ = [
     "FORKS",
     "EarlyWorker",
     "discard_early_workers",
+    "ensure_early_worker",
     "launch",
     "start_early_worker",
     "take_early_worker",
@@ -130,6 +132,15 @@ def start_early_worker() -> None:
     early = launch(f"local-{os.getpid()}-0")
     with _lock:
         _waiting.append(early)
+
+
+def ensure_early_worker() -> None:
+    """Starts one local worker process now unless one is waiting already (from the main thread
+    only; otherwise nothing)."""
+    with _lock:
+        if any(early.process.poll() is None for early in _waiting):
+            return
+    start_early_worker()
 
 
 def take_early_worker() -> EarlyWorker | None:

@@ -94,3 +94,30 @@ def test_a_short_run_exits_quietly(tmp_path: Path) -> None:
         out = processes.run([sys.executable, script, "main"], env=env, cwd=tmp_path, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "Traceback" not in out.stderr and "Error" not in out.stderr, out.stderr
+
+
+EXPECT = """\
+import sys
+
+from plait._embedded import expect_runs
+from plait.runners import _early
+
+expect_runs()
+# the worker is on its way before the client (gRPC) and the engine are imported
+print(len(_early._waiting), "plait._client" in sys.modules, "plait.engine" in sys.modules)
+_early.discard_early_workers()
+"""
+
+
+def test_a_pipeline_call_starts_its_worker_before_the_client_is_imported(tmp_path: Path) -> None:
+    env = {**os.environ, "PLAIT_HOME": str(tmp_path / "home")}
+    env.pop("PLAIT_WORKERS", None)
+    env["PLAIT_SERVER"] = ""  # the embedded engine
+    out = processes.run([sys.executable, "-c", EXPECT], env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "False", "False"], out.stdout
+    # with a server configured, the run goes there: no local worker is started
+    env["PLAIT_SERVER"] = "127.0.0.1:1"
+    out = processes.run([sys.executable, "-c", EXPECT], env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "False", "False"], out.stdout

@@ -73,10 +73,11 @@ def run_cmd(
     try:
         pipe = load_pipeline(target)
         parameters = typed_params(pipe, params)
-        from plait._client import Client
         from plait._embedded import expect_runs
 
-        expect_runs()
+        expect_runs()  # (before the client's imports: see there)
+        from plait._client import Client
+
         client = following.client = Client.default()
         client.on_reconnect = reconnect_notice
         if detach:
