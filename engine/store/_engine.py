@@ -77,14 +77,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE takes the write lock at BEGIN: a deferred transaction that reads first and
     # writes later can fail with SQLITE_BUSY when another process wrote in between.
+    # (the default URL's RawConnection begins its transactions itself: this is for the others)
     sql = "BEGIN" if conn.get_execution_options().get("plait_read_only") else "BEGIN IMMEDIATE"
-    if is_fast_sqlite(conn):
-        # straight to sqlite3: SQLAlchemy's execution context would cost ten times the BEGIN
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        driver.execute(sql)
-    else:
-        conn.exec_driver_sql(sql)
+    conn.exec_driver_sql(sql)
 
 
 def _private_database(path: Path) -> None:
