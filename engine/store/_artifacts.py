@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from plait._models import ArtifactInfo, from_epoch
 from plait.engine._lazy import lazy_module
-from plait.engine.store._engine import is_fast_sqlite
+from plait.engine.store._engine import sqlite3_of
 from plait.engine.store._ids import resolve_prefix
 from plait.errors import ArtifactNotFoundError
 
@@ -49,12 +49,10 @@ def get_artifact(conn: Connection, prefix: str) -> ArtifactInfo:
 def artifact_metadata(conn: Connection, ids: list[str]) -> dict[str, dict[str, Any]]:
     """The metadata logged for each of these artifacts (those with any)."""
     out: dict[str, dict[str, Any]] = {}
-    fast = is_fast_sqlite(conn)
+    driver = sqlite3_of(conn)
     for start in range(0, len(ids), 500):  # bounded IN lists
         part = ids[start : start + 500]
-        if fast:  # most have none (JSON null): only those with some are read and decoded
-            driver = conn.connection.driver_connection
-            assert driver is not None
+        if driver is not None:  # most have none (JSON null): only those with some are read
             found = driver.execute(
                 "SELECT id, artifact_metadata FROM artifacts WHERE id IN "
                 f"({', '.join('?' * len(part))}) AND artifact_metadata IS NOT NULL "

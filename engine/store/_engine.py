@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import operator
@@ -522,21 +523,16 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 SCHEMA_HEAD = "0011"
 """The newest migration in migrations/versions (a test keeps the two in step)."""
 
-_ALEMBIC_VERSION: list[sa.Table] = []
 
-
+@functools.cache
 def _alembic_version() -> sa.Table:
     """Alembic's own bookkeeping table, as Alembic creates it (made on first use: SQLAlchemy is
     imported then)."""
-    if not _ALEMBIC_VERSION:
-        _ALEMBIC_VERSION.append(
-            sa.Table(
-                "alembic_version",
-                sa.MetaData(),
-                sa.Column("version_num", sa.String(32), primary_key=True),
-            )
-        )
-    return _ALEMBIC_VERSION[0]
+    return sa.Table(
+        "alembic_version",
+        sa.MetaData(),
+        sa.Column("version_num", sa.String(32), primary_key=True),
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -561,14 +557,12 @@ def _ensure_schema(conn: Connection) -> None:
     if current is None and not _has_table(conn, "runs"):
         # a new database: create the newest schema and stamp it, as `alembic stamp head` would,
         # without paying Alembic's import on every first run (a test checks both agree)
-        if is_fast_sqlite(conn):
+        if (driver := sqlite3_of(conn)) is not None:
             # the same statements, compiled when the schema changed (scripts/gen_sqlite_schema.py):
             # SQLAlchemy's DDL compiler costs a first run more than SQLite takes to run them
             from plait.engine.store._sqlite_schema import HEAD, STATEMENTS
 
             if HEAD == SCHEMA_HEAD:
-                driver = conn.connection.driver_connection
-                assert driver is not None
                 for sql, params in STATEMENTS:
                     driver.execute(sql, params)
                 return
@@ -655,9 +649,7 @@ def sqlite_tables() -> tuple[
 
 
 def _has_table(conn: Connection, name: str) -> bool:
-    if is_fast_sqlite(conn):
-        driver = conn.connection.driver_connection
-        assert driver is not None
+    if (driver := sqlite3_of(conn)) is not None:
         found = driver.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
         ).fetchone()
@@ -671,9 +663,7 @@ _SCHEMA_LOCK = 0x706C616974  # "plait": the advisory lock key of schema changes
 def _current_revision(conn: Connection) -> str | None:
     if not _has_table(conn, "alembic_version"):
         return None
-    if is_fast_sqlite(conn):
-        driver = conn.connection.driver_connection
-        assert driver is not None
+    if (driver := sqlite3_of(conn)) is not None:
         found = driver.execute("SELECT version_num FROM alembic_version").fetchone()
         return None if found is None else str(found[0])
     return conn.execute(sa.select(_alembic_version().c.version_num)).scalar()
@@ -704,11 +694,6 @@ def _migrate(conn: Connection, current: str | None) -> None:
                 f"or the database URL elsewhere"
             ) from None
     command.upgrade(cfg, "head")
-
-
-def is_fast_sqlite(conn: Any) -> bool:
-    """Whether ``conn`` is a :class:`RawConnection` (the default URL): sqlite3 is at hand."""
-    return type(conn) is RawConnection
 
 
 def sqlite3_of(conn: Any) -> sqlite3.Connection | None:
@@ -748,8 +733,8 @@ class RawConnection:
     """A connection of the default SQLite URL: sqlite3's own, whose transactions the store
     begins and ends (:meth:`transaction`).
 
-    Repository functions on a run's path use sqlite3 through ``connection.driver_connection``
-    (as on SQLAlchemy's Connection) and :func:`executemany`; so a pipeline runs without
+    Repository functions on a run's path use sqlite3 through :func:`sqlite3_of` and
+    :func:`executemany`; so a pipeline runs without
     importing SQLAlchemy, a third of a short run's process. Whatever else a function asks of
     it (``execute`` with a SQLAlchemy statement, ...) goes to a SQLAlchemy Connection made on
     first use over the same sqlite3 connection, in the same transaction.
@@ -761,7 +746,7 @@ class RawConnection:
         driver = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         _sqlite_pragmas(driver, None)
         self.driver_connection = driver
-        self.connection = self  # conn.connection.driver_connection, as SQLAlchemy's
+        self.connection = self  # conn.connection.driver_connection, as on SQLAlchemy's (_pragma)
         self._engine: Engine | None = None
         self._sa: Connection | None = None
 

@@ -30,7 +30,7 @@ from plait.engine._cache import key_material
 from plait.engine._ir import upstream_ids
 from plait.engine._lazy import lazy_module
 from plait.engine.store._artifacts import artifact_metadata
-from plait.engine.store._engine import is_fast_sqlite, sqlite3_of
+from plait.engine.store._engine import sqlite3_of
 from plait.engine.store._ids import resolve_prefix
 from plait.engine.store._pipelines import get_pipeline_version
 from plait.errors import NotFoundError, PipelineError, RunNotFoundError
@@ -189,9 +189,7 @@ def _step_rows(conn: Connection, run_id: str) -> list[tuple[Any, ...]]:
     mapped step's items (leaf[0], leaf[1], ...) share its position, and follow it in the order
     of their numbers. On SQLite straight from the driver: SQLAlchemy's rows and result
     processors cost a run of a thousand steps more than the query."""
-    if is_fast_sqlite(conn):
-        driver = conn.connection.driver_connection
-        assert driver is not None
+    if (driver := sqlite3_of(conn)) is not None:
         loads = json.loads
         return [
             (

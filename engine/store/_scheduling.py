@@ -1,8 +1,8 @@
 """The scheduler's side of the store: the reads it asks for (:class:`SqlLookups`), the writing
 of its effects (:func:`write_effects`) and the loading of unfinished runs at start-up.
 
-This is the hot path: a handful of statements per committed batch, each compiled once per shape
-and, on SQLite, run straight on the DBAPI cursor (see :func:`executemany`).
+This is the hot path: a handful of statements per committed batch, each made once per shape
+and, on the default URL, run straight on sqlite3 (see :func:`executemany`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from plait.engine.store._engine import (
     Update,
     execute_values,
     executemany,
-    is_fast_sqlite,
     sqlite3_of,
 )
 from plait.engine.store._pipelines import get_pipeline_version
@@ -86,11 +85,9 @@ class SqlLookups:
 
     def cached_outputs(self, key: str) -> dict[str, ArtifactInfo] | None:
         conn = self._c()
-        if is_fast_sqlite(conn):
+        if (driver := sqlite3_of(conn)) is not None:
             # the hot path of a cached run: one lookup per step, straight on the DBAPI cursor
             # of this transaction (SQLAlchemy's statement machinery costs ten times the query)
-            driver = conn.connection.driver_connection
-            assert driver is not None
             found = driver.execute(_CACHE_LOOKUP, (key,)).fetchone()
             if found is None:
                 return None
@@ -281,11 +278,9 @@ def write_effects(conn: Connection, fx: Effects) -> list[RunEvent]:
         }
         for e in fx.events
     ]
-    if is_fast_sqlite(conn):
+    if (driver := sqlite3_of(conn)) is not None:
         # this transaction holds SQLite's write lock (BEGIN IMMEDIATE): nobody else can take
         # sequence numbers until it commits
-        driver = conn.connection.driver_connection
-        assert driver is not None
         found = driver.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         last = found[0] if found else None
         seqs: Any = range((last or 0) + 1, (last or 0) + 1 + len(rows))
