@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from plait.runners._docker import ContainerOptions, DockerRunner
     from plait.runners._local import LocalRunner
-    from plait.runners._protocol import Runner, RunnerContext, WorkerPool
+    from plait.runners._protocol import Runner, RunnerContext, WorkerGone, WorkerPool
 
 __all__ = [
     "ContainerOptions",
@@ -18,6 +18,7 @@ __all__ = [
     "LocalRunner",
     "Runner",
     "RunnerContext",
+    "WorkerGone",
     "WorkerPool",
 ]
 
@@ -28,6 +29,7 @@ _LAZY = {
     "LocalRunner": "_local",
     "Runner": "_protocol",
     "RunnerContext": "_protocol",
+    "WorkerGone": "_protocol",
     "WorkerPool": "_protocol",
 }
 

@@ -21,7 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.runners._early import FORKS, EarlyWorker, launch, take_early_worker, worker_env
 from plait.runners._forks import ForkedProcess, ForkServer
-from plait.runners._protocol import RunnerContext
+from plait.runners._protocol import RunnerContext, WorkerGone
 
 
 @dataclass
@@ -417,13 +417,23 @@ class LocalRunner:
 
     async def next_task(self, worker_id: str) -> tasks.Task:
         worker = self._workers.get(worker_id)
-        if worker is not None:
-            worker.connected = True
-            if type(worker.process) is ForkedProcess and worker.process.pid is None:
-                await worker.process.forked.wait()  # its handle, the pid, is known first
+        if worker is None:
+            raise WorkerGone(f"worker {worker_id} is not one of this pool's processes")
+        worker.connected = True
+        if type(worker.process) is ForkedProcess and worker.process.pid is None:
+            await worker.process.forked.wait()  # its handle, the pid, is known first
         task = await self._tasks.get()
-        if worker is not None:
-            worker.task = task.token
+        if self._workers.get(worker_id) is not worker:
+            # it ended while it waited (its fork server killed, say) and _watch has been: no
+            # one would report the task lost, whose lease would only expire. Another takes it
+            try:
+                self._tasks.put(task, first=True)
+            except anyio.ClosedResourceError:
+                pass  # stopping: nothing is lost that a restart won't redo
+            else:
+                await self._scale()
+            raise WorkerGone(f"worker {worker_id} ended while it waited for a task")
+        worker.task = task.token
         return task
 
     def task_done(self, worker_id: str) -> None:

@@ -62,12 +62,22 @@ class Runner(Protocol):
         retries one whose handle is gone. None when the runner cannot tell."""
 
 
+class WorkerGone(Exception):
+    """The worker asking for a task is not, or no longer, one of the pool's processes (it
+    ended while it waited): it is handed no task, and the one it was about to get goes to
+    another worker."""
+
+
 @runtime_checkable
 class WorkerPool(Runner, Protocol):
     """A runner whose worker processes pull tasks over TaskService.Connect."""
 
     async def next_task(self, worker_id: str) -> tasks.Task:
-        """Waits for the next task for the given (connected, idle) worker."""
+        """Waits for the next task for the given (connected, idle) worker.
+
+        Raises:
+            WorkerGone: the worker is not one of the pool's, or ended while it waited.
+        """
 
     def task_done(self, worker_id: str) -> None:
         """The worker finished its task (reported completion or failure) and is idle again."""

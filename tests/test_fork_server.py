@@ -256,6 +256,10 @@ def test_when_the_fork_server_dies_its_steps_are_retried_and_workers_spawned(
     assert killed_server == server  # the assassin ran forked, and killed that fork server
     lost = [m for attempt, _, m in result["events"] if attempt == 1 and m]
     assert any("killed as its fork server killed by signal 9" in m for m in lost), lost
+    # the retry ran at once on a live worker: not handed to the other worker of the dead fork
+    # server, still waiting on its stream, whose lease would only have expired (30 s later)
+    ended = [(attempt, status) for attempt, status, _ in result["events"] if status != "QUEUED"]
+    assert ended[-1] == (2, "SUCCEEDED"), result["events"]
     # from then on workers are spawned: children of the engine itself
     retried_pid, retried_parent, _ = result["retried"]
     assert retried_pid != killed_pid and retried_parent == engine

@@ -26,7 +26,7 @@ from plait.engine.scheduler import (
     Started,
 )
 from plait.errors import PipelineError, PipelineValidationError
-from plait.runners import WorkerPool
+from plait.runners import WorkerGone, WorkerPool
 
 if TYPE_CHECKING:
     from plait.engine._control_plane import ControlPlane
@@ -142,7 +142,12 @@ class TaskServicer(task_service_pb2_grpc.TaskServiceServicer):
 
                 tg.start_soon(until_stop)
                 while True:
-                    task = await runner.next_task(worker_id)
+                    try:
+                        task = await runner.next_task(worker_id)
+                    except WorkerGone:
+                        # not (or no longer) a process of the pool: it is handed no task; what
+                        # it reports is still read (and applied by its token) until it hangs up
+                        await anyio.sleep_forever()
                     # the worker dies with this process: its lease needs no commit of its own
                     self.cp.note_lease(
                         Lease(token_from_proto(task.token), worker_id, runner.handle(worker_id))
