@@ -15,6 +15,11 @@ Define steps with :func:`step`, compose them in a :func:`pipeline`, call the pip
 
 from typing import TYPE_CHECKING, Any
 
+from plait._grpc_tuning import tune as _tune_grpc
+
+_tune_grpc()  # before anything imports grpc (see plait._grpc_tuning)
+del _tune_grpc
+
 if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
     from plait._client import Client
     from plait._context import StepContext, get_step_context, log_metadata
