@@ -22,8 +22,10 @@ from plait import _context, _materializers
 from plait._artifact_store import LocalArtifactStore
 from plait._materializers import JsonMaterializer, materializer_for, register_materializer
 from plait._models import ArtifactInfo
+from plait.api.v1 import resources_pb2 as res
 from plait.api.v1 import task_service_pb2 as tasks
-from plait.runners.worker._execute import _NOT_AWAITABLE, _Capture, _Saved
+from plait.runners.worker import _execute
+from plait.runners.worker._execute import _NOT_AWAITABLE, _Capture, _Fresh, _Saved, input_value
 
 TOKEN = tasks.LeaseToken(run_id="r" * 32, step_id="noop_5", attempt=2, epoch=1)
 
@@ -134,6 +136,29 @@ def test_a_blob_cut_short_is_read_to_its_end_and_refused(tmp_path: Path) -> None
     path.write_bytes(b"01234")
     with pytest.raises(ValueError, match="do not match"):
         store.get(blob.digest)
+
+
+def test_a_step_reads_what_the_last_step_stored_from_memory(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    fresh = _Fresh()
+    saved = _Saved(tasks.Task(token=TOKEN), store, 0, 0, tasks.TaskCompleted().outputs, fresh)
+    saved.put("output", {"n": 41}, "", "id1")
+    big = b"x" * (_execute.FRESH_BYTES + 1)
+    saved.put("big", big, "", "id2")
+    small, large = saved.records
+    assert fresh.blobs == {small.digest: store.get(small.digest)}  # the big one is not kept
+    for blob in store.root.rglob("*"):  # gone from the store: the next step reads memory
+        if blob.is_file():
+            blob.unlink()
+    read = tasks.Value(artifact=res.Artifact(digest=small.digest, materializer="plait.json"))
+    assert input_value(read, store, fresh) == {"n": 41}
+    listed = tasks.Value(list=tasks.ValueList(items=[read, read]))
+    assert input_value(listed, store, fresh) == [{"n": 41}, {"n": 41}]
+    with pytest.raises(FileNotFoundError):  # not kept: from the store
+        input_value(read, store, _Fresh())
+    too_big = tasks.Value(artifact=res.Artifact(digest=large.digest, materializer="plait.bytes"))
+    with pytest.raises(FileNotFoundError):
+        input_value(too_big, store, fresh)
 
 
 def test_a_put_makes_the_folder_of_its_blob_and_writes_it_owner_only(tmp_path: Path) -> None:

@@ -436,6 +436,8 @@ class StepExecutor:
         self._modules: dict[tuple[str, str, str], ModuleType] = {}
         self._digests: dict[Any, str] = {}
         self._stores: dict[str, BlobStore] = {}
+        self._fresh = _Fresh()
+        """The bytes of the last step's outputs (a chain's next step reads them here)."""
         self._channel = channel
         self._metadata = metadata
         self._home = Path(home) if home is not None else None
@@ -526,6 +528,7 @@ class StepExecutor:
         for var in task.step.settings.environment.env:
             env_before[var.name] = os.environ.get(var.name)
             os.environ[var.name] = var.value
+        fresh, self._fresh = self._fresh, _Fresh()  # what this step stores replaces it
         with self._capture.follow(token, task.log_limit_bytes or DEFAULT_LOG_LIMIT, reporter):
             reset = _context.set_context(ctx)
             try:
@@ -534,7 +537,7 @@ class StepExecutor:
                     fn = self._function(
                         task.step.code, task.code_archive, task.artifact_store_uri, task.code_root
                     )
-                    kwargs = {i.name: self._value(i.value, store) for i in task.inputs}
+                    kwargs = {i.name: input_value(i.value, store, fresh) for i in task.inputs}
                     result = fn(**kwargs)
                     if type(result) not in _NOT_AWAITABLE and inspect.isawaitable(result):
                         result = self._loop.run_until_complete(result)
@@ -719,18 +722,6 @@ class StepExecutor:
             store = self._stores[uri] = LocalArtifactStore.from_uri(uri)
         return store
 
-    def _value(self, v: tasks.Value, store: BlobStore) -> Any:
-        kind = v.WhichOneof("kind")
-        if kind == "json":
-            return load_json(v.json)  # a plait.File parameter comes back as a Path
-        if kind == "artifact":
-            artifact = v.artifact
-            data = store.get(artifact.digest)
-            return get_materializer(artifact.materializer).load(data)
-        if kind == "list":
-            return [self._value(i, store) for i in v.list.items]
-        return {e.key: self._value(e.value, store) for e in v.map.entries}
-
     def _store_outputs(
         self, task: tasks.Task, result: Any, store: BlobStore, done: tasks.TaskCompleted
     ) -> None:
@@ -752,7 +743,7 @@ class StepExecutor:
         out = done.outputs
         # the records' create_time, to the microsecond (as a datetime would carry it)
         seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
-        saved = _Saved(task, store, seconds, micros * 1000, out)
+        saved = _Saved(task, store, seconds, micros * 1000, out, self._fresh)
         for spec, value in zip(specs, values, strict=True):
             value = conform(value, spec.type.expr)  # a numpy scalar declared -> float: a float
             _check_type(task.step.id, spec, value)
@@ -777,6 +768,8 @@ class _Saved:
     """When the outputs were stored (the records' create_time)."""
     records: RepeatedCompositeFieldContainer[res.Artifact]
     """Where each output's record goes (a TaskCompleted's: filled in place, never copied)."""
+    fresh: _Fresh | None = None
+    """Where the stored bytes are kept for the next step, if anywhere."""
 
     def put(self, name: str, value: Any, materializer: str, artifact_id: str) -> None:
         """Stores ``value`` as output ``name`` (with the named materializer, or the one its type
@@ -784,7 +777,8 @@ class _Saved:
         task = self.task
         m = materializer_for(value, materializer)
         try:
-            blob = self.store.put(m.save(value))
+            data = m.save(value)
+            blob = self.store.put(data)
         except MemoryError:
             raise MemoryError(
                 f"step {task.step.id!r}: output {name!r} ({type_name(value)}) is too "
@@ -810,6 +804,47 @@ class _Saved:
         stamp = record.create_time
         stamp.seconds = self.seconds
         stamp.nanos = self.nanos
+        if self.fresh is not None:
+            self.fresh.keep(blob.digest, data)
+
+
+def input_value(v: tasks.Value, store: BlobStore, fresh: _Fresh) -> Any:
+    """An input's value: a JSON literal, or an artifact's bytes (``fresh``'s, else the store's)
+    loaded by its materializer, or a list or dict of such values."""
+    kind = v.WhichOneof("kind")
+    if kind == "json":
+        return load_json(v.json)  # a plait.File parameter comes back as a Path
+    if kind == "artifact":
+        artifact = v.artifact
+        data = fresh.blobs.get(artifact.digest)
+        if data is None:
+            data = store.get(artifact.digest)
+        return get_materializer(artifact.materializer).load(data)
+    if kind == "list":
+        return [input_value(i, store, fresh) for i in v.list.items]
+    return {e.key: input_value(e.value, store, fresh) for e in v.map.entries}
+
+
+FRESH_BYTES = 1024 * 1024
+"""The most bytes of a step's outputs a worker keeps for the next step."""
+
+
+class _Fresh:
+    """The bytes of one step's outputs, by digest, for the next step this worker runs: a
+    chain's next step is handed to the worker that ran the last (runners/_local.py), and reads
+    its inputs here, not from the store (an open, a read and a check of the digest that its
+    bytes match by construction; over gRPC for a remote store). At most FRESH_BYTES."""
+
+    __slots__ = ("blobs", "room")
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.room = FRESH_BYTES
+
+    def keep(self, digest: str, data: bytes) -> None:
+        if len(data) <= self.room:
+            self.blobs[digest] = data
+            self.room -= len(data)
 
 
 _BUILTIN_TYPES: dict[str, type | tuple[type, ...]] = {
