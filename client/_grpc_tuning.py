@@ -10,6 +10,11 @@ asks for the older code, before gRPC is imported, in processes that have not cho
 Setting ``GRPC_EXPERIMENTS`` yourself (any value, even empty) leaves gRPC as you set it; so
 does a gRPC outside the versions checked (an experiment gRPC no longer knows would be logged
 as an error at every start).
+
+gRPC also prints its INFO lines to standard error unless ``GRPC_VERBOSITY`` says otherwise
+(such as ``Got goaway [2] ... Server shutdown``, logged by a worker whose engine stops while
+its stream is open): :func:`tune` sets it to ``ERROR``, gRPC's documented default, when it is
+unset.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 
 EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 """What :func:`tune` sets ``GRPC_EXPERIMENTS`` to."""
+VERBOSITY = "ERROR"
+"""What :func:`tune` sets ``GRPC_VERBOSITY`` to."""
 CHECKED = ((1, 66), (1, 85))
 """The gRPC versions (major, minor; first and last) that know both experiments and were
 measured."""
@@ -48,8 +55,10 @@ def grpcio_version() -> tuple[int, int] | None:
 
 def tune() -> None:
     """Sets ``GRPC_EXPERIMENTS`` for gRPC's older TCP code when it is unset and the installed
-    gRPC is one of the versions checked. It applies to this process if gRPC starts after it,
-    and to every process started from it (the workers among them)."""
+    gRPC is one of the versions checked, and ``GRPC_VERBOSITY`` to ``ERROR`` when it is unset.
+    They apply to this process if gRPC starts after it, and to every process started from it
+    (the workers among them)."""
+    os.environ.setdefault("GRPC_VERBOSITY", VERBOSITY)
     if "GRPC_EXPERIMENTS" in os.environ:
         return
     version = grpcio_version()

@@ -1,6 +1,6 @@
-"""`import plait` asks gRPC for its older TCP code (plait._grpc_tuning) when nobody chose, in its
-own process and in the workers it starts; a value set by the user, or a gRPC outside the
-versions checked, is left alone."""
+"""`import plait` asks gRPC for its older TCP code, and for no INFO lines (plait._grpc_tuning),
+when nobody chose, in its own process and in the workers it starts; a value set by the user,
+or a gRPC outside the versions checked, is left alone."""
 
 from __future__ import annotations
 
@@ -26,9 +26,15 @@ def seen() -> str:
     return os.environ.get("GRPC_EXPERIMENTS", "(unset)")
 
 
+@plait.step
+def verbosity() -> str:
+    return os.environ.get("GRPC_VERBOSITY", "(unset)")
+
+
 @plait.pipeline
 def look():
     seen()
+    verbosity()
 
 
 if __name__ == "__main__":
@@ -36,11 +42,13 @@ if __name__ == "__main__":
     assert run.status == "SUCCEEDED", run.status
     print(repr(os.environ.get("GRPC_EXPERIMENTS", "(unset)")))
     print(repr(run.steps["seen"].output()))
+    print(repr(os.environ.get("GRPC_VERBOSITY", "(unset)")))
+    print(repr(run.steps["verbosity"].output()))
 """
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_EXPERIMENTS", "GRPC_VERBOSITY")}
     env.pop("PLAIT_SERVER", None)
     # a home of its own: a cached step would answer with an earlier run's environment
     env["PLAIT_HOME"] = str(tmp_path / f"home-{len(list(tmp_path.glob('home-*')))}")
@@ -54,7 +62,7 @@ def _run(tmp_path: Path, env: dict[str, str]) -> list[str]:
     out = processes.run([sys.executable, script], env=env, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Unknown experiment" not in out.stderr, out.stderr
-    return [ast.literal_eval(line) for line in out.stdout.strip().splitlines()[-2:]]
+    return [ast.literal_eval(line) for line in out.stdout.strip().splitlines()[-4:]]
 
 
 def _checked() -> bool:
@@ -76,17 +84,19 @@ def test_the_version_is_read_without_importing_grpc() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_the_engine_and_its_workers_get_the_older_tcp_code(tmp_path: Path) -> None:
-    engine, worker = _run(tmp_path, _env(tmp_path))
+def test_the_engine_and_its_workers_get_the_older_tcp_code_and_no_info_lines(
+    tmp_path: Path,
+) -> None:
     expected = _grpc_tuning.EXPERIMENTS if _checked() else "(unset)"
-    assert engine == expected
-    assert worker == expected
+    assert _run(tmp_path, _env(tmp_path)) == [expected, expected, "ERROR", "ERROR"]
 
 
 def test_a_value_the_user_set_is_kept_even_empty(tmp_path: Path) -> None:
-    assert _run(tmp_path, _env(tmp_path, GRPC_EXPERIMENTS="")) == ["", ""]
+    env = _env(tmp_path, GRPC_EXPERIMENTS="", GRPC_VERBOSITY="")
+    assert _run(tmp_path, env) == ["", "", "", ""]
     chosen = "-event_engine_client"
-    assert _run(tmp_path, _env(tmp_path, GRPC_EXPERIMENTS=chosen)) == [chosen, chosen]
+    env = _env(tmp_path, GRPC_EXPERIMENTS=chosen, GRPC_VERBOSITY="INFO")
+    assert _run(tmp_path, env) == [chosen, chosen, "INFO", "INFO"]
 
 
 def test_a_grpc_newer_than_the_versions_checked_is_left_alone(tmp_path: Path) -> None:
