@@ -281,24 +281,51 @@ def _has_limits(descriptor: Descriptor) -> bool:
     return found
 
 
+_Checks = tuple[tuple[str, int, int, int, FieldDescriptor], ...]
+_checks: dict[Descriptor, _Checks] = {}
+
+
+def _checks_of(descriptor: Descriptor) -> _Checks:
+    """The fields of a message type that can hold a value over a limit, in field-number order
+    (as ``ListFields`` gives the fields that are set): each field's name and `_plan`."""
+    checks = _checks.get(descriptor)
+    if checks is None:
+        fields = sorted(descriptor.fields, key=lambda f: f.number)
+        checks = _checks[descriptor] = tuple(
+            (f.name, *_plan(f), f) for f in fields if _plan(f)[0] != _SKIP
+        )
+    return checks
+
+
 def _walk(msg: Message) -> None:
-    for field, value in msg.ListFields():
-        what, limit, count = _plans.get(field) or _plan(field)
+    # each field that can be over a limit, read by its name: an unset one reads as empty (a
+    # string, a list, a map) or is not set (a message); listing the set fields (ListFields)
+    # and looking each one's plan up cost twice as much, on every report of every step
+    checks = _checks.get(msg.DESCRIPTOR)
+    if checks is None:
+        checks = _checks_of(msg.DESCRIPTOR)
+    for name, what, limit, count, field in checks:
         if what == _TEXT:
-            n = _size(value, limit)
-            if n is not None:
-                raise _Over(field.name, _over(n, limit))
+            value = getattr(msg, name)
+            if len(value) * 4 > limit:  # else far under (at most 4 bytes a character)
+                n = _size(value, limit)
+                if n is not None:
+                    raise _Over(name, _over(n, limit))
         elif what == _NESTED:
+            if not msg.HasField(name):
+                continue
+            value = getattr(msg, name)
             if value.ByteSize() <= _SMALL:  # too small to exceed any limit inside
                 continue
             try:
                 _walk(value)
             except _Over as over:
-                over.path = f"{field.name}.{over.path}"
+                over.path = f"{name}.{over.path}"
                 raise
-        elif what != _SKIP:
+        else:
+            value = getattr(msg, name)
             if len(value) > count:
-                raise _Over(field.name, f"{len(value)} items; the limit is {count}")
+                raise _Over(name, f"{len(value)} items; the limit is {count}")
             if what == _NESTEDS:
                 for i, item in enumerate(value):
                     if item.ByteSize() <= _SMALL:  # too small to exceed any limit inside
