@@ -282,10 +282,11 @@ def _has_limits(descriptor: Descriptor) -> bool:
 
 
 _Checks = tuple[tuple[str, int, int, int, FieldDescriptor], ...]
-_checks: dict[Descriptor, _Checks] = {}
+_checks: dict[Any, _Checks] = {}
+"""By message descriptor (protobuf's pure Python or upb's: typed as either)."""
 
 
-def _checks_of(descriptor: Descriptor) -> _Checks:
+def _checks_of(descriptor: Any) -> _Checks:
     """The fields of a message type that can hold a value over a limit, in field-number order
     (as ``ListFields`` gives the fields that are set): each field's name and `_plan`."""
     checks = _checks.get(descriptor)
