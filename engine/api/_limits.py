@@ -287,14 +287,12 @@ _checks: dict[Any, _Checks] = {}
 
 
 def _checks_of(descriptor: Any) -> _Checks:
-    """The fields of a message type that can hold a value over a limit, in field-number order
-    (as ``ListFields`` gives the fields that are set): each field's name and `_plan`."""
-    checks = _checks.get(descriptor)
-    if checks is None:
-        fields = sorted(descriptor.fields, key=lambda f: f.number)
-        checks = _checks[descriptor] = tuple(
-            (f.name, *_plan(f), f) for f in fields if _plan(f)[0] != _SKIP
-        )
+    """Makes (and keeps) the fields of a message type that can hold a value over a limit, in
+    field-number order (as ``ListFields`` gives the fields that are set): each field's name,
+    its `_plan` and the field."""
+    fields = sorted(descriptor.fields, key=lambda f: f.number)
+    planned = [(f, _plan(f)) for f in fields]
+    checks = _checks[descriptor] = tuple((f.name, *p, f) for f, p in planned if p[0] != _SKIP)
     return checks
 
 
@@ -334,13 +332,13 @@ def _walk(msg: Message) -> None:
                     try:
                         _walk(item)
                     except _Over as over:
-                        over.path = f"{field.name}[{i}].{over.path}"
+                        over.path = f"{name}[{i}].{over.path}"
                         raise
             elif what == _TEXTS:
                 for i, item in enumerate(value):
                     n = _size(item, limit)
                     if n is not None:
-                        raise _Over(f"{field.name}[{i}]", _over(n, limit))
+                        raise _Over(f"{name}[{i}]", _over(n, limit))
             elif what == _MAP:
                 _walk_map(field, value)
 
