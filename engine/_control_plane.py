@@ -62,6 +62,7 @@ from plait.engine.store._replicas import (
     register_replica,
     remove_replica,
     renew_replica,
+    replica_application_name,
     request_cancel,
     run_owner,
 )
@@ -246,7 +247,12 @@ class ControlPlane:
     ) -> None:
         self.config = config
         private_dir(config.home)  # PLAIT_HOME and all in it: the owner's only
-        self.store = Store(config.db_url())
+        self.replica_id = _replica_id(config)
+        """This control plane's row in the replicas table (see store/_replicas.py)."""
+        # its sessions carry its name: a replica that takes it for dead ends them
+        self.store = Store(
+            config.db_url(), application_name=replica_application_name(self.replica_id)
+        )
         self.artifacts = LocalArtifactStore.from_uri(config.artifacts())
         if runners is None:
             runners = {"local": LocalRunner(config.max_workers)}
@@ -288,8 +294,6 @@ class ControlPlane:
         # control plane starts, one for the process that embeds it (see engine/api/_auth.py)
         self.worker_secret = _worker_secret(config)
         self.owner_secret = secrets.token_urlsafe(32)
-        self.replica_id = _replica_id(config)
-        """This control plane's row in the replicas table (see store/_replicas.py)."""
         self._builds: Builds | None = None
         self._tg: TaskGroup | None = None
         """The serving task group: builds run in it, apart from the scheduler loop."""

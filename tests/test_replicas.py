@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,9 @@ from test_postgres import postgres_database
 from test_security import PLAIT, Daemon
 
 import plait
+from plait.engine.store import Store
+from plait.engine.store._engine import is_transient
+from plait.engine.store._replicas import claim_runs, register_replica, replica_application_name
 
 pytestmark = pytest.mark.postgres
 
@@ -272,6 +276,66 @@ def test_a_replica_taken_for_dead_stops_and_writes_nothing_more(
         assert result["run"].status is plait.RunStatus.SUCCEEDED
         assert result["run"].steps["total"].output() == 5
     _check_once(replicas, d, [run_id])
+
+
+def _add_run(conn: Any, run_id: str, owner: str) -> None:
+    """A bare unfinished run of ``owner`` (and the rows its foreign keys need)."""
+    conn.execute(sa.text("INSERT INTO pipelines VALUES ('p', 0)"))
+    conn.execute(sa.text("INSERT INTO pipeline_versions VALUES ('v', 'p', '', 0)"))
+    conn.execute(
+        sa.text(
+            "INSERT INTO runs (id, pipeline, version, status, parameters, no_cache, created_at, "
+            "owner) VALUES (:id, 'p', 'v', 'RUNNING', '{}', false, 0, :owner)"
+        ),
+        {"id": run_id, "owner": owner},
+    )
+
+
+def test_what_a_replica_taken_for_dead_had_in_flight_never_commits(
+    request: pytest.FixtureRequest,
+) -> None:
+    # replica a, paused in the middle of a transaction past its lease (seen once: its write of
+    # an attempt landed after b had taken the run over and retried that attempt)
+    url, drop = postgres_database(request)
+    a, b = "a" * 32, "b" * 32
+
+    async def go() -> None:
+        store = Store(url, application_name=replica_application_name(b))
+        as_a = {"server_settings": {"application_name": replica_application_name(a)}}
+        in_flight = create_async_engine(url, connect_args=as_a)
+        try:
+            await store.open()
+            await store.write(register_replica, a, "a:1", time.time(), 2.0)
+            await store.write(_add_run, "run-a", a)
+            later = time.time() + 60  # a's row has long expired
+            await store.write(register_replica, b, "b:1", later, 2.0)
+            async with in_flight.connect() as conn:
+                await conn.begin()
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO events (run_id, step_id, attempt, message, ts) "
+                        "VALUES ('run-a', 's', 1, 'in flight', 0)"
+                    )
+                )
+                # b takes a for dead: a's session ends, and its transaction with it
+                assert await store.write(claim_runs, b, later) == ["run-a"]
+                with pytest.raises(Exception) as ended:
+                    await conn.commit()
+                assert is_transient(ended.value), ended.value  # a retries: its fence stops it
+
+            def rows(conn: Any, sql: str) -> list[Any]:
+                return list(conn.execute(sa.text(sql)).all())
+
+            assert await store.read(rows, "SELECT * FROM events") == []
+            assert await store.read(rows, "SELECT owner FROM runs") == [(b,)]
+        finally:
+            await in_flight.dispose()
+            await store.aclose()
+
+    try:
+        anyio.run(go)
+    finally:
+        drop()
 
 
 def test_a_run_is_cancelled_through_a_replica_that_does_not_schedule_it(

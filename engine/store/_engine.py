@@ -335,7 +335,9 @@ class _Checkpointer:
 class Store:
     """Runs transactions against the metadata database. One per process and URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, application_name: str | None = None) -> None:
+        """``application_name``: on PostgreSQL (asyncpg), the name every connection of this
+        store shows in ``pg_stat_activity`` (a replica's, see ``replica_application_name``)."""
         self.url = url
         self._sync: Engine | None = None
         self._async: AsyncEngine | None = None
@@ -370,7 +372,10 @@ class Store:
             # SQLAlchemy's ORM, a tenth of a short run's process on the default URL
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            self._async = create_async_engine(u)
+            options: dict[str, Any] = {}
+            if application_name is not None and u.drivername == "postgresql+asyncpg":
+                options["server_settings"] = {"application_name": application_name}
+            self._async = create_async_engine(u, connect_args=options)
             if self.dialect == "sqlite":
                 sa.event.listen(self._async.sync_engine, "connect", _sqlite_pragmas)
                 sa.event.listen(self._async.sync_engine, "begin", _sqlite_begin)

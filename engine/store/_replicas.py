@@ -7,6 +7,13 @@ its unfinished runs over, in one transaction whose row locks skip what another r
 (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite has one writer at a time anyway), so every
 run gets exactly one new owner. A replica that finds its own row gone was taken for dead: it
 must stop scheduling (see ``ControlPlane``), since another one schedules its runs now.
+
+A replica taken for dead may only be paused (SIGSTOP, a stall), in the middle of a transaction
+that would commit once it is back, after another replica took its runs. On PostgreSQL each
+replica's connections carry its name (``replica_application_name``), and the one that takes it
+for dead first ends its sessions (``pg_terminate_backend``): what it had in flight is rolled
+back, or had committed before its runs are read. SQLite has one writer at a time: a paused
+transaction keeps every other replica's out until it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ else:
 
 
 _ACTIVE = ("PENDING", "RUNNING")
+TERMINATE_WAIT_MS = 5000
+"""How long the replica that takes another for dead waits for each of its sessions to end."""
+
+
+def replica_application_name(replica_id: str) -> str:
+    """The ``application_name`` of a replica's PostgreSQL sessions (ids are 32 characters: it
+    fits PostgreSQL's 63)."""
+    return f"plait replica {replica_id}"
 
 
 def register_replica(
@@ -123,6 +138,8 @@ def claim_runs(conn: Connection, replica_id: str, now: float) -> list[str]:
         .with_for_update(skip_locked=True)
     )
     dead_ids = list(conn.execute(dead).scalars())
+    if dead_ids and conn.dialect.name == "postgresql":
+        _end_sessions(conn, dead_ids)
     if dead_ids:
         conn.execute(sa.delete(db.replicas).where(db.replicas.c.id.in_(dead_ids)))
     mine = conn.execute(
@@ -135,6 +152,27 @@ def claim_runs(conn: Connection, replica_id: str, now: float) -> list[str]:
     if run_ids:
         conn.execute(sa.update(db.runs).where(db.runs.c.id.in_(run_ids)).values(owner=replica_id))
     return run_ids
+
+
+def _end_sessions(conn: Connection, replica_ids: list[str]) -> None:
+    """Ends the PostgreSQL sessions of replicas taken for dead (those of this database and
+    role, the ones this role may end), waiting for each to be gone: a transaction one of them
+    had in flight is rolled back, or had committed, before their runs are read."""
+    activity = sa.table(
+        "pg_stat_activity",
+        sa.column("pid"),
+        sa.column("datname"),
+        sa.column("usename"),
+        sa.column("application_name"),
+    )
+    conn.execute(
+        sa.select(sa.func.pg_terminate_backend(activity.c.pid, TERMINATE_WAIT_MS)).where(
+            activity.c.datname == sa.func.current_database(),
+            activity.c.usename == sa.func.current_user(),
+            activity.c.application_name.in_([replica_application_name(i) for i in replica_ids]),
+            activity.c.pid != sa.func.pg_backend_pid(),
+        )
+    ).all()
 
 
 def request_cancel(conn: Connection, run_id: str, now: float) -> bool:
