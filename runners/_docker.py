@@ -17,6 +17,7 @@ importing this module.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -142,6 +143,26 @@ def local_store_path(uri: str) -> str | None:
         return unquote(parsed.path)
     if parsed.scheme == "" and os.path.isabs(uri):
         return uri
+    return None
+
+
+def gateway_of(network: dict[str, Any]) -> str | None:
+    """A Docker network's gateway address (from its inspection); None when it has none.
+
+    Docker 20.10 leaves ``Gateway`` out of the default bridge's IPAM config until the daemon
+    restarts; its gateway is then, as for any network whose gateway was not set, the first
+    address of its (IPv4) subnet."""
+    configs = (network.get("IPAM") or {}).get("Config") or []
+    for config in configs:
+        if config.get("Gateway"):
+            return str(config["Gateway"])
+    for config in configs:
+        try:
+            subnet = ipaddress.ip_network(config.get("Subnet") or "")
+        except ValueError:
+            continue
+        if subnet.version == 4 and subnet.num_addresses > 2:
+            return str(subnet.network_address + 1)
     return None
 
 
@@ -353,8 +374,7 @@ class DockerRunner:
                 f"inspecting network {network}", self._client().networks.get(network)
             )
             info = await self._call(f"inspecting network {network}", net.show())
-            gateways = [c.get("Gateway") for c in (info.get("IPAM") or {}).get("Config") or []]
-            found = next((g for g in gateways if g), None)
+            found = gateway_of(info)
             if found is None:
                 raise _DockerError(f"the Docker network {network} has no gateway address")
             self._gateways[network] = found

@@ -18,11 +18,13 @@ through sleeps. Every container a test starts is removed after it, whatever happ
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -39,7 +41,7 @@ from processes import DEADLINE, wait_for
 import plait
 from plait.api.v1 import task_service_pb2 as tasks
 from plait.runners import ContainerOptions, DockerRunner, LocalRunner, RunnerContext
-from plait.runners._docker import container_name
+from plait.runners._docker import container_name, gateway_of
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -553,15 +555,34 @@ def test_a_restarted_control_plane_reattaches_to_a_running_container(
 def test_the_bridge_network_reaches_the_control_plane_at_the_gateway(
     image: str, home: Path, steps: ModuleType
 ) -> None:
-    gateway = docker(
-        "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
-    )
+    # the host's address on the bridge, read off its interface (Docker 20.10 leaves the
+    # gateway out of the default bridge's IPAM config until its daemon restarts)
+    options = docker("network", "inspect", "bridge", "--format", "{{json .Options}}")
+    gateway = _ipv4_of(json.loads(options.stdout)["com.docker.network.bridge.name"])
     with plane(home, image, address="0.0.0.0:0") as p:
         p.scaffold.options = ContainerOptions(network="bridge")
         run = steps.contained.run({"n": 2}, client=p.client)
         assert run.status == "SUCCEEDED", run
         argv = run.steps["where"].output()["argv"]
-        assert argv[argv.index("--server") + 1] == f"{gateway.stdout.strip()}:{p.port}"
+        assert argv[argv.index("--server") + 1] == f"{gateway}:{p.port}"
+
+
+def _ipv4_of(interface: str) -> str:
+    """A network interface's IPv4 address (SIOCGIFADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("256s", interface.encode()[:15])
+        return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, request)[20:24])
+
+
+def test_a_networks_gateway_is_its_subnets_first_address_when_docker_leaves_it_out() -> None:
+    def ipam(*configs: dict[str, str]) -> dict[str, Any]:
+        return {"IPAM": {"Driver": "default", "Config": list(configs)}}
+
+    assert gateway_of(ipam({"Subnet": "172.17.0.0/16"})) == "172.17.0.1"  # Docker 20.10
+    assert gateway_of(ipam({"Subnet": "10.5.0.0/24", "Gateway": "10.5.0.254"})) == "10.5.0.254"
+    assert gateway_of(ipam({"Subnet": "fd00::/64"}, {"Subnet": "10.9.0.0/24"})) == "10.9.0.1"
+    assert gateway_of(ipam()) is None
+    assert gateway_of({"IPAM": None}) is None
 
 
 # ---- the runner on its own ----
