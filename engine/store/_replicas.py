@@ -165,8 +165,12 @@ def _end_sessions(conn: Connection, replica_ids: list[str]) -> None:
         sa.column("usename"),
         sa.column("application_name"),
     )
+    if (conn.dialect.server_version_info or (0,)) >= (14,):
+        terminate = sa.func.pg_terminate_backend(activity.c.pid, TERMINATE_WAIT_MS)
+    else:  # no timeout before PostgreSQL 14: the session ends soon after, not before
+        terminate = sa.func.pg_terminate_backend(activity.c.pid)
     conn.execute(
-        sa.select(sa.func.pg_terminate_backend(activity.c.pid, TERMINATE_WAIT_MS)).where(
+        sa.select(terminate).where(
             activity.c.datname == sa.func.current_database(),
             activity.c.usename == sa.func.current_user(),
             activity.c.application_name.in_([replica_application_name(i) for i in replica_ids]),
