@@ -138,9 +138,9 @@ def claim_runs(conn: Connection, replica_id: str, now: float) -> list[str]:
         .with_for_update(skip_locked=True)
     )
     dead_ids = list(conn.execute(dead).scalars())
-    if dead_ids and conn.dialect.name == "postgresql":
-        _end_sessions(conn, dead_ids)
     if dead_ids:
+        if conn.dialect.name == "postgresql":
+            _end_sessions(conn, dead_ids)
         conn.execute(sa.delete(db.replicas).where(db.replicas.c.id.in_(dead_ids)))
     mine = conn.execute(
         sa.select(db.runs.c.id)
